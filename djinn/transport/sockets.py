@@ -1,0 +1,167 @@
+"""ZeroMQ endpoints: a DEALER client connection and a ROUTER server socket.
+
+Both count every byte they frame. The client waits for each reply with a timeout
+and raises `DjinnTimeout` naming the op and the address; a reply to an earlier,
+timed-out request is recognised by its id and dropped. The server turns every
+protocol violation into an error reply to the sender and goes on serving.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import msgpack
+import zmq
+
+from djinn.errors import DjinnError, DjinnTimeout, from_wire
+from djinn.transport.codecs import CodecPolicy
+from djinn.transport.counters import ByteCounters
+from djinn.transport.wire import (ERROR_OP, REPLY_OP, Header, Limits, Message, OutgoingTensor,
+                                  decode_message, encode_message)
+
+DEFAULT_TIMEOUT_S = 120.0
+UNKNOWN_REQUEST_ID = -1  # error replies to a message whose header could not be read
+SOCKET_BUFFER_BYTES = 8 << 20  # larger kernel buffers lift loopback throughput for big frames
+
+
+def endpoint(address: str) -> str:
+    """`host:port` becomes `tcp://host:port`; full ZeroMQ endpoints pass through."""
+    return address if "://" in address else f"tcp://{address}"
+
+
+def _tune(sock: zmq.Socket, limits: Limits) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER_BYTES)
+    sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER_BYTES)
+    # Below the header checks, libzmq itself drops a peer that sends one frame over
+    # the limit, so a hostile frame is never buffered whole.
+    sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_tensor_bytes, limits.max_header_bytes))
+
+
+class ClientConnection:
+    """One client's connection to a server: request → reply, with counters."""
+
+    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, auth_token: str | None = None,
+                 limits: Limits = Limits(), policy: CodecPolicy = CodecPolicy(), context: zmq.Context | None = None):
+        self.address = endpoint(address)
+        self.timeout_s = timeout_s
+        self.auth_token = auth_token
+        self.limits = limits
+        self.policy = policy
+        self.counters = ByteCounters()
+        self._ids = itertools.count(1)
+        self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        _tune(self._socket, limits)
+        self._socket.connect(self.address)
+
+    def request(self, op: str, args: Mapping[str, Any] | None = None,
+                tensors: Mapping[str, Any] | None = None, *, timeout_s: float | None = None,
+                policy: CodecPolicy | None = None) -> Message:
+        """Send one request and wait for its reply; error replies raise their `DjinnError`."""
+        request_id = next(self._ids)
+        header = Header(op, request_id, args=dict(args or {}), auth=self.auth_token)
+        frames, payload, framing = encode_message(header, tensors, policy or self.policy)
+        self._socket.send_multipart(frames, copy=False)
+        self.counters.count_sent(payload, framing)
+        reply = self._receive(op, request_id, self.timeout_s if timeout_s is None else timeout_s)
+        if reply.op == ERROR_OP:
+            raise from_wire(str(reply.args.get("code")), str(reply.args.get("message")))
+        return reply
+
+    def _receive(self, op: str, request_id: int, timeout_s: float) -> Message:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            if not self._socket.poll(remaining_ms, zmq.POLLIN):
+                raise DjinnTimeout(f"no reply to '{op}' from {self.address} within {timeout_s:.1f} s")
+            frames = self._socket.recv_multipart(copy=False)
+            reply = decode_message(frames, (REPLY_OP, ERROR_OP), self.limits)
+            self.counters.count_received(reply.payload_bytes, reply.framing_bytes)
+            if reply.header.request_id in (request_id, UNKNOWN_REQUEST_ID):
+                return reply
+            # A late reply to a request that already timed out: not ours to return.
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    def __enter__(self) -> "ClientConnection":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A request as the server received it: a message, or the error it raised."""
+    peer: bytes
+    received_at: float
+    message: Message | None = None
+    error: DjinnError | None = None
+    request_id: int = UNKNOWN_REQUEST_ID
+
+
+class ServerSocket:
+    """The server's ROUTER socket: validated requests in, replies out, counters per peer."""
+
+    def __init__(self, address: str, known_ops: Iterable[str], *, limits: Limits = Limits(),
+                 auth_token: str | None = None, context: zmq.Context | None = None):
+        self.known_ops = frozenset(known_ops)
+        self.limits = limits
+        self.auth_token = auth_token
+        self.counters: dict[bytes, ByteCounters] = {}
+        self._socket = (context or zmq.Context.instance()).socket(zmq.ROUTER)
+        _tune(self._socket, limits)
+        self._socket.bind(endpoint(address))
+        self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def receive(self, timeout_ms: int) -> Incoming | None:
+        """The next request, or None when none came within the timeout."""
+        if not self._socket.poll(timeout_ms, zmq.POLLIN):
+            return None
+        peer, *frames = self._socket.recv_multipart(copy=False)
+        peer_id = peer.bytes
+        now = time.perf_counter()
+        counters = self.counters.setdefault(peer_id, ByteCounters())
+        try:
+            message = decode_message(frames, self.known_ops, self.limits, self.auth_token)
+        except DjinnError as err:
+            counters.count_received(sum(len(f.buffer) for f in frames[1:]), len(frames[0].buffer) if frames else 0)
+            return Incoming(peer_id, now, error=err, request_id=self._salvage_request_id(frames))
+        counters.count_received(message.payload_bytes, message.framing_bytes)
+        return Incoming(peer_id, now, message=message, request_id=message.header.request_id)
+
+    def reply(self, peer: bytes, request_id: int, args: Mapping[str, Any] | None = None,
+              tensors: Mapping[str, Any] | None = None, policy: CodecPolicy = CodecPolicy()) -> tuple[int, int]:
+        frames, payload, framing = encode_message(Header(REPLY_OP, request_id, args=dict(args or {})), tensors, policy)
+        self._send(peer, frames, payload, framing)
+        return payload, framing
+
+    def reply_error(self, peer: bytes, request_id: int, error: DjinnError) -> None:
+        header = Header(ERROR_OP, request_id, args={"code": error.code, "message": str(error)})
+        frames, payload, framing = encode_message(header)
+        self._send(peer, frames, payload, framing)
+
+    def _send(self, peer: bytes, frames: list, payload: int, framing: int) -> None:
+        self._socket.send_multipart([peer, *frames], copy=False)
+        self.counters.setdefault(peer, ByteCounters()).count_sent(payload, framing)
+
+    def _salvage_request_id(self, frames: list) -> int:
+        # An error reply is only useful if the client can match it to its request.
+        if not frames or len(frames[0].buffer) > self.limits.max_header_bytes:
+            return UNKNOWN_REQUEST_ID
+        try:
+            raw = msgpack.unpackb(frames[0].buffer, raw=False)
+        except Exception:  # garbage header: nothing to salvage
+            return UNKNOWN_REQUEST_ID
+        request_id = raw.get("id") if isinstance(raw, dict) else None
+        valid = isinstance(request_id, int) and not isinstance(request_id, bool)
+        return request_id if valid else UNKNOWN_REQUEST_ID
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+__all__ = ["ClientConnection", "ServerSocket", "Incoming", "OutgoingTensor", "endpoint", "DEFAULT_TIMEOUT_S"]
