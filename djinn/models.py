@@ -83,11 +83,9 @@ def build(name: str, seed: int = 0, dtype: torch.dtype | None = None,
                 name, dtype=dtype, local_files_only=True).to(device).eval()
         raise KeyError(f"unknown model {name!r}: not in the catalogue "
                        f"({', '.join(CATALOGUE)}) and not a local checkpoint directory")
-    config = CATALOGUE[name].config(num_layers)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = build_skeleton(CATALOGUE[name].config(num_layers), dtype, device)
     _seed_parameters(model, seed)
-    return model.eval()
+    return model
 
 
 @torch.no_grad()
@@ -120,8 +118,8 @@ def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
     return 2 * layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def _tensor_digest(item: tuple[str, torch.Tensor]) -> bytes:
-    name, tensor = item
+def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
+    """One tensor's share of a fingerprint; the server digests uploads as they arrive."""
     data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -136,7 +134,26 @@ def fingerprint(state: torch.nn.Module | dict[str, torch.Tensor]) -> str:
     takes about a second on a 16-core host.
     """
     tensors = state.state_dict() if isinstance(state, torch.nn.Module) else state
-    items = sorted(tensors.items())
+    names = sorted(tensors)
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(_tensor_digest, items))
-    return hashlib.blake2b(b"".join(digests), digest_size=16).hexdigest()
+        digests = list(pool.map(tensor_digest, names, (tensors[n] for n in names)))
+    return combine_digests(dict(zip(names, digests)))
+
+
+def combine_digests(digests: dict[str, bytes]) -> str:
+    return hashlib.blake2b(b"".join(digests[n] for n in sorted(digests)), digest_size=16).hexdigest()
+
+
+def config_from_dict(values: dict) -> PretrainedConfig:
+    """The inverse of `config.to_dict()`, as shipped in a register request."""
+    values = dict(values)
+    model_type = values.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise ValueError("model config has no model_type")
+    return AutoConfig.for_model(model_type, **values)
+
+
+def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
+    """A model of the config's shape on `device`, its weights to be filled by the caller."""
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()

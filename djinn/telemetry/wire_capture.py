@@ -44,7 +44,10 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from djinn.errors import DjinnError
 
 __all__ = [
     "CaptureDropped",
@@ -83,6 +86,9 @@ _IPV6_FRAGMENT = 44
 
 _U16 = struct.Struct("!H")
 _PORTS_SEQ = struct.Struct("!HHI")
+# ethertype | IPv4: version+IHL, tot_len, flags+fragment, protocol, src+dst |
+# TCP (when IHL is 5): ports, sequence number
+_ETH_IPV4_TCP = struct.Struct("!12xHBxH2xHxB2x8sHHI")
 _SEQ_MOD = 1 << 32
 _SEQ_HALF = 1 << 31
 _TPACKET_STATS = struct.Struct("II")  # struct tpacket_stats {tp_packets, tp_drops}
@@ -145,11 +151,11 @@ class _SeqRanges:
         return filled
 
 
-class CaptureUnavailable(RuntimeError):
+class CaptureUnavailable(DjinnError):
     """The packet socket cannot be opened here (not Linux, or no CAP_NET_RAW)."""
 
 
-class CaptureDropped(RuntimeError):
+class CaptureDropped(DjinnError):
     """The kernel dropped packets of the capture, so its counts are too low."""
 
 
@@ -227,6 +233,18 @@ def parse_frame(
     must keep up with them.  The tests check it against packets scapy builds.
     """
     n = len(frame)
+    if l2_len == ETH_HLEN and n >= _ETH_IPV4_TCP.size:
+        # Fast path, Ethernet + IPv4 + TCP (every loopback packet): two
+        # unpacks instead of a dozen indexing steps; it halves the parse time.
+        ethertype, ver_ihl, total_len, frag, proto, addresses, src, dst, seq = _ETH_IPV4_TCP.unpack_from(frame)
+        if ethertype == _ETHERTYPE_IPV4 and proto == _IPPROTO_TCP and not frag & 0x1FFF and total_len:
+            ip_hdr = (ver_ihl & 0x0F) * 4
+            tcp = ETH_HLEN + ip_hdr
+            if n >= tcp + 13:
+                if ip_hdr != 20:  # IP options moved the TCP header
+                    src, dst, seq = _PORTS_SEQ.unpack_from(frame, tcp)
+                hdr = ip_hdr + (frame[tcp + 12] >> 4) * 4
+                return addresses, src, dst, seq, hdr, total_len - hdr
     off = l2_len
     if l2_len:
         if n < l2_len:
@@ -331,22 +349,42 @@ def _port_filter(port: int) -> bytes:
     return b"".join(struct.pack("HBBi" if k < 0 else "HBBI", code, jt, jf, k) for code, jt, jf, k in prog)
 
 
-def _open_packet_socket(interface: str) -> socket.socket:
+def _link_type(interface: str) -> int:
+    """The interface's ARPHRD_* type, read before bind (see _open_packet_socket)."""
+    try:
+        with open(f"/sys/class/net/{interface}/type") as f:
+            return int(f.read())
+    except (OSError, ValueError) as exc:
+        raise CaptureUnavailable(f"no network interface {interface!r} ({exc})") from exc
+
+
+def _open_packet_socket(interface: str, configure: Callable[[socket.socket], None] | None = None) -> socket.socket:
+    """A packet socket on ``interface``, configured by ``configure`` before bind.
+
+    Everything that decides which packets are queued (the BPF filter, ignoring
+    loopback's outgoing copies) is set before bind(): a socket receives
+    nothing until it is bound with a protocol, and from then on every packet
+    the settings let through, so any later setting lets stray packets in.
+    """
     if not sys.platform.startswith("linux"):
         raise CaptureUnavailable(f"wire capture needs Linux AF_PACKET sockets; this is {sys.platform}")
     try:
-        # Protocol 0 at creation, ETH_P_ALL at bind: a socket created with
-        # ETH_P_ALL receives from every interface until bind() narrows it.
+        # Protocol 0: receive nothing until bind() names ETH_P_ALL.
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     except PermissionError as exc:
         raise CaptureUnavailable(
             f"opening an AF_PACKET socket needs root or CAP_NET_RAW (uid {os.geteuid()}): {exc}"
         ) from exc
     try:
+        if configure is not None:
+            configure(sock)
         sock.bind((interface, ETH_P_ALL))
     except OSError as exc:
         sock.close()
         raise CaptureUnavailable(f"cannot bind a packet socket to interface {interface!r}: {exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -409,39 +447,13 @@ class WireCapture:
         self._other = 0
 
     def __enter__(self) -> "WireCapture":
-        sock = _open_packet_socket(self.interface)
-        try:
-            hatype = sock.getsockname()[3]
-            self._l2_len = 0 if hatype == ARPHRD_NONE else ETH_HLEN
-            if hatype == ARPHRD_LOOPBACK:
-                # Loopback hands a packet socket each packet twice; dropping
-                # the outgoing copy in the kernel halves the reader's work.
-                # Older kernels lack the option: the reader then filters on
-                # sll_pkttype itself.
-                try:
-                    sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-                    self._skip_outgoing_in_reader = False
-                except OSError:
-                    self._skip_outgoing_in_reader = True
-            else:
-                self._skip_outgoing_in_reader = False
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf_bytes)
-            except OSError:
-                # Without CAP_NET_ADMIN the buffer is capped by net.core.rmem_max.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf_bytes)
-            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, self._filter_struct(sock))
-            # A receive timeout in the kernel, not settimeout(): Python's
-            # timeout mode polls before every recv, doubling the syscalls.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 10_000))
-            # Packets queued between bind() and the filter may be of any port;
-            # the parser drops those.  Reset the kernel's counters so they
-            # cover only the region.
-            self._read_kernel_stats(sock)
-            self._kernel_packets = self._kernel_drops = 0
-        except BaseException:
-            sock.close()
-            raise
+        hatype = _link_type(self.interface)
+        self._l2_len = 0 if hatype == ARPHRD_NONE else ETH_HLEN
+        self._skip_outgoing_in_reader = False
+        sock = _open_packet_socket(self.interface, lambda sock: self._configure(sock, hatype))
+        # Reading the statistics resets them, so they cover only the region.
+        self._read_kernel_stats(sock)
+        self._kernel_packets = self._kernel_drops = 0
         self._sock = sock
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._read_loop, name=f"wire-capture:{self.port}", daemon=True)
@@ -475,6 +487,26 @@ class WireCapture:
                 f"of TCP port {self.port} on {self.interface}: counts are too low "
                 f"(raise rcvbuf_bytes, now {self.rcvbuf_bytes}, or pass allow_drops=True)"
             )
+
+    def _configure(self, sock: socket.socket, hatype: int) -> None:
+        if hatype == ARPHRD_LOOPBACK:
+            # Loopback hands a packet socket each packet twice; dropping the
+            # outgoing copy in the kernel halves the reader's work.  Kernels
+            # before 4.20 lack the option: the reader then skips
+            # PACKET_OUTGOING itself.
+            try:
+                sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            except OSError:
+                self._skip_outgoing_in_reader = True
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf_bytes)
+        except OSError:
+            # Without CAP_NET_ADMIN the buffer is capped by net.core.rmem_max.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf_bytes)
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, self._filter_struct(sock))
+        # A receive timeout in the kernel, not settimeout(): Python's timeout
+        # mode polls before every recv, doubling the syscalls per packet.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 10_000))
 
     def _filter_struct(self, sock: socket.socket) -> bytes:
         import ctypes

@@ -120,6 +120,9 @@ def _decompress(buffer, codec: Codec, expected: int) -> bytearray:
             lz4frame = _require("lz4.frame").frame
             with lz4frame.LZ4FrameDecompressor() as dec:
                 out = dec.decompress(bytes(buffer), max_length=expected)
+                if not dec.eof:  # max_length truncates silently; a frame that does not end here is not the declared size
+                    raise FrameMismatch(f"lz4 frame decompresses to more than the declared {expected} bytes, "
+                                        f"or is truncated")
     except FrameMismatch:
         raise
     except Exception as exc:  # the libraries raise their own error types on corrupt data

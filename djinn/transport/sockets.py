@@ -19,7 +19,7 @@ from djinn.errors import DjinnError, DjinnTimeout, from_wire
 from djinn.transport.codecs import CodecPolicy
 from djinn.transport.counters import ByteCounters
 from djinn.transport.wire import (ERROR_OP, REPLY_OP, Header, Limits, Message, OutgoingTensor,
-                                  decode_message, encode_message)
+                                  decode_message, encode_message, frame_byte_counts)
 
 DEFAULT_TIMEOUT_S = 120.0
 UNKNOWN_REQUEST_ID = -1  # error replies to a message whose header could not be read
@@ -128,7 +128,7 @@ class ServerSocket:
         try:
             message = decode_message(frames, self.known_ops, self.limits, self.auth_token)
         except DjinnError as err:
-            counters.count_received(sum(len(f.buffer) for f in frames[1:]), len(frames[0].buffer) if frames else 0)
+            counters.count_received(*frame_byte_counts(frames))
             return Incoming(peer_id, now, error=err, request_id=self._salvage_request_id(frames))
         counters.count_received(message.payload_bytes, message.framing_bytes)
         return Incoming(peer_id, now, message=message, request_id=message.header.request_id)

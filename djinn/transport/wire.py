@@ -8,7 +8,6 @@ declared size, before a tensor is built: a malformed message raises a
 from __future__ import annotations
 
 import hmac
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -106,8 +105,10 @@ def encode_message(header: Header, tensors: Mapping[str, torch.Tensor | Outgoing
         tensor = out.tensor.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
-        if not tensor.is_contiguous():
-            tensor = tensor.contiguous()
+        if not tensor.is_contiguous() or tensor.numel() == 1:
+            # is_contiguous() ignores the strides of size-1 dims, so a one-element slice such
+            # as ids[:, -1] keeps a stride the byte view rejects; copying one element is free.
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
         if tensor.dtype not in DTYPE_NAMES:
             raise TypeError(f"tensor {name!r}: dtype {tensor.dtype} cannot travel")
         codec = out.codec or policy.codec_for(out.kind)
@@ -119,9 +120,14 @@ def encode_message(header: Header, tensors: Mapping[str, torch.Tensor | Outgoing
         "auth": header.auth,
         "tensors": [[s.name, s.dtype, list(s.shape), s.codec.value, s.nbytes, s.kind.value] for s in specs],
     }, use_bin_type=True)
-    payload = sum(len(f) for f in frames)
-    framing = len(head) + sum(zmtp_prefix_bytes(len(f)) for f in [head, *frames])
+    payload, framing = frame_byte_counts([head, *frames])
     return [head, *frames], payload, framing
+
+
+def frame_byte_counts(frames) -> tuple[int, int]:
+    """Payload (tensor frames) and framing (header frame + ZMTP prefixes) bytes of one message."""
+    lengths = [len(f) for f in frames]
+    return sum(lengths[1:]), sum(lengths[:1]) + sum(zmtp_prefix_bytes(n) for n in lengths)
 
 
 def _field(raw: Mapping, key: str, types, what: str):
@@ -164,7 +170,10 @@ def parse_header(frame, known_ops: Iterable[str], limits: Limits) -> Header:
     entries = _field(raw, "tensors", list, "a list of tensor specs")
     if len(entries) > limits.max_tensors:
         raise TooLarge(f"{len(entries)} tensors exceed the limit of {limits.max_tensors}")
-    return Header(op, request_id, tuple(_parse_spec(e, limits) for e in entries), args, auth, version)
+    specs = tuple(_parse_spec(e, limits) for e in entries)
+    if len({s.name for s in specs}) != len(specs):  # tensors are keyed by name: a duplicate would drop a frame
+        raise BadHeader("tensor names must be unique")
+    return Header(op, request_id, specs, args, auth, version)
 
 
 def _parse_spec(entry, limits: Limits) -> TensorSpec:
@@ -182,10 +191,9 @@ def _parse_spec(entry, limits: Limits) -> TensorSpec:
         raise BadHeader(f"tensor {name!r}: byte length must be a non-negative int")
     codec = _enum(Codec, codec, f"codec of tensor {name!r}")
     kind = _enum(TensorKind, kind, f"semantic kind of tensor {name!r}")
-    numel = 1
-    for dim in shape:
-        numel *= dim
-    decoded = numel * codecs.wire_itemsize(DTYPES[dtype], codec)
+    if codec not in codecs.LOSSLESS and not DTYPES[dtype].is_floating_point:
+        raise BadHeader(f"tensor {name!r}: lossy codec {codec.value} applies to floating tensors, not {dtype}")
+    decoded = _decoded_bytes(dtype, shape, codec)
     if max(decoded, nbytes) > limits.max_tensor_bytes:
         raise TooLarge(f"tensor {name!r} declares {max(decoded, nbytes)} bytes, over the "
                        f"{limits.max_tensor_bytes}-byte limit")
@@ -193,6 +201,14 @@ def _parse_spec(entry, limits: Limits) -> TensorSpec:
         raise FrameMismatch(f"tensor {name!r}: {dtype} {shape} is {decoded} bytes as {codec.value}, "
                             f"header declares {nbytes}")
     return TensorSpec(name, dtype, tuple(shape), codec, nbytes, kind)
+
+
+def _decoded_bytes(dtype: str, shape, codec: Codec) -> int:
+    """Bytes of the frame once decompressed: what the receiver allocates."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return numel * codecs.wire_itemsize(DTYPES[dtype], codec)
 
 
 def decode_message(frames: list, known_ops: Iterable[str], limits: Limits = Limits(),
@@ -210,7 +226,8 @@ def decode_message(frames: list, known_ops: Iterable[str], limits: Limits = Limi
     bodies = frames[1:]
     if len(bodies) != len(header.tensors):
         raise FrameMismatch(f"header declares {len(header.tensors)} tensor frames, message has {len(bodies)}")
-    total = sum(s.nbytes for s in header.tensors)
+    # Compressed frames count at their decompressed size: that is what gets allocated.
+    total = sum(max(s.nbytes, _decoded_bytes(s.dtype, s.shape, s.codec)) for s in header.tensors)
     if total > limits.max_message_bytes:
         raise TooLarge(f"message declares {total} bytes, over the {limits.max_message_bytes}-byte limit")
     tensors = {}
@@ -218,14 +235,12 @@ def decode_message(frames: list, known_ops: Iterable[str], limits: Limits = Limi
     for spec, buf in zip(header.tensors, buffers):
         if len(buf) != spec.nbytes:
             raise FrameMismatch(f"tensor {spec.name!r}: frame holds {len(buf)} bytes, header declares {spec.nbytes}")
-    with warnings.catch_warnings():
-        # Received frames are read-only buffers owned by the message; tensors over them
-        # are read as inputs, never written in place.
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        for spec, buf in zip(header.tensors, buffers):
-            tensors[spec.name] = codecs.decode(buf, DTYPES[spec.dtype], spec.shape, spec.codec)
-    payload = sum(len(b) for b in buffers)
-    framing = len(head) + sum(zmtp_prefix_bytes(len(b)) for b in [head, *buffers])
+    # zmq frames received with copy=False expose writable buffers, so torch.frombuffer does not
+    # warn on this path (read-only bytes frames do; pytest.ini filters that); no per-message
+    # catch_warnings, which cost ~3 us a message.
+    for spec, buf in zip(header.tensors, buffers):
+        tensors[spec.name] = codecs.decode(buf, DTYPES[spec.dtype], spec.shape, spec.codec)
+    payload, framing = frame_byte_counts([head, *buffers])
     return Message(header, tensors, payload, framing)
 
 

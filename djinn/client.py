@@ -1,0 +1,291 @@
+"""The client side: `connect`, `Client.load`, and `RemoteModel.generate`.
+
+`generate` runs one greedy loop for every mode; a mode only changes the step
+driver underneath (local forward, stateless forward with shipped KV, or a session
+whose KV stays on the server). Each step records its bytes and the server's
+timings, summarised in `RemoteModel.last_stats`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from djinn import kv, models
+from djinn.decoding import forward_last, greedy
+from djinn.modes import Mode, resolve
+from djinn.transport import DEFAULT_TIMEOUT_S, ByteCounters, ClientConnection, Codec, OutgoingTensor, TensorKind
+from djinn.transport.wire import DTYPE_NAMES
+
+SERVER_ENV = "DJINN_SERVER"
+SERVER_ENV_ALIASES = ("GENIE_SERVER_ADDRESS",)  # the prototype's name
+UPLOAD_CHUNK_BYTES = 256 << 20  # a chunk is one message: bounded memory on both sides, resumable per chunk
+WEIGHT_PREFIX = "w."
+
+
+def server_address(address: str | None = None) -> str:
+    for value in (address, os.environ.get(SERVER_ENV), *(os.environ.get(a) for a in SERVER_ENV_ALIASES)):
+        if value:
+            return value
+    raise ValueError(f"no server address: pass one or set {SERVER_ENV}=host:port")
+
+
+def connect(address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+            auth_token_file: str | Path | None = None) -> "Client":
+    token = Path(auth_token_file).read_text().strip() if auth_token_file else None
+    return Client(ClientConnection(server_address(address), timeout_s=timeout_s, auth_token=token))
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One request of a generation: what it cost on the wire and on the server."""
+    wall_ms: float
+    bytes: ByteCounters
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    mode: str
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    total_ms: float
+    prefill_ms: float
+    per_token_ms: float  # mean decode step, prefill excluded
+    bytes_sent: int  # payload + framing, whole generation
+    bytes_received: int
+    decode_bytes_sent_per_token: float
+    decode_bytes_received_per_token: float
+    decode_payload_sent_per_token: float
+    decode_payload_received_per_token: float
+    queue_ms: float
+    compute_ms: float
+    transfer_ms: float  # wall time neither queued nor computing on the server: the wire and (de)serialisation
+    steps: tuple[StepRecord, ...] = field(repr=False, default=())
+
+    @classmethod
+    def from_steps(cls, mode: str, batch: int, prompt_tokens: int, steps: list[StepRecord]) -> "GenerationStats":
+        decode = steps[1:]
+        n = max(len(decode), 1)
+        total = sum(s.wall_ms for s in steps)
+        queue = sum(s.queue_ms for s in steps)
+        compute = sum(s.compute_ms for s in steps)
+        return cls(
+            mode=mode, batch=batch, prompt_tokens=prompt_tokens, new_tokens=len(steps), total_ms=total,
+            prefill_ms=steps[0].wall_ms, per_token_ms=sum(s.wall_ms for s in decode) / n,
+            bytes_sent=sum(s.bytes.sent_total for s in steps), bytes_received=sum(s.bytes.received_total for s in steps),
+            decode_bytes_sent_per_token=sum(s.bytes.sent_total for s in decode) / n,
+            decode_bytes_received_per_token=sum(s.bytes.received_total for s in decode) / n,
+            decode_payload_sent_per_token=sum(s.bytes.sent_payload for s in decode) / n,
+            decode_payload_received_per_token=sum(s.bytes.received_payload for s in decode) / n,
+            queue_ms=queue, compute_ms=compute,
+            transfer_ms=max(0.0, total - queue - compute) if mode != "native_pytorch" else 0.0,
+            steps=tuple(steps))
+
+
+@dataclass(frozen=True)
+class Step:
+    token: torch.Tensor  # [batch, 1], on the CPU
+    logits: torch.Tensor | None  # [batch, vocab]
+    server: dict
+
+
+class Client:
+    def __init__(self, connection: ClientConnection):
+        self.connection = connection
+
+    @property
+    def counters(self) -> ByteCounters:
+        return self.connection.counters
+
+    def hello(self) -> dict:
+        return dict(self.connection.request("hello").args)
+
+    def stats(self) -> dict:
+        return dict(self.connection.request("stats").args)
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def load(self, model: torch.nn.Module, mode: str = "full_djinn", *, logits_codec: Codec = Codec.ZSTD,
+             upload_chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> "RemoteModel":
+        """A handle that generates with `model` in `mode`; cached weights are uploaded at most once."""
+        resolved = resolve(mode)
+        fingerprint = None
+        if resolved.weights == "cached":
+            fingerprint = self.upload(model, chunk_bytes=upload_chunk_bytes)
+        return RemoteModel(model, resolved, self, fingerprint, logits_codec)
+
+    def upload(self, model: torch.nn.Module, *, chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> str:
+        """Register the model's weights by fingerprint and send the tensors the server lacks.
+
+        After a broken upload, calling this again sends only what is still missing.
+        """
+        state = model.state_dict()
+        fingerprint = models.fingerprint(state)
+        reply = self.connection.request("register_model", {
+            "model": fingerprint, "config": config_dict(model), "dtype": DTYPE_NAMES[_weights_dtype(model)],
+            "tensors": [[n, DTYPE_NAMES[t.dtype], list(t.shape)] for n, t in state.items()]})
+        missing = list(reply.args["missing"])
+        for chunk in _chunks(missing, state, chunk_bytes):
+            self.connection.request("upload_weights", {"model": fingerprint},
+                                    {n: OutgoingTensor(state[n], TensorKind.WEIGHT) for n in chunk})
+        return fingerprint
+
+
+def config_dict(model: torch.nn.Module) -> dict:
+    # The JSON form is the one transformers itself writes to disk: plain types only.
+    return json.loads(model.config.to_json_string(use_diff=False))
+
+
+def _weights_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _chunks(names: list[str], state: dict[str, torch.Tensor], chunk_bytes: int):
+    chunk, size = [], 0
+    for name in names:
+        nbytes = state[name].numel() * state[name].element_size()
+        if chunk and size + nbytes > chunk_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(name)
+        size += nbytes
+    if chunk:
+        yield chunk
+
+
+class RemoteModel:
+    """A model bound to an execution mode; `generate` matches HF greedy `generate`."""
+
+    def __init__(self, model: torch.nn.Module, mode: Mode, client: Client | None, fingerprint: str | None,
+                 logits_codec: Codec = Codec.ZSTD):
+        self.model = model
+        self.mode = mode
+        self.client = client
+        self.fingerprint = fingerprint
+        self.logits_codec = logits_codec
+        self.last_stats: GenerationStats | None = None
+        self.last_logits: torch.Tensor | None = None
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 50, *, return_logits: bool = False) -> torch.Tensor:
+        """Prompt followed by `max_new_tokens` greedy tokens, [batch, prompt + new]."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        driver = self._driver(return_logits)
+        steps, tokens, logits = [], [], []
+        try:
+            step_input = input_ids
+            for _ in range(max_new_tokens):
+                before = self._counters()
+                started = time.perf_counter()
+                step = driver.step(step_input)
+                wall = (time.perf_counter() - started) * 1e3
+                server = step.server
+                steps.append(StepRecord(wall, self._counters().since(before),
+                                        server.get("queue_ms", 0.0), server.get("compute_ms", 0.0)))
+                tokens.append(step.token)
+                if step.logits is not None:
+                    logits.append(step.logits)
+                step_input = step.token
+        finally:
+            driver.close()
+        self.last_stats = GenerationStats.from_steps(self.mode.name, input_ids.shape[0], input_ids.shape[1], steps)
+        self.last_logits = torch.stack(logits, dim=1) if return_logits else None
+        return torch.cat([input_ids.cpu(), *tokens], dim=1)
+
+    def _counters(self) -> ByteCounters:
+        return self.client.counters.snapshot() if self.client is not None else ByteCounters()
+
+    def _driver(self, return_logits: bool):
+        if self.mode.weights == "local":
+            return LocalSteps(self.model)
+        if self.mode.kv == "shipped":
+            return StatelessSteps(self.client.connection, self.model, self.fingerprint)
+        return SessionSteps(self.client.connection, self.fingerprint, self.mode.returns, return_logits,
+                            self.logits_codec)
+
+
+class LocalSteps:
+    """native_pytorch: the model on its own device; nothing crosses the wire."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache = kv.from_pairs([])
+
+    def step(self, ids: torch.Tensor) -> Step:
+        logits = forward_last(self.model, ids.to(self.device), self.cache)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return Step(greedy(logits).cpu(), logits.cpu(), {})
+
+    def close(self) -> None:
+        self.cache = None
+
+
+class StatelessSteps:
+    """semantic_blind (weights shipped) and partially_aware (weights cached): KV both ways."""
+
+    def __init__(self, connection: ClientConnection, model: torch.nn.Module, fingerprint: str | None):
+        self.connection = connection
+        self.pairs: kv.KVPairs = []
+        if fingerprint is None:
+            self.args = {"config": config_dict(model), "dtype": DTYPE_NAMES[_weights_dtype(model)]}
+            self.weights = {WEIGHT_PREFIX + n: OutgoingTensor(t, TensorKind.WEIGHT)
+                            for n, t in model.state_dict().items()}
+        else:
+            self.args = {"model": fingerprint}
+            self.weights = {}
+
+    def step(self, ids: torch.Tensor) -> Step:
+        tensors = {"input_ids": OutgoingTensor(ids, TensorKind.TOKEN_IDS), **self.weights}
+        for (kname, vname), (k, v) in zip(kv.wire_names(len(self.pairs)), self.pairs):
+            tensors[kname] = OutgoingTensor(k, TensorKind.KV)
+            tensors[vname] = OutgoingTensor(v, TensorKind.KV)
+        reply = self.connection.request("forward", self.args, tensors)
+        names = kv.wire_names(sum(1 for n in reply.tensors if n.endswith(".k")))
+        self.pairs = [(reply.tensors[k], reply.tensors[v]) for k, v in names]
+        logits = reply.tensors["logits"]
+        return Step(greedy(logits), logits, dict(reply.args.get("server", {})))
+
+    def close(self) -> None:
+        self.pairs = []
+
+
+class SessionSteps:
+    """remote_cache (full logits back) and full_djinn (the token back): KV stays on the server."""
+
+    def __init__(self, connection: ClientConnection, fingerprint: str, returns: str, return_logits: bool,
+                 logits_codec: Codec):
+        self.connection = connection
+        self.fingerprint = fingerprint
+        self.args = {"model": fingerprint, "returns": returns}
+        if returns == "token" and return_logits:
+            self.args.update(with_logits=True, logits_codec=logits_codec.value)
+        self.session = connection.request("open_session", {"model": fingerprint}).args["session"]
+        self.started = False
+
+    def step(self, ids: torch.Tensor) -> Step:
+        op = "decode" if self.started else "prefill"
+        reply = self.connection.request(op, {**self.args, "session": self.session},
+                                        {"input_ids": OutgoingTensor(ids, TensorKind.TOKEN_IDS)})
+        self.started = True
+        logits = reply.tensors.get("logits")
+        token = reply.tensors["token"] if "token" in reply.tensors else greedy(logits)
+        return Step(token, logits, dict(reply.args.get("server", {})))
+
+    def close(self) -> None:
+        self.connection.request("close_session", {"session": self.session})

@@ -1,0 +1,33 @@
+"""The KV cache as plain tensors and back, across transformers releases.
+
+The wire and the session store see a KV cache as a list of (keys, values) per layer;
+HuggingFace models see a `DynamicCache`.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+KVPairs = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def to_pairs(cache: DynamicCache) -> KVPairs:
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))  # transformers < 4.56
+
+
+def from_pairs(pairs: KVPairs) -> DynamicCache:
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(pairs):
+        cache.update(keys, values, index)
+    return cache
+
+
+def nbytes(pairs: KVPairs) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in pairs)
+
+
+def wire_names(num_layers: int) -> list[tuple[str, str]]:
+    """Tensor names of each layer's keys and values in a message."""
+    return [(f"kv.{i}.k", f"kv.{i}.v") for i in range(num_layers)]

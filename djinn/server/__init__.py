@@ -1,0 +1,1 @@
+"""The Djinn server: request loop, executor, weight cache, session store, streamer."""

@@ -1,0 +1,54 @@
+"""`python -m djinn.server` / `djinn-server`: start a Djinn server.
+
+Prints `djinn server listening on tcp://HOST:PORT` once it accepts requests (the
+benchmark fixtures wait for that line) and exits cleanly on SIGINT/SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from djinn.server.server import Server, ServerConfig
+
+READY_LINE = "djinn server listening on {address}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="djinn-server", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5556, help="TCP port (0: any free port)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    parser.add_argument("--vram-budget-gb", type=float, default=None,
+                        help="memory the server may use for weights + KV (default: what the device has free)")
+    parser.add_argument("--auth-token-file", type=Path, default=None,
+                        help="file holding a shared token that every request must carry")
+    parser.add_argument("--session-ttl-s", type=float, default=600.0,
+                        help="idle seconds after which a session of a vanished client is closed")
+    parser.add_argument("--ipc", default=None, metavar="PATH", help="also listen on ipc://PATH (same host)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = args.auth_token_file.read_text().strip() if args.auth_token_file else None
+    if args.auth_token_file and not token:
+        sys.exit(f"djinn-server: auth token file {args.auth_token_file} is empty")
+    server = Server(ServerConfig(host=args.host, port=args.port, device=args.device,
+                                 vram_budget_gb=args.vram_budget_gb, auth_token=token,
+                                 session_ttl_s=args.session_ttl_s, ipc_path=args.ipc))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: server.stop())
+    print(READY_LINE.format(address=server.address), flush=True)
+    server.serve_forever()
+    logging.getLogger("djinn.server").info("stopped after %d requests", server.requests_served)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

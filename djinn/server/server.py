@@ -1,0 +1,237 @@
+"""The Djinn server: one ROUTER socket, one request loop, one handler per op.
+
+Requests are served one at a time (the device is one queue anyway). A handler
+raises `DjinnError` for anything the client got wrong; the loop turns it into an
+error reply and serves the next request, so one client's bad request never touches
+another's session. Every reply carries the server's timings and the request's
+byte counts so the client can split queue / compute / transfer.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from djinn import kv
+from djinn.errors import BadRequest, DjinnError
+from djinn.decoding import greedy
+from djinn.server.executor import Executor
+from djinn.server.session_store import SessionStore
+from djinn.server.weight_cache import TensorEntry, WeightCache
+from djinn.transport import Codec, CodecPolicy, Incoming, Limits, Message, OutgoingTensor, ServerSocket, TensorKind
+from djinn.transport.wire import DTYPES
+
+log = logging.getLogger("djinn.server")
+
+SERVER_VERSION = "0.1.0"
+POLL_MS = 200  # how often the loop wakes to expire sessions and check for shutdown
+WEIGHT_PREFIX = "w."  # shipped weights, semantic_blind
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 5556
+    device: str = "cpu"
+    vram_budget_gb: float | None = None
+    auth_token: str | None = None
+    session_ttl_s: float = 600.0
+    ipc_path: str | None = None
+    limits: Limits = Limits()
+
+
+@dataclass(frozen=True)
+class Reply:
+    args: dict
+    tensors: dict
+    policy: CodecPolicy = CodecPolicy()
+
+
+def default_budget_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def _dtype(name: object) -> torch.dtype:
+    if name not in DTYPES:
+        raise BadRequest(f"unknown dtype {name!r}")
+    return DTYPES[name]
+
+
+def _arg(message: Message, name: str, kind: type | tuple):
+    value = message.args.get(name)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise BadRequest(f"'{message.op}' needs argument '{name}' ({getattr(kind, '__name__', kind)})")
+    return value
+
+
+class Server:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        budget = (int(config.vram_budget_gb * (1 << 30)) if config.vram_budget_gb is not None
+                  else default_budget_bytes(self.device))
+        self.sessions = SessionStore(config.session_ttl_s, f"{config.host}:{config.port}")
+        self.weights = WeightCache(self.device, budget, reserve_bytes=lambda: self.sessions.kv_bytes)
+        self.executor = Executor(self.device, self.weights, self.sessions, budget)
+        self.handlers: dict[str, Callable[[Incoming], Reply]] = {
+            "hello": self.hello, "stats": self.stats, "register_model": self.register_model,
+            "upload_weights": self.upload_weights, "forward": self.forward, "open_session": self.open_session,
+            "prefill": self.step, "decode": self.step, "close_session": self.close_session,
+        }
+        self.sockets = [ServerSocket(f"tcp://{config.host}:{config.port}", self.handlers, limits=config.limits,
+                                     auth_token=config.auth_token)]
+        if config.ipc_path:
+            self.sockets.append(ServerSocket(f"ipc://{config.ipc_path}", self.handlers, limits=config.limits,
+                                             auth_token=config.auth_token))
+        self.requests_served = 0
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        return self.sockets[0].address
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def serve_forever(self) -> None:
+        try:
+            while not self._stopping:
+                self.serve_once(POLL_MS)
+        finally:
+            self.sessions.close_all()
+            for sock in self.sockets:
+                sock.close()
+
+    def serve_once(self, timeout_ms: int) -> None:
+        self.sessions.expire()
+        per_socket = timeout_ms // len(self.sockets)
+        for sock in self.sockets:
+            incoming = sock.receive(per_socket)
+            if incoming is not None:
+                self._handle(sock, incoming)
+
+    def _handle(self, sock: ServerSocket, incoming: Incoming) -> None:
+        if incoming.error is not None:
+            log.warning("rejected a malformed request: %s", incoming.error)
+            sock.reply_error(incoming.peer, incoming.request_id, incoming.error)
+            return
+        message = incoming.message
+        started = time.perf_counter()
+        try:
+            reply = self.handlers[message.op](incoming)
+            self.executor.synchronize()
+        except DjinnError as err:
+            log.info("%s failed: %s", message.op, err)
+            sock.reply_error(incoming.peer, incoming.request_id, err)
+            return
+        except Exception as exc:  # a bug must not take the server down
+            log.exception("%s raised", message.op)
+            sock.reply_error(incoming.peer, incoming.request_id, DjinnError(f"{message.op} failed on the server: {exc!r}"))
+            return
+        finished = time.perf_counter()
+        timings = {"queue_ms": (started - incoming.received_at) * 1e3, "compute_ms": (finished - started) * 1e3,
+                   "request_payload_bytes": message.payload_bytes, "request_framing_bytes": message.framing_bytes}
+        sock.reply(incoming.peer, incoming.request_id, {**reply.args, "server": timings}, reply.tensors, reply.policy)
+        self.requests_served += 1
+
+    # -- ops -----------------------------------------------------------------------
+    def hello(self, incoming: Incoming) -> Reply:
+        return Reply({"version": SERVER_VERSION, "device": str(self.device),
+                      "budget_bytes": self.executor.budget_bytes, "ops": sorted(self.handlers)}, {})
+
+    def stats(self, incoming: Incoming) -> Reply:
+        counters = self.weights.counters
+        memory = {"weights_bytes": self.weights.resident_bytes, "kv_bytes": self.sessions.kv_bytes,
+                  "budget_bytes": self.executor.budget_bytes}
+        if self.device.type == "cuda":
+            memory["device_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+        return Reply({
+            "memory": memory,
+            "sessions": len(self.sessions.sessions), "sessions_expired": self.sessions.expired,
+            "models": [{"fingerprint": m.fingerprint, "bytes": m.weight_bytes, "complete": m.complete,
+                        "sessions": m.users} for m in self.weights.models.values()],
+            "cache": {"hits": counters.hits, "misses": counters.misses, "evictions": counters.evictions,
+                      "uploaded_bytes": counters.uploaded_bytes},
+            "requests_served": self.requests_served,
+        }, {})
+
+    def register_model(self, incoming: Incoming) -> Reply:
+        message = incoming.message
+        fingerprint = _arg(message, "model", str)
+        entries = []
+        for entry in _arg(message, "tensors", list):
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                    and isinstance(entry[2], list)):
+                raise BadRequest("each registered tensor must be [name, dtype, shape]")
+            entries.append(TensorEntry(entry[0], _dtype(entry[1]), tuple(entry[2])))
+        cached = self.weights.register(fingerprint, _arg(message, "config", dict), _dtype(message.args.get("dtype")),
+                                       entries)
+        return Reply({"complete": cached.complete, "missing": cached.missing}, {})
+
+    def upload_weights(self, incoming: Incoming) -> Reply:
+        message = incoming.message
+        cached = self.weights.receive(_arg(message, "model", str), message.tensors)
+        return Reply({"complete": cached.complete, "missing_count": len(cached.missing)}, {})
+
+    def forward(self, incoming: Incoming) -> Reply:
+        """Stateless: KV comes in and goes out; weights are shipped or cached."""
+        message = incoming.message
+        weights = {n[len(WEIGHT_PREFIX):]: t for n, t in message.tensors.items() if n.startswith(WEIGHT_PREFIX)}
+        if weights:
+            model, config = self.executor.skeleton(_arg(message, "config", dict), _dtype(message.args.get("dtype")))
+        else:
+            cached = self.weights.get(_arg(message, "model", str))
+            model, config = cached.model, cached.config
+        pairs = [(message.tensors[k], message.tensors[v]) for k, v in kv.wire_names(config.num_hidden_layers)
+                 if k in message.tensors and v in message.tensors]
+        self.executor.check_kv(pairs, config)
+        logits, pairs = self.executor.stateless_step(model, weights, config, message.tensors.get("input_ids"), pairs)
+        tensors = {"logits": OutgoingTensor(logits, TensorKind.LOGITS)}
+        for (kname, vname), (k, v) in zip(kv.wire_names(len(pairs)), pairs):
+            tensors[kname] = OutgoingTensor(k, TensorKind.KV)
+            tensors[vname] = OutgoingTensor(v, TensorKind.KV)
+        return Reply({}, tensors)
+
+    def open_session(self, incoming: Incoming) -> Reply:
+        cached = self.weights.get(_arg(incoming.message, "model", str))
+        session = self.sessions.open(cached, incoming.peer)
+        return Reply({"session": session.handle}, {})
+
+    def step(self, incoming: Incoming) -> Reply:
+        """prefill and decode: the KV stays in the session; the token or the logits come back."""
+        message = incoming.message
+        session = self.sessions.get(message.args.get("session"), message.args.get("model"))
+        if (message.op == "prefill") != (session.length == 0):
+            raise BadRequest(f"'{message.op}' on session {session.handle} holding {session.length} tokens: "
+                             f"prefill starts a session, decode continues it")
+        logits = self.executor.session_step(session, message.tensors.get("input_ids"))
+        returns = message.args.get("returns", "logits")
+        if returns == "token":
+            tensors = {"token": OutgoingTensor(greedy(logits), TensorKind.TOKEN_IDS)}
+            if message.args.get("with_logits"):
+                tensors["logits"] = OutgoingTensor(logits, TensorKind.LOGITS)
+        elif returns == "logits":
+            tensors = {"logits": OutgoingTensor(logits, TensorKind.LOGITS)}
+        else:
+            raise BadRequest(f"'returns' must be 'token' or 'logits', got {returns!r}")
+        codec = message.args.get("logits_codec", Codec.RAW.value)
+        try:
+            policy = CodecPolicy({TensorKind.LOGITS: Codec(codec)})
+        except ValueError:
+            raise BadRequest(f"unknown logits codec {codec!r}") from None
+        return Reply({"length": session.length}, tensors, policy)
+
+    def close_session(self, incoming: Incoming) -> Reply:
+        handle = incoming.message.args.get("session")
+        if not isinstance(handle, str):
+            raise BadRequest("'close_session' needs argument 'session'")
+        self.sessions.close(handle)
+        return Reply({}, {})
