@@ -8,6 +8,7 @@ protocol violation into an error reply to the sender and goes on serving.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -73,7 +74,7 @@ class ClientConnection:
     def _receive(self, op: str, request_id: int, timeout_s: float) -> Message:
         deadline = time.monotonic() + timeout_s
         while True:
-            remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            remaining_ms = math.ceil(max(0.0, deadline - time.monotonic()) * 1000)  # never wake before the deadline
             if not self._socket.poll(remaining_ms, zmq.POLLIN):
                 raise DjinnTimeout(f"no reply to '{op}' from {self.address} within {timeout_s:.1f} s")
             frames = self._socket.recv_multipart(copy=False)

@@ -1,0 +1,81 @@
+"""A Djinn server in a child process, for tests, benchmarks and scripts.
+
+Starts `python -m djinn.server`, waits for its ready line (no guessed sleeps),
+keeps its log in a file, and stops it at exit: SIGTERM first, SIGKILL if it
+does not go.
+"""
+from __future__ import annotations
+
+import os
+import selectors
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+READY_PREFIX = "djinn server listening on "
+READY_TIMEOUT_S = 120.0  # building a 7B model on a cold GPU can take a while
+STOP_TIMEOUT_S = 15.0
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+class ServerProcess:
+    def __init__(self, *args: str, log_path: Path, ready_timeout_s: float = READY_TIMEOUT_S,
+                 env: dict | None = None):
+        self.args = ["--port", "0", *args] if "--port" not in args else list(args)
+        self.log_path = Path(log_path)
+        self.ready_timeout_s = ready_timeout_s
+        self.env = env
+        self.process: subprocess.Popen | None = None
+        self.address: str | None = None
+
+    @property
+    def host_port(self) -> str:
+        return self.address.split("://", 1)[1]
+
+    @property
+    def port(self) -> int:
+        return int(self.host_port.rsplit(":", 1)[1])
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def start(self) -> "ServerProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "djinn.server", *self.args], stdout=subprocess.PIPE,
+                                        stderr=log, text=True, env={**os.environ, **(self.env or {})})
+        log.close()
+        selector = selectors.DefaultSelector()
+        selector.register(self.process.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerStartError(f"djinn server exited with {self.process.returncode} before it was ready:\n"
+                                       f"{self.log()}")
+            if selector.select(timeout=0.2):
+                line = self.process.stdout.readline()
+                if line.startswith(READY_PREFIX):
+                    self.address = line[len(READY_PREFIX):].strip()
+                    return self
+        self.stop()
+        raise ServerStartError(f"djinn server not ready within {self.ready_timeout_s:.0f} s:\n{self.log()}")
+
+    def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.terminate()
+        try:
+            return self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
