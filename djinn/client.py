@@ -40,6 +40,11 @@ def connect(address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
     return Client(ClientConnection(server_address(address), timeout_s=timeout_s, auth_token=token))
 
 
+def load_local(model: torch.nn.Module) -> "RemoteModel":
+    """native_pytorch: the same generate loop, run on the model's own device."""
+    return RemoteModel(model, resolve("native_pytorch"), None, None)
+
+
 @dataclass(frozen=True)
 class StepRecord:
     """One request of a generation: what it cost on the wire and on the server."""

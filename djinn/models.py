@@ -103,6 +103,20 @@ def _seed_parameters(model: torch.nn.Module, seed: int) -> None:
             param.normal_(0.0, INIT_STD, generator=gen)
 
 
+def to_host(model: torch.nn.Module) -> torch.nn.Module:
+    """A CPU copy of a model built on a GPU: what a GPU-less client holds and uploads.
+
+    Parameters are created empty (accelerate) and assigned the copied tensors, so a
+    7B copy costs one device-to-host transfer, not a CPU initialisation.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        host = AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
+    host.load_state_dict({name: t.to("cpu") for name, t in model.state_dict().items()}, assign=True)
+    return host.eval()
+
+
 def parameter_bytes(name: str, dtype: torch.dtype = torch.float16, num_layers: int | None = None) -> int:
     """Weight bytes of a catalogue shape, computed without allocating it."""
     with torch.device("meta"):

@@ -343,12 +343,18 @@ class StreamingHandle:
         self._orig_param_device: dict[nn.Parameter, torch.device] = {}
         self._orig_buffer_device: list[tuple[nn.Module, str, torch.device]] = []
         with torch.no_grad():
-            self._pack(specs, alignment)
+            self._pack(specs)
             self._place_resident()
         self._specs = specs
         self.layer_bytes = tuple(spec.nbytes for spec in specs)  # packed blob sizes, in layer order
         self.ring = RingBuffer(capacity_bytes, device, alignment)
-        self._copier = _CudaCopier(device) if device.type == "cuda" else _InlineCopier()
+        if device.type == "cuda":
+            self._copier = _CudaCopier(device)
+            # Should the handle be dropped without remove(), the allocator must not hand the
+            # ring out again before the copies queued into it have finished.
+            self.ring.tensor.record_stream(self._copier.stream)
+        else:
+            self._copier = _InlineCopier()
         self._views: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
 
         self._issued: deque[_Load] = deque()  # loads issued, not yet used by compute, in order
@@ -380,18 +386,12 @@ class StreamingHandle:
                 if owner.setdefault(id(p), index) != index:
                     raise ValueError(f"parameter shared by decoder layers {owner[id(p)]} and {index}: "
                                      "streaming needs each layer to own its weights")
-        in_layers = set(owner)
+        prefix = next(name + "." if name else "" for name, m in self.model.named_modules() if m is self.layers)
         for name, p in self.model.named_parameters(remove_duplicate=False):
-            if id(p) in in_layers and not name.startswith(self._layers_prefix()):
+            if id(p) in owner and not name.startswith(prefix):
                 raise ValueError(f"parameter {name} is also a decoder-layer weight (tied); cannot stream it")
 
-    def _layers_prefix(self) -> str:
-        for name, module in self.model.named_modules():
-            if module is self.layers:
-                return name + "."
-        return ""
-
-    def _pack(self, specs: list[_LayerSpec], alignment: int) -> None:
+    def _pack(self, specs: list[_LayerSpec]) -> None:
         # One host arena for all blobs: pinned allocations are rounded up to a power of
         # two by torch's host allocator, so one arena wastes less than one per layer.
         total = sum(spec.nbytes for spec in specs)

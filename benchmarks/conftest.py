@@ -1,0 +1,190 @@
+"""The benchmark suite's infrastructure: options, the server, the model, collectors, results.
+
+Benchmarks share one device and must run serially (`-n 0`); correctness tests in
+tests/ are the ones to run with `-n auto`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import djinn
+from djinn import models
+from djinn.server.process import ServerProcess
+from djinn.telemetry.nvml import NvmlSampler, nvml_available
+from djinn.telemetry.pcie import cuda_unavailable_reason, measure_pcie_peak
+from djinn.telemetry.wire_capture import WireCapture, capture_available
+
+from benchmarks.collectors import NVML_INTERVAL_S, Collectors
+from benchmarks.results import ResultsWriter
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT_FILE = Path(__file__).parent / "data" / "prompt.json"
+SERVER_LOG_TAIL_CHARS = 20_000
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("djinn", "Djinn benchmarks")
+    group.addoption("--djinn-server", default=None, metavar="HOST:PORT",
+                    help="use this running server instead of starting one")
+    group.addoption("--djinn-model", default="auto",
+                    help="auto (tiny-llama on CPU, llama-2-7b on a GPU), a catalogue name, or a local checkpoint path")
+    group.addoption("--djinn-device", default="auto", help="auto, cpu or cuda:N")
+    group.addoption("--runs", type=int, default=25, help="measured runs per baseline (the seed: 30 with 5 discarded)")
+    group.addoption("--warmup-runs", type=int, default=5, help="runs before the measured ones, discarded")
+    group.addoption("--djinn-results", default=str(REPO / "results"), help="folder for raw result JSON")
+    group.addoption("--blind-tokens", type=int, default=None,
+                    help="new tokens per semantic_blind run (default: all of them for models under 1 GB, else 3)")
+    group.addoption("--blind-runs", type=int, default=None,
+                    help="measured semantic_blind runs (default: --runs for models under 1 GB, else 2)")
+
+
+def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and any("benchmarks" in str(a) for a in config.args):
+        raise pytest.UsageError("the benchmarks share one device and must run serially: drop -n for benchmarks/ "
+                                "(run the correctness tests in tests/ with -n auto instead)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    server = item.funcargs.get("djinn_server") if hasattr(item, "funcargs") else None
+    if report.failed and isinstance(server, ServerProcess):
+        report.sections.append(("djinn server log", server.log()[-SERVER_LOG_TAIL_CHARS:]))
+    return report
+
+
+# -- where and what -----------------------------------------------------------------
+@pytest.fixture(scope="session")
+def bench_device(pytestconfig) -> str:
+    device = pytestconfig.getoption("--djinn-device")
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass
+class BenchModel:
+    """The model under test, on the device (native baseline) and on the host (the client's copy)."""
+    name: str
+    local: torch.nn.Module
+    client_copy: torch.nn.Module
+    dtype: torch.dtype
+    weight_bytes: int
+
+    @property
+    def shape(self) -> dict:
+        cfg = self.local.config
+        return {"model_type": cfg.model_type, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+                "vocab": cfg.vocab_size, "dtype": str(self.dtype).removeprefix("torch."),
+                "weight_bytes": self.weight_bytes}
+
+
+@pytest.fixture(scope="session")
+def bench_model(pytestconfig, bench_device) -> BenchModel:
+    name = pytestconfig.getoption("--djinn-model")
+    if name == "auto":
+        name = models.default_model_name(bench_device)
+    local = models.build(name, seed=0, device=bench_device)
+    client_copy = local if bench_device == "cpu" else models.to_host(local)
+    weight_bytes = sum(p.numel() * p.element_size() for p in local.state_dict().values())
+    return BenchModel(name, local, client_copy, next(local.parameters()).dtype, weight_bytes)
+
+
+@pytest.fixture(scope="session")
+def prompt_ids() -> torch.Tensor:
+    ids = json.loads(PROMPT_FILE.read_text())["token_ids"]
+    return torch.tensor([ids], dtype=torch.long)
+
+
+# -- the server -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExternalServer:
+    host_port: str
+
+    @property
+    def port(self) -> int:
+        return int(self.host_port.rsplit(":", 1)[1])
+
+    def log(self) -> str:
+        return "(external server: its log is wherever it was started)"
+
+
+@pytest.fixture(scope="session")
+def djinn_server(pytestconfig, bench_device, tmp_path_factory):
+    """A server on the benchmark's device, started once per session (or --djinn-server)."""
+    external = pytestconfig.getoption("--djinn-server")
+    if external:
+        yield ExternalServer(external)
+        return
+    log = tmp_path_factory.mktemp("djinn-server") / "server.log"
+    with ServerProcess("--device", bench_device, "--log-level", "INFO", log_path=log) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def djinn_client(djinn_server):
+    with djinn.connect(djinn_server.host_port, timeout_s=600) as client:
+        yield client
+
+
+# -- collectors ----------------------------------------------------------------------------
+def _gpu_index(device: str) -> int | None:
+    return (torch.device(device).index or 0) if device.startswith("cuda") else None
+
+
+@pytest.fixture
+def nvml(bench_device):
+    """NvmlSampler factory for the benchmark's GPU; skips where NVML has no GPU."""
+    index = _gpu_index(bench_device)
+    ok, reason = nvml_available(index or 0) if index is not None else (False, "the benchmark device is the CPU")
+    if not ok:
+        pytest.skip(f"NVML: {reason}")
+    return lambda: NvmlSampler(index, NVML_INTERVAL_S)
+
+
+@pytest.fixture
+def wire_capture():
+    """WireCapture factory (port → context manager); skips without CAP_NET_RAW."""
+    ok, reason = capture_available()
+    if not ok:
+        pytest.skip(f"wire capture: {reason}")
+    return WireCapture
+
+
+@pytest.fixture
+def collectors(bench_device, djinn_server) -> Collectors:
+    """NVML + wire capture around a measured region, each where it can run."""
+    return Collectors(_gpu_index(bench_device), djinn_server.port)
+
+
+@pytest.fixture(scope="session")
+def pcie_peak(bench_device):
+    """Pinned host→device bandwidth, measured once: the physical bound for streaming."""
+    reason = cuda_unavailable_reason() if bench_device.startswith("cuda") else "the benchmark device is the CPU"
+    if reason:
+        pytest.skip(f"pcie_peak: {reason}")
+    return measure_pcie_peak(device=bench_device)
+
+
+@pytest.fixture(scope="session")
+def results_writer(pytestconfig, bench_device) -> ResultsWriter:
+    return ResultsWriter(Path(pytestconfig.getoption("--djinn-results")), REPO, bench_device)
+
+
+@pytest.fixture
+def progress(request):
+    """Print a progress line past pytest's capture, so long benchmarks show they move."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+
+    def say(text: str) -> None:
+        if reporter is None:
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"  [{request.node.name}] {text}")
+    return say

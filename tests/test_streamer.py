@@ -1,0 +1,347 @@
+"""Ring-buffer weight streaming (seed 003) on a CPU: the allocator, and logits of a
+streamed model bit-identical to the same model fully resident."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from djinn.models import TINY_MODEL, build
+from djinn.server.streamer import (
+    RingAllocator, RingTooSmall, find_decoder_layers, fits_in_budget, stream_model)
+
+pytestmark = pytest.mark.ring_buffer
+
+NEW_TOKENS = 20
+
+
+# -- RingAllocator -------------------------------------------------------------------
+
+def test_blocks_are_placed_back_to_back_on_aligned_offsets():
+    ring = RingAllocator(1000, alignment=16)
+    assert [ring.allocate(tag, 100).offset for tag in "abc"] == [0, 112, 224]
+    assert [tag for tag, _, _ in ring.resident] == ["a", "b", "c"]
+    assert ring.head == 324
+
+
+def test_block_that_does_not_fit_before_the_end_restarts_at_zero_unsplit():
+    ring = RingAllocator(100, alignment=1)
+    ring.allocate("a", 40)
+    ring.allocate("b", 40)
+    placement = ring.allocate("c", 30)  # 20 bytes left at the end: skipped
+    assert (placement.offset, placement.wrapped, placement.overwrites) == (0, True, ("a",))
+    assert ring.resident == (("b", 40, 40), ("c", 0, 30))
+    # the next one fits after c and overwrites only b
+    placement = ring.allocate("d", 40)
+    assert (placement.offset, placement.wrapped, placement.overwrites) == (30, False, ("b",))
+
+
+def test_wrap_around_keeps_resident_blocks_disjoint_and_inside_the_ring():
+    rng = random.Random(3)
+    ring = RingAllocator(10_000, alignment=64)
+    wraps = 0
+    for tag in range(2_000):
+        nbytes = rng.randint(1, 4_000)
+        before = {t: (o, n) for t, o, n in ring.resident}
+        placement = ring.allocate(tag, nbytes)
+        wraps += placement.wrapped
+        start, end = placement.offset, placement.offset + nbytes
+        assert start % 64 == 0 and end <= ring.capacity_bytes
+        assert set(placement.overwrites) == {t for t, (o, n) in before.items() if o < end and start < o + n}
+        spans = sorted((o, o + n) for _, o, n in ring.resident)
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+        assert ring.resident[-1] == (tag, start, nbytes)
+    assert wraps > 100
+
+
+def test_block_larger_than_half_the_ring_is_alone_in_flight():
+    ring = RingAllocator(100, alignment=1)
+    assert ring.allocate(0, 60).overwrites == ()
+    for tag in range(1, 5):
+        placement = ring.allocate(tag, 60)
+        assert (placement.offset, placement.wrapped, placement.overwrites) == (0, True, (tag - 1,))
+        assert ring.resident == ((tag, 0, 60),)
+
+
+def test_allocation_reports_and_waits_for_the_blocks_it_overwrites():
+    ring = RingAllocator(100, alignment=1)
+    for tag in "abc":
+        ring.allocate(tag, 30)
+    assert ring.plan(50).overwrites == ("a", "b")  # plan changes nothing
+    computed = {"a"}
+    assert ring.allocate("d", 50, can_overwrite=computed.__contains__) is None
+    assert [t for t, _, _ in ring.resident] == ["a", "b", "c"] and ring.head == 90
+    computed.add("b")
+    placement = ring.allocate("d", 50, can_overwrite=computed.__contains__)
+    assert (placement.offset, placement.overwrites) == (0, ("a", "b"))
+
+
+def test_allocator_rejects_a_block_larger_than_the_ring():
+    with pytest.raises(RingTooSmall, match="101 bytes .* 100 bytes"):
+        RingAllocator(100).plan(101)
+    assert issubclass(RingTooSmall, ValueError)
+
+
+def test_fits_in_budget():
+    assert fits_in_budget(10, 10) and not fits_in_budget(11, 10)
+
+
+# -- the streamed model ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference():
+    return build(TINY_MODEL)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(0, 8192, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _layer_bytes(model) -> list[int]:
+    return [sum(p.numel() * p.element_size() for p in layer.parameters())
+            for layer in find_decoder_layers(model)]
+
+
+def _capacity(model, layers: float) -> int:
+    return int(max(_layer_bytes(model)) * layers)
+
+
+@pytest.mark.correctness
+@pytest.mark.parametrize("ring_layers, prefetch_depth, chunk_bytes", [
+    (2.5, 2, 256 << 10),
+    (2.5, 0, 64 << 20),
+    (1.2, 2, 100_000),  # one layer in flight at a time; chunks do not divide the layer
+    (3.7, 4, 1 << 20),
+    (9.0, 3, 64 << 20),  # every layer fits: still streamed each pass
+], ids=lambda v: str(v))
+def test_streamed_forward_is_bit_identical(reference, prompt, ring_layers, prefetch_depth, chunk_bytes):
+    model = build(TINY_MODEL)
+    with torch.no_grad():
+        expected = reference(prompt).logits
+        with stream_model(model, device="cpu", capacity_bytes=_capacity(model, ring_layers),
+                          chunk_bytes=chunk_bytes, prefetch_depth=prefetch_depth) as handle:
+            for _ in range(2):  # the second pass starts from a ring the first left behind
+                assert torch.equal(model(prompt).logits, expected)
+            assert handle.stats.layer_loads == 2 * len(handle.layers)
+
+
+@pytest.mark.correctness
+def test_streamed_greedy_generate_with_kv_cache_is_bit_identical(reference, prompt):
+    model = build(TINY_MODEL)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True,
+                  return_dict_in_generate=True, output_logits=True)
+    expected = reference.generate(prompt, **kwargs)
+    with stream_model(model, device="cpu", capacity_bytes=_capacity(model, 2.5),
+                      chunk_bytes=256 << 10) as handle:
+        got = model.generate(prompt, **kwargs)
+        stats = handle.stats
+    assert torch.equal(got.sequences, expected.sequences)
+    assert got.sequences.shape[1] == prompt.shape[1] + NEW_TOKENS
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits))
+    assert stats.layer_loads == NEW_TOKENS * len(handle.layers)  # one forward per new token
+    assert stats.wraps > 0 and stats.waits > 0
+
+
+def test_stats_count_every_layer_once_per_pass(prompt):
+    model = build(TINY_MODEL)
+    layer_bytes = _layer_bytes(model)
+    passes = 3
+    with stream_model(model, device="cpu", capacity_bytes=_capacity(model, 2.5)) as handle:
+        with torch.no_grad():
+            for _ in range(passes):
+                model(prompt)
+        stats = handle.stats
+    assert handle.layer_bytes == tuple(layer_bytes)  # tiny-llama's tensors need no padding
+    assert stats.bytes_streamed == sum(layer_bytes) * passes
+    assert stats.layer_loads == len(layer_bytes) * passes
+    # the next pass's first layers are already prefetched
+    assert stats.bytes_copied == stats.bytes_streamed + sum(layer_bytes[:2])
+    assert stats.cancelled_loads == 0 and stats.copy_seconds > 0
+
+
+@pytest.mark.correctness
+def test_gpt2_streams_its_transformer_h():
+    reference, model = build("gpt2", num_layers=3), build("gpt2", num_layers=3)
+    ids = torch.randint(0, 50257, (1, 10), generator=torch.Generator().manual_seed(1))
+    assert find_decoder_layers(model) is model.transformer.h
+    with torch.no_grad():
+        expected = reference(ids).logits
+        with stream_model(model, device="cpu", capacity_bytes=_capacity(model, 1.5),
+                          chunk_bytes=1 << 20) as handle:
+            assert torch.equal(model(ids).logits, expected)
+            assert torch.equal(model(ids).logits, expected)
+            assert handle.stats.layer_loads == 6
+
+
+def test_ring_smaller_than_a_layer_is_refused_and_the_model_left_alone(reference, prompt):
+    model = build(TINY_MODEL)
+    layer = max(_layer_bytes(model))
+    with pytest.raises(RingTooSmall, match=f"ring of {layer - 1} bytes .* {layer} bytes"):
+        stream_model(model, device="cpu", capacity_bytes=layer - 1)
+    assert not any(l._forward_pre_hooks for l in find_decoder_layers(model))
+    with torch.no_grad():
+        assert torch.equal(model(prompt).logits, reference(prompt).logits)
+
+
+def test_forward_that_stops_midway_does_not_break_the_next(reference, prompt):
+    model = build(TINY_MODEL)
+    layers = find_decoder_layers(model)
+
+    class Stop(Exception):
+        pass
+
+    def stop(module, args):
+        raise Stop
+
+    with torch.no_grad():
+        expected = reference(prompt).logits
+        with stream_model(model, device="cpu", capacity_bytes=_capacity(model, 2.5)) as handle:
+            hook = layers[3].register_forward_pre_hook(stop)
+            with pytest.raises(Stop):
+                model(prompt)
+            hook.remove()
+            assert all(p.device.type == "cpu" and p.untyped_storage().data_ptr()
+                       != handle.ring.tensor.untyped_storage().data_ptr() for p in layers[3].parameters())
+            assert torch.equal(model(prompt).logits, expected)
+            assert handle.stats.cancelled_loads > 0
+
+
+def test_inference_mode_works(reference, prompt):
+    model = build(TINY_MODEL)
+    with torch.inference_mode():
+        expected = reference(prompt).logits
+        with stream_model(model, device="cpu", capacity_bytes=_capacity(model, 2.5)):
+            assert torch.equal(model(prompt).logits, expected)
+
+
+def test_remove_restores_the_model(reference, prompt):
+    model = build(TINY_MODEL)
+    handle = stream_model(model, device="cpu", capacity_bytes=_capacity(model, 2.5))
+    with torch.no_grad():
+        model(prompt)
+    handle.remove()
+    handle.remove()  # idempotent
+    layers = find_decoder_layers(model)
+    assert not any(l._forward_pre_hooks or l._forward_hooks for l in layers)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    with torch.no_grad():
+        assert torch.equal(model(prompt).logits, reference(prompt).logits)
+
+
+# -- the CUDA ordering protocol, with stream semantics simulated on the CPU -------------
+#
+# Fake streams log their operations; `wait_event` captures the event's latest record, as
+# cudaStreamWaitEvent does. From the log we check that every layer's read of the ring
+# comes after its own copy, and that no other copy overwrites those bytes until the read
+# is over. Data still moves synchronously, so the logits check runs too.
+
+class _FakeStream:
+    def __init__(self, device=None):
+        self.ops = []  # ("wait", node or None) | ("record", None); a node is (stream, index)
+
+    def wait_event(self, event):
+        self.ops.append(("wait", event.node))
+
+    def synchronize(self):
+        pass
+
+
+class _FakeEvent:
+    current = None  # the fake current stream
+
+    def __init__(self, enable_timing=False):
+        self.node = None
+
+    def record(self, stream=None):
+        stream = stream or _FakeEvent.current
+        stream.ops.append(("record", None))
+        self.node = (stream, len(stream.ops) - 1)
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return 1.0
+
+
+def _happens_before(a, b) -> bool:
+    """Node `a` is ordered before node `b` (or is `b`)."""
+    seen, todo = set(), [b]
+    while todo:
+        stream, i = todo.pop()
+        if stream is a[0] and i >= a[1]:
+            return True
+        if i < 0 or (id(stream), i) in seen:
+            continue
+        seen.add((id(stream), i))
+        kind, waited = stream.ops[i]
+        if kind == "wait" and waited is not None:
+            todo.append(waited)
+        todo.append((stream, i - 1))
+    return False
+
+
+@pytest.mark.parametrize("ring_layers, prefetch_depth", [(1.0, 2), (1.3, 1), (2.5, 0), (2.5, 2), (3.2, 5), (9.0, 3)],
+                         ids=lambda v: str(v))
+def test_cuda_event_protocol_has_no_ring_races(monkeypatch, reference, prompt, ring_layers, prefetch_depth):
+    import contextlib
+
+    from djinn.server import streamer
+
+    compute = _FakeStream()
+    _FakeEvent.current = compute
+    writes, reads, open_reads, loads = [], [], [], []
+
+    @contextlib.contextmanager
+    def use_stream(stream):
+        previous, _FakeEvent.current = _FakeEvent.current, stream
+        try:
+            yield
+        finally:
+            _FakeEvent.current = previous
+
+    class Recorded(streamer._CudaCopier):
+        def __init__(self):
+            super().__init__(torch.device("cpu"))
+
+        def copy(self, load, dst, src, chunk_bytes, after):
+            super().copy(load, dst, src, chunk_bytes, after)
+            loads.append(load)  # keeps ids unique
+            writes.append((id(load), load.offset, load.nbytes, load.start.node, load.ready.node))
+
+        def wait_ready(self, load):
+            super().wait_ready(load)
+            open_reads.append((id(load), load.offset, load.nbytes, (compute, len(compute.ops) - 1)))
+
+        def record_done(self):
+            event = super().record_done()
+            reads.append(open_reads.pop(0) + (event.node,))
+            return event
+
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", use_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeEvent.current)
+    monkeypatch.setattr(streamer, "_InlineCopier", Recorded)
+
+    model = build(TINY_MODEL)
+    with torch.no_grad():
+        expected = reference(prompt).logits
+        with stream_model(model, device="cpu", capacity_bytes=_capacity(model, ring_layers),
+                          chunk_bytes=1 << 20, prefetch_depth=prefetch_depth):
+            for _ in range(3):
+                assert torch.equal(model(prompt).logits, expected)
+    assert len(reads) == 3 * len(find_decoder_layers(model))
+
+    order = {w[0]: k for k, w in enumerate(writes)}  # position on the copy stream
+    by_load = {w[0]: w for w in writes}
+    for load, offset, nbytes, read_start, read_end in reads:
+        assert _happens_before(by_load[load][4], read_start), "a layer read the ring before its copy ended"
+        for other, w_offset, w_nbytes, w_start, _ in writes:
+            if order[other] > order[load] and w_offset < offset + nbytes and offset < w_offset + w_nbytes:
+                assert _happens_before(read_end, w_start), "a copy overwrote a layer still being read"
