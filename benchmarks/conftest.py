@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import djinn
+from djinn.client import RemoteModel, load_local
+from djinn.modes import resolve as resolve_mode
 from djinn import models
 from djinn.server.process import ServerProcess
 from djinn.telemetry.nvml import NvmlSampler, nvml_available
@@ -36,6 +38,7 @@ def pytest_addoption(parser):
     group.addoption("--djinn-device", default="auto", help="auto, cpu or cuda:N")
     group.addoption("--runs", type=int, default=25, help="measured runs per baseline (the seed: 30 with 5 discarded)")
     group.addoption("--warmup-runs", type=int, default=5, help="runs before the measured ones, discarded")
+    group.addoption("--gap-trials", type=int, default=3, help="trials per phase and mode of the gap experiment")
     group.addoption("--djinn-results", default=str(REPO / "results"), help="folder for raw result JSON")
     group.addoption("--blind-tokens", type=int, default=None,
                     help="new tokens per semantic_blind run (default: all of them for models under 1 GB, else 3)")
@@ -75,6 +78,12 @@ class BenchModel:
     client_copy: torch.nn.Module
     dtype: torch.dtype
     weight_bytes: int
+
+    def load(self, mode: str, client) -> RemoteModel:
+        """The model in a mode: run here for the native baseline, through the server otherwise."""
+        if resolve_mode(mode).weights == "local":
+            return load_local(self.local)
+        return client.load(self.client_copy, mode=mode)
 
     @property
     def shape(self) -> dict:

@@ -9,22 +9,19 @@ as ratios between baselines measured in this same run.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import pytest
 import torch
 
-from djinn.client import GenerationStats, RemoteModel, load_local
+from djinn.client import GenerationStats
 
+from benchmarks.plans import run_plan
 from benchmarks.results import RunRecord
 
 BASELINES = ("native_pytorch", "semantic_blind", "partially_aware", "full_djinn")
 NEW_TOKENS = 50
 BATCH_SIZES = (1,)
-LARGE_MODEL_BYTES = 1 << 30  # above this, semantic_blind ships ≥1 GB per token: cap its tokens and runs
-BLIND_TOKENS_LARGE = 3
-BLIND_RUNS_LARGE = 2
-BLIND_WARMUP_LARGE = 1
 
 # The seed's success criteria, as ratios within one run.
 MAX_BYTES_RATIO_FULL_VS_BLIND = 1 / 1000
@@ -53,31 +50,16 @@ class BaselineResult:
 RESULTS: dict[tuple[str, int], BaselineResult] = {}
 
 
-def _load(baseline: str, bench_model, djinn_client) -> RemoteModel:
-    if baseline == "native_pytorch":
-        return load_local(bench_model.local)
-    return djinn_client.load(bench_model.client_copy, mode=baseline)
-
-
-def _plan(baseline: str, bench_model, config) -> tuple[int, int, int]:
-    """(new tokens, measured runs, warm-up runs) for a baseline."""
-    runs, warmup = config.getoption("--runs"), config.getoption("--warmup-runs")
-    if baseline != "semantic_blind":
-        return NEW_TOKENS, runs, warmup
-    large = bench_model.weight_bytes > LARGE_MODEL_BYTES
-    tokens = config.getoption("--blind-tokens") or (BLIND_TOKENS_LARGE if large else NEW_TOKENS)
-    blind_runs = config.getoption("--blind-runs") or (BLIND_RUNS_LARGE if large else runs)
-    return tokens, blind_runs, (BLIND_WARMUP_LARGE if large else warmup)
-
-
 @pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=lambda b: f"bs{b}")
 @pytest.mark.parametrize("baseline", BASELINES)
 def test_decode(baseline, batch_size, benchmark, bench_model, djinn_client, prompt_ids, collectors,
                 results_writer, progress, pytestconfig):
     benchmark.group = f"exp2_1-decode-{bench_model.name}-bs{batch_size}"
-    remote = _load(baseline, bench_model, djinn_client)
+    remote = bench_model.load(baseline, djinn_client)
     ids = prompt_ids.repeat(batch_size, 1)
-    new_tokens, runs, warmup = _plan(baseline, bench_model, pytestconfig)
+    new_tokens, runs, warmup = astuple(run_plan(
+        baseline, bench_model.weight_bytes, pytestconfig, new_tokens=NEW_TOKENS,
+        runs=pytestconfig.getoption("--runs"), warmup=pytestconfig.getoption("--warmup-runs")))
     outputs: list[tuple[torch.Tensor, GenerationStats]] = []
 
     def run_once():
