@@ -27,6 +27,13 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _sample_std(telemetry) -> float | None:
+    """Spread of the SM utilisation samples over the measured trials."""
+    if telemetry.nvml is None:
+        return None
+    return _std([s.sm_util_pct for s in telemetry.nvml.samples])
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("phase", PHASES)
 def test_gap(phase, mode, benchmark, bench_model, djinn_client, prompt_ids, collectors, progress, pytestconfig):
@@ -38,36 +45,34 @@ def test_gap(phase, mode, benchmark, bench_model, djinn_client, prompt_ids, coll
     outputs = []
 
     def trial():
-        # Latency comes from the generation's own clock (last_stats), so the collectors'
-        # start-up inside this timed trial does not reach the table.
-        with collectors.region(watch_wire=mode != "local") as telemetry:
-            tokens = remote.generate(prompt_ids, max_new_tokens=new_tokens)
-        outputs.append((tokens, remote.last_stats, telemetry))
+        tokens = remote.generate(prompt_ids, max_new_tokens=new_tokens)
+        outputs.append((tokens, remote.last_stats))
 
     for _ in range(warmup):
         remote.generate(prompt_ids, max_new_tokens=new_tokens)
-    benchmark.pedantic(trial, rounds=trials, warmup_rounds=0, iterations=1)
+    with collectors.region(watch_wire=mode != "local") as telemetry:
+        benchmark.pedantic(trial, rounds=trials, warmup_rounds=0, iterations=1)
 
-    latencies = [stats.total_ms / 1e3 for _, stats, _ in outputs]
-    network = [float(stats.bytes_sent + stats.bytes_received) for _, stats, _ in outputs]
-    captured = [t.wire.wire_bytes for _, _, t in outputs if t.wire is not None]
-    utilisation = [t.sm_util_pct for _, _, t in outputs if t.sm_util_pct is not None]
+    latencies = [stats.total_ms / 1e3 for _, stats in outputs]
+    network = [float(stats.bytes_sent + stats.bytes_received) for _, stats in outputs]
+    # Utilisation is averaged over the trials' region; the capture's total is split evenly
+    # between trials, which carry the same bytes (same tokens, same shapes).
+    captured = telemetry.wire.wire_bytes / trials if telemetry.wire is not None else None
     row = {
         "experiment": "gap", "phase": phase, "mode": mode, "model": bench_model.name, "trials": trials,
         "new_tokens": new_tokens, "latency_s_mean": statistics.fmean(latencies), "latency_s_std": _std(latencies),
         "network_bytes_mean": statistics.fmean(network), "network_bytes_std": _std(network),
-        "wire_capture_bytes_mean": statistics.fmean(captured) if captured else None,
-        "gpu_sm_util_pct_mean": statistics.fmean(utilisation) if utilisation else None,
-        "gpu_sm_util_pct_std": _std(utilisation) if utilisation else None,
+        "wire_capture_bytes_mean": captured,
+        "gpu_sm_util_pct_mean": telemetry.sm_util_pct,
+        "gpu_sm_util_pct_std": _sample_std(telemetry),
     }
     benchmark.extra_info.update(row)
     ROWS[(phase, mode)] = row
     TOKENS[(phase, mode)] = outputs[0][0]
     progress(f"{row['latency_s_mean'] * 1e3:.1f} ms, {row['network_bytes_mean']:.0f} B on the wire")
-    if captured and mode != "local":
+    if captured is not None and mode != "local":
         # The capture sees every TCP byte of the server's port; the transport counts what it framed.
-        framed = statistics.fmean(network)
-        assert statistics.fmean(captured) >= framed, "the wire cannot carry fewer bytes than were framed"
+        assert captured >= statistics.fmean(network), "the wire cannot carry fewer bytes than were framed"
 
 
 def test_gap_table(bench_model, results_writer, progress):
