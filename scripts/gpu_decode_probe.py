@@ -53,8 +53,6 @@ def main() -> None:
     eager = timed(eager_loop, args.repeats)
     out["eager_loop_ms_per_token"] = min(eager) / n * 1e3
 
-    decoder = GraphDecoder(model, 1, 1024, torch.device("cuda"))
-
     def graph_loop():
         logits = [decoder.prefill(ids)]
         token = greedy(logits[-1])
@@ -64,7 +62,17 @@ def main() -> None:
             token = greedy(logits[-1])
             tokens.append(token.cpu())
         return torch.cat(tokens, 1), torch.stack(logits, 1)
+    decoder = GraphDecoder(model, 1, 1024, torch.device("cuda"), compiled=False)
+    static_tokens, static_logits = graph_loop()
+    out["static_eager_tokens_equal_hf"] = bool(torch.equal(static_tokens.cuda(), ref.sequences[:, ids.shape[1]:]))
+    out["static_eager_logits_max_abs_diff"] = (static_logits.float() - torch.stack(ref.logits, 1).float()).abs().max().item()
+    decoder = GraphDecoder(model, 1, 1024, torch.device("cuda"))
+    started = time.perf_counter()
     graph_tokens, graph_logits = graph_loop()
+    out["graph_first_run_s_incl_compile"] = time.perf_counter() - started
+    out["graph_vs_static_logits_max_abs_diff"] = (graph_logits.float() - static_logits.float()).abs().max().item()
+    second_tokens, _ = graph_loop()
+    out["graph_second_run_tokens_equal_first"] = bool(torch.equal(second_tokens, graph_tokens))
     graph = timed(graph_loop, args.repeats)
     out["graph_loop_ms_per_token"] = min(graph) / n * 1e3
     ref_logits = torch.stack(ref.logits, 1)
