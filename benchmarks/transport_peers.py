@@ -103,16 +103,18 @@ class PeerProcess:
         self.stop()
         raise RuntimeError(f"{self.kind} peer not ready within {self.ready_timeout_s:.0f} s")
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         if self.kind == "djinn":
             self.process.terminate()
-        try:  # the rpc peer leaves by itself once the caller has shut rpc down
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        for last_resort in (self.process.terminate, self.process.kill):
+            try:  # the rpc peer leaves by itself once the caller has shut rpc down
+                self.process.wait(timeout_s)
+                return
+            except subprocess.TimeoutExpired:
+                last_resort()
+        self.process.wait()
 
     def __enter__(self) -> "PeerProcess":
         if self.process is None:
