@@ -42,8 +42,31 @@ def pytest_addoption(parser):
     group.addoption("--djinn-results", default=str(REPO / "results"), help="folder for raw result JSON")
     group.addoption("--blind-tokens", type=int, default=None,
                     help="new tokens per semantic_blind run (default: all of them for models under 1 GB, else 3)")
+    group.addoption("--ring-model", default="auto",
+                    help="ring buffer: auto (tiny-llama on CPU, llama-2-13b on a GPU) or a catalogue name")
+    group.addoption("--ring-budget-gb", type=float, default=None,
+                    help="ring buffer: device budget in GiB (default: 10 on a GPU, on a CPU one below the model's size)")
+    group.addoption("--ring-num-layers", type=int, default=None,
+                    help="ring buffer: truncate the model to this many layers (a llama-2-70b that fits host RAM)")
+    group.addoption("--ring-new-tokens", type=int, default=50, help="ring buffer: new tokens per run")
     group.addoption("--blind-runs", type=int, default=None,
                     help="measured semantic_blind runs (default: --runs for models under 1 GB, else 2)")
+    group.addoption("--exp3-model", default="auto",
+                    help="exp3: auto (tiny-llama on CPU, llama-2-13b on a GPU), a catalogue name or a checkpoint path")
+    group.addoption("--exp3-layers", default=None, metavar="N,N,...",
+                    help="exp3: breakpoint layers (default: 5 spread over the depth, [1,10,20,30,39] for 40 layers)")
+    group.addoption("--exp3-seq-lens", default=None, metavar="S,S,...",
+                    help="exp3: prompt lengths of the resume benchmark (default: 512,2048 on a GPU, 64,256 on a CPU)")
+    group.addoption("--exp3-rounds", type=int, default=None,
+                    help="exp3: measured resumes per baseline, layer and length (default: 5 on a GPU, 3 on a CPU)")
+    group.addoption("--exp3-sessions", type=int, default=None,
+                    help="exp3: sessions of the oversubscription benchmark (default: 50 on a GPU, 6 on a CPU)")
+    group.addoption("--exp3-context-tokens", type=int, default=None,
+                    help="exp3: prompt tokens per session (default: ~1.3 GB of KV each on a GPU, 96 on a CPU)")
+    group.addoption("--exp3-new-tokens", type=int, default=4, help="exp3: tokens each session decodes")
+    group.addoption("--exp3-budget-gb", type=float, default=None,
+                    help="exp3: the server's --vram-budget-gb for oversubscription (default: the GPU's memory less "
+                         "6 GiB of headroom; on a CPU, the weights and 40%% of the sessions' KV)")
 
 
 def pytest_configure(config):
@@ -169,6 +192,24 @@ def wire_capture():
 def collectors(bench_device, djinn_server) -> Collectors:
     """NVML + wire capture around a measured region, each where it can run."""
     return Collectors(_gpu_index(bench_device), djinn_server.port)
+
+
+# Telemetry has its own fixtures, which skip or record their reasons; the doctor leaves it out.
+DOCTOR_TELEMETRY_CHECKS = ("nvml", "wire_capture")
+
+
+@pytest.fixture(scope="session")
+def doctor(bench_device):
+    """`python -m djinn.doctor`'s checks for the benchmark's device (CUDA, GPU memory, pinned
+    memory, host memory); skips with the failed checks' reasons. PCIe is `pcie_peak`'s."""
+    from djinn.doctor import run_checks
+
+    on_cuda = bench_device.startswith("cuda")
+    checks = run_checks(on_cuda, measure_pcie=False, device_index=_gpu_index(bench_device) or 0)
+    failed = [c for c in checks if c.required and not c.ok and c.name not in DOCTOR_TELEMETRY_CHECKS]
+    if failed:
+        pytest.skip("environment check failed: " + "; ".join(str(c) for c in failed))
+    return checks
 
 
 @pytest.fixture(scope="session")

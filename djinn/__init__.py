@@ -6,7 +6,7 @@
     ids = remote.generate(input_ids, max_new_tokens=50)
 """
 from djinn import models
-from djinn.client import Client, GenerationStats, RemoteModel, connect
+from djinn.client import Client, GenerationStats, RemoteModel, RemoteSession, connect
 from djinn.modes import MODES, resolve as resolve_mode
 
-__all__ = ["models", "connect", "Client", "RemoteModel", "GenerationStats", "MODES", "resolve_mode"]
+__all__ = ["models", "connect", "Client", "RemoteModel", "RemoteSession", "GenerationStats", "MODES", "resolve_mode"]

@@ -3,7 +3,8 @@
 `generate` runs one greedy loop for every mode; a mode only changes the step
 driver underneath (local forward, stateless forward with shipped KV, or a session
 whose KV stays on the server). Each step records its bytes and the server's
-timings, summarised in `RemoteModel.last_stats`.
+timings, summarised in `RemoteModel.last_stats`. `RemoteModel.session()` drives a
+server-side session one step at a time instead: breakpoints, steering, then decoding.
 """
 from __future__ import annotations
 
@@ -211,6 +212,10 @@ class RemoteModel:
         self.last_logits = torch.stack(logits, dim=1) if return_logits else None
         return torch.cat([input_ids.cpu(), *tokens], dim=1)
 
+    def session(self) -> "RemoteSession":
+        """A session on the server driven step by step: breakpoints, steering, then decoding."""
+        return RemoteSession(self)
+
     def _counters(self) -> ByteCounters:
         return self.client.counters.snapshot() if self.client is not None else ByteCounters()
 
@@ -294,3 +299,108 @@ class SessionSteps:
 
     def close(self) -> None:
         self.connection.request("close_session", {"session": self.session})
+
+
+class RemoteSession:
+    """A session whose KV cache stays on the server, driven one step at a time.
+
+        with remote.session() as s:
+            act = s.run_to_layer(input_ids, layer=6)  # parked after decoder layer 6; its output comes back
+            logits = s.resume(act * 0.9)              # layers 7.. run on the (modified) activation
+            tokens = s.generate(max_new_tokens=20)    # greedy decoding goes on from the session's KV
+
+    Only activations, logits and tokens cross the wire. Leaving the `with` block closes
+    the session, which also cancels a parked step.
+    """
+
+    def __init__(self, remote: RemoteModel):
+        if remote.client is None or remote.mode.kv != "resident":
+            raise ValueError(f"sessions need a mode whose KV stays on the server (remote_cache, full_djinn), "
+                             f"not {remote.mode.name}")
+        self.connection = remote.client.connection
+        self.returns = remote.mode.returns
+        self.logits_codec = remote.logits_codec
+        self.args = {"model": remote.fingerprint}
+        self.handle = self.connection.request("open_session", self.args).args["session"]
+        self.last_reply: dict = {}  # the last reply's arguments: length, io_wait_ms, the server's timings
+        self.parked_layer: int | None = None
+        self._pending: torch.Tensor | None = None  # the next token, picked from the last logits, not yet returned
+        self._unfed: torch.Tensor | None = None  # the last token returned, not yet fed to the model
+
+    def _request(self, op: str, args: dict | None = None, tensors: dict | None = None):
+        reply = self.connection.request(op, {**self.args, "session": self.handle, **(args or {})}, tensors)
+        self.last_reply = dict(reply.args)
+        return reply
+
+    def _logits_args(self) -> dict:
+        return {"returns": "logits", "logits_codec": self.logits_codec.value}
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt; its last position's logits, [batch, vocab]."""
+        reply = self._request("prefill", self._logits_args(),
+                              {"input_ids": OutgoingTensor(input_ids, TensorKind.TOKEN_IDS)})
+        return self._took_step(reply.tensors["logits"])
+
+    def run_to_layer(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+        """Run a step (the prompt, or tokens after it) up to decoder layer `layer` and park it there.
+
+        Returns that layer's output hidden state, [batch, tokens, hidden]; the KV stays on the server.
+        """
+        reply = self._request("run_to_layer", {"layer": layer},
+                              {"input_ids": OutgoingTensor(input_ids, TensorKind.TOKEN_IDS)})
+        self.parked_layer = layer
+        self._pending = self._unfed = None
+        return reply.tensors["activation"]
+
+    def resume(self, activation: torch.Tensor) -> torch.Tensor:
+        """Continue the parked step from layer N+1 with `activation`; the last position's logits."""
+        reply = self._request("resume", self._logits_args(),
+                              {"activation": OutgoingTensor(activation, TensorKind.ACTIVATION)})
+        self.parked_layer = None
+        return self._took_step(reply.tensors["logits"])
+
+    def cancel(self) -> None:
+        """Drop the parked step; the session holds what it held before it."""
+        self._request("cancel")
+        self.parked_layer = None
+
+    def generate(self, max_new_tokens: int = 50) -> torch.Tensor:
+        """The next `max_new_tokens` greedy tokens, [batch, max_new_tokens], on from the last step."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        tokens = []
+        if self._pending is not None:
+            tokens.append(self._pending)
+            self._pending = None
+        elif self._unfed is None:
+            raise ValueError("nothing to continue from: prefill(), or run_to_layer() then resume(), first")
+        while len(tokens) < max_new_tokens:
+            feed = tokens[-1] if tokens else self._unfed
+            args = {"returns": self.returns}
+            reply = self._request("decode", args, {"input_ids": OutgoingTensor(feed, TensorKind.TOKEN_IDS)})
+            tokens.append(reply.tensors["token"] if "token" in reply.tensors else greedy(reply.tensors["logits"]))
+        self._unfed = tokens[-1]
+        return torch.cat(tokens, dim=1)
+
+    def offload(self) -> int:
+        """Page this session's KV to the server's host memory now; the bytes moved. It comes back on use."""
+        return int(self._request("offload").args["bytes"])
+
+    def stats(self) -> dict:
+        """State, length, resident and paged bytes, page-in/out counts and times of this session."""
+        return dict(self.connection.request("session_stats", {**self.args, "session": self.handle}).args)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.connection.request("close_session", {"session": self.handle})
+            self.handle = None
+
+    def _took_step(self, logits: torch.Tensor) -> torch.Tensor:
+        self._pending, self._unfed = greedy(logits), None
+        return logits
+
+    def __enter__(self) -> "RemoteSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -31,3 +31,18 @@ def nbytes(pairs: KVPairs) -> int:
 def wire_names(num_layers: int) -> list[tuple[str, str]]:
     """Tensor names of each layer's keys and values in a message."""
     return [(f"kv.{i}.k", f"kv.{i}.v") for i in range(num_layers)]
+
+
+def set_layer(cache: DynamicCache, index: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace one layer's tensors in place: the session store pages and rolls back through this."""
+    if hasattr(cache, "layers"):
+        cache.layers[index].keys, cache.layers[index].values = keys, values
+    else:  # transformers < 4.56
+        cache.key_cache[index], cache.value_cache[index] = keys, values
+
+
+def truncate(cache: DynamicCache, length: int) -> None:
+    """Drop every layer's tokens past `length` (a step that failed or was cancelled half-way)."""
+    for index, (keys, values) in enumerate(to_pairs(cache)):
+        if keys.dim() == 4 and keys.shape[-2] > length:
+            set_layer(cache, index, keys[..., :length, :].clone(), values[..., :length, :].clone())

@@ -23,6 +23,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
     parser.add_argument("--vram-budget-gb", type=float, default=None,
                         help="memory the server may use for weights + KV (default: what the device has free)")
+    parser.add_argument("--ring-buffer-gb", type=float, default=None,
+                        help="ring through which a model larger than the budget streams its layers, counted in the "
+                             "budget, in GiB (default: 2 GiB on a GPU, 16 MiB on a CPU)")
+    parser.add_argument("--disable-kv-swap", action="store_true",
+                        help="never page KV caches to host memory (isolates weight streaming from KV paging)")
+    parser.add_argument("--host-swap-gb", type=float, default=None,
+                        help="host memory for KV paged out of the budget, in GiB; past it a request fails with "
+                             "out_of_memory (default: half the host memory available at start)")
     parser.add_argument("--auth-token-file", type=Path, default=None,
                         help="file holding a shared token that every request must carry")
     parser.add_argument("--session-ttl-s", type=float, default=600.0,
@@ -40,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.auth_token_file and not token:
         sys.exit(f"djinn-server: auth token file {args.auth_token_file} is empty")
     server = Server(ServerConfig(host=args.host, port=args.port, device=args.device,
-                                 vram_budget_gb=args.vram_budget_gb, auth_token=token,
-                                 session_ttl_s=args.session_ttl_s, ipc_path=args.ipc))
+                                 vram_budget_gb=args.vram_budget_gb, ring_buffer_gb=args.ring_buffer_gb,
+                                 disable_kv_swap=args.disable_kv_swap, host_swap_gb=args.host_swap_gb,
+                                 auth_token=token, session_ttl_s=args.session_ttl_s, ipc_path=args.ipc))
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
     print(READY_LINE.format(address=server.address), flush=True)

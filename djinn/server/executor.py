@@ -2,17 +2,30 @@
 
 All modes share these calls: a stateless forward (weights shipped or cached, KV
 shipped) and session prefill/decode (KV resident in the session store). Greedy
-tokens are picked here for clients that want only the token.
+tokens are picked here for clients that want only the token. Sessions may also run a
+step to a breakpoint (`run_to_layer`) and `resume` it later.
+
+The memory policy lives here too: before a session step runs, its new KV and its
+paged-out layers must fit the budget beside the weights and every other resident KV;
+what does not fit is paged out from the least recently used sessions (unless KV swap
+is off, when the request fails with `OutOfMemory`), then the session's own pages come
+back. A step that fails half-way is rolled back to its starting length.
 """
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
+from typing import Callable
 
 import torch
+from transformers import DynamicCache
+
 from djinn import kv, models
 from djinn.decoding import forward_last
 from djinn.errors import BadRequest, OutOfMemory
-from djinn.server.session_store import Session, SessionStore
+from djinn.server.breakpoints import ParkedForward, check_layer, num_decoder_layers
+from djinn.server.session_store import Breakpoint, Session, SessionState, SessionStore
 from djinn.server.weight_cache import CachedModel, WeightCache
 
 ID_DTYPES = (torch.int64, torch.int32)
@@ -39,6 +52,12 @@ class Executor:
             return tensor.clone()
         return tensor.to(self.device)
 
+    def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A received tensor on its way to the device without blocking on the copy."""
+        if self.device.type != "cuda":
+            return self.on_device(tensor)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
     def memory_in_use(self) -> int:
         return self.weights.resident_bytes + self.sessions.kv_bytes
 
@@ -60,23 +79,130 @@ class Executor:
             raise BadRequest(f"{past} cached + {ids.shape[1]} new tokens exceed the model's context of {max_positions}")
         return ids.to(self.device, torch.int64)
 
-    def _reserve_kv(self, cached: CachedModel, batch: int, tokens: int) -> None:
-        need = batch * tokens * models.kv_bytes_per_token(cached.config, cached.dtype)
-        if self.memory_in_use() + need > self.budget_bytes:
-            raise OutOfMemory(f"{need / 1e6:.1f} MB more KV cache would exceed the {self.budget_bytes / 1e9:.2f} GB "
-                              f"budget ({self.memory_in_use() / 1e9:.2f} GB in use)")
+    @staticmethod
+    def _kv_bytes(cached: CachedModel, batch: int, tokens: int, layers: int | None = None) -> int:
+        """KV bytes `tokens` new tokens add over `layers` decoder layers (all when None)."""
+        per_token = models.kv_bytes_per_token(cached.config, cached.dtype)
+        if layers is not None:
+            per_token = per_token * layers // cached.config.num_hidden_layers
+        return batch * tokens * per_token
+
+    def _admit(self, session: Session, new_bytes: int, while_paging_in: Callable[[], None] | None = None) -> None:
+        """Room for `new_bytes` of new KV and the session's paged-out layers, then those layers paged in.
+
+        The time this takes is the request's IO wait, kept in `session.last_io_wait_ms`;
+        `while_paging_in` is host work to overlap with the page-in's copies.
+        """
+        started = time.perf_counter()
+        missing = session.host_bytes
+        over = self.memory_in_use() + missing + new_bytes - self.budget_bytes
+        if over > 0:
+            what = (f"{new_bytes / 1e6:.1f} MB more KV cache" +
+                    (f" and {missing / 1e6:.1f} MB paged back in" if missing else ""))
+            if not self.sessions.swap:
+                raise OutOfMemory(f"{what} would exceed the {self.budget_bytes / 1e9:.2f} GB budget "
+                                  f"({self.memory_in_use() / 1e9:.2f} GB in use; KV swap is disabled)")
+            freed = self.sessions.page_out_lru(over, keep=session)
+            if freed < over:
+                raise OutOfMemory(f"{what} would exceed the {self.budget_bytes / 1e9:.2f} GB budget even with "
+                                  f"the KV of every other session paged to host "
+                                  f"({self.memory_in_use() / 1e9:.2f} GB still in use)")
+        self.sessions.page_in(session, while_paging_in)
+        session.last_io_wait_ms = (time.perf_counter() - started) * 1e3
+
+    def not_parked(self, session: Session) -> None:
+        if session.breakpoint is not None:
+            raise BadRequest(f"session {session.handle} is parked at decoder layer {session.breakpoint.layer}: "
+                             f"resume or cancel it first")
 
     # -- sessions ------------------------------------------------------------------
+    def _begin_step(self, session: Session, ids: torch.Tensor | None) -> tuple[torch.Tensor, int, DynamicCache]:
+        """Checked token ids, the session's length before the step and its cache, with room for the step."""
+        self.not_parked(session)
+        cached = session.model
+        ids = self.token_ids(ids, "input_ids", cached.vocab_size, session.length, cached.max_positions,
+                             session.batch)
+        self._admit(session, self._kv_bytes(cached, ids.shape[0], ids.shape[1]))
+        start = session.length
+        if session.cache is None:
+            session.cache = kv.from_pairs([])
+        session.state = SessionState.RUNNING
+        return ids, start, session.cache
+
     def session_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor:
         """Prefill (empty session) or decode (later calls): the last position's logits."""
-        cached = session.model
-        batch = kv.to_pairs(session.cache)[0][0].shape[0] if session.length else None
-        ids = self.token_ids(ids, "input_ids", cached.vocab_size, session.length, cached.max_positions, batch)
-        self._reserve_kv(cached, ids.shape[0], ids.shape[1])
-        cache = session.cache if session.cache is not None else kv.from_pairs([])
-        logits = self._run(cached.model, ids, cache, {})
-        self.sessions.store(session, cache)
+        ids, start, cache = self._begin_step(session, ids)
+        try:
+            logits = self._run(session.model.model, ids, cache, {})
+        except BaseException:
+            self.sessions.rollback(session, start)
+            raise
+        finally:
+            session.state = SessionState.IDLE
         return logits
+
+    def run_to_layer(self, session: Session, ids: torch.Tensor | None, layer: int) -> torch.Tensor:
+        """Run a step (prefill or decode) up to decoder layer `layer` and park it; that layer's output."""
+        model = session.model.model
+        if session.model.streamed:
+            # Its ring holds the layers of one forward in flight; a forward parked half-way
+            # would leave the ring to whichever forward runs next.
+            raise BadRequest(f"model {session.model.fingerprint} streams its layers through the ring buffer: "
+                             f"breakpoints need a model resident on the device")
+        check_layer(layer, num_decoder_layers(model))
+        ids, start, cache = self._begin_step(session, ids)
+        try:
+            with self._forward_errors():
+                parked = ParkedForward(model, layer, lambda: forward_last(model, ids, cache))
+        except BaseException:
+            session.state = SessionState.IDLE
+            self.sessions.rollback(session, start)
+            raise
+        session.breakpoint = Breakpoint(parked, layer, start, ids.shape[1], ids.shape[0])
+        session.state = SessionState.PARKED
+        return parked.activation
+
+    def resume(self, session: Session, activation: torch.Tensor | None) -> torch.Tensor:
+        """Continue a parked step from layer N+1 with `activation` as layer N's output; the logits."""
+        bp = session.breakpoint
+        if bp is None:
+            raise BadRequest(f"session {session.handle} is not parked at a breakpoint: run_to_layer first")
+        if activation is None:
+            raise BadRequest("'resume' needs an 'activation' tensor")
+        expected = bp.forward.activation
+        if activation.shape != expected.shape or activation.dtype != expected.dtype:
+            raise BadRequest(f"the activation is {activation.dtype} {list(activation.shape)}; decoder layer "
+                             f"{bp.layer} produced {expected.dtype} {list(expected.shape)}")
+        started = time.perf_counter()
+        layers_left = session.model.config.num_hidden_layers - 1 - bp.layer
+        # The activation arrived in pageable memory; its host-side copy into pinned memory
+        # runs while the KV pages cross PCIe, so getting ready costs about the KV transfer.
+        uploaded = []
+        self._admit(session, self._kv_bytes(session.model, bp.batch, bp.step_tokens, layers_left),
+                    while_paging_in=lambda: uploaded.append(self._upload(activation)))
+        activation = uploaded[0]
+        self.synchronize()
+        # IO_WAIT -> ready: the KV pages and the activation are on the device.
+        session.last_io_wait_ms = (time.perf_counter() - started) * 1e3
+        session.breakpoint, session.state = None, SessionState.RUNNING
+        try:
+            with self._forward_errors():
+                logits = bp.forward.resume(activation)
+        except BaseException:
+            self.sessions.rollback(session, bp.start_length)
+            raise
+        finally:
+            session.state = SessionState.IDLE
+        return logits
+
+    def cancel(self, session: Session) -> None:
+        self.sessions.cancel_breakpoint(session)
+
+    def offload(self, session: Session) -> int:
+        """Page all of the session's resident KV to host now; the bytes moved."""
+        if not self.sessions.swap:
+            raise BadRequest("KV swap is disabled on this server (--disable-kv-swap): nothing can be offloaded")
+        return self.sessions.page_out(session)
 
     # -- stateless -----------------------------------------------------------------
     def stateless_step(self, model: torch.nn.Module, weights: dict[str, torch.Tensor], config, ids: torch.Tensor | None,
@@ -113,8 +239,14 @@ class Executor:
 
     # -- the forward ---------------------------------------------------------------
     def _run(self, model: torch.nn.Module, ids: torch.Tensor, cache, weights: dict) -> torch.Tensor:
-        try:
+        with self._forward_errors():
             return forward_last(model, ids, cache, weights)
+
+    @staticmethod
+    @contextmanager
+    def _forward_errors():
+        try:
+            yield
         except torch.OutOfMemoryError as exc:
             raise OutOfMemory(f"forward ran out of device memory: {exc}") from None
         except (RuntimeError, ValueError, IndexError) as exc:

@@ -37,6 +37,9 @@ class ServerConfig:
     port: int = 5556
     device: str = "cpu"
     vram_budget_gb: float | None = None
+    ring_buffer_gb: float | None = None  # ring of models too large for the budget (default: default_ring_bytes)
+    disable_kv_swap: bool = False  # keep KV caches on the device: isolates weight streaming from KV paging
+    host_swap_gb: float | None = None  # host memory for paged-out KV (default: default_host_swap_bytes)
     auth_token: str | None = None
     session_ttl_s: float = 600.0
     ipc_path: str | None = None
@@ -59,6 +62,18 @@ def default_budget_bytes(device: torch.device) -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
+def default_host_swap_bytes() -> int:
+    """Half the host memory available at start: paged KV never starves the process of RAM."""
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024 // 2
+
+
+def default_ring_bytes(device: torch.device) -> int:
+    """2 GiB on a GPU: a few 13B/70B layers in flight; 16 MiB on a CPU, a few tiny-model layers."""
+    return 2 << 30 if device.type == "cuda" else 16 << 20
+
+
 def _dtype(name: object) -> torch.dtype:
     if name not in DTYPES:
         raise BadRequest(f"unknown dtype {name!r}")
@@ -78,13 +93,20 @@ class Server:
         self.device = torch.device(config.device)
         budget = (int(config.vram_budget_gb * (1 << 30)) if config.vram_budget_gb is not None
                   else default_budget_bytes(self.device))
-        self.sessions = SessionStore(config.session_ttl_s, f"{config.host}:{config.port}")
-        self.weights = WeightCache(self.device, budget, reserve_bytes=lambda: self.sessions.kv_bytes)
+        host_swap = (int(config.host_swap_gb * (1 << 30)) if config.host_swap_gb is not None
+                     else default_host_swap_bytes())
+        self.sessions = SessionStore(config.session_ttl_s, f"{config.host}:{config.port}", self.device,
+                                     swap=not config.disable_kv_swap, host_limit_bytes=host_swap)
+        ring = (int(config.ring_buffer_gb * (1 << 30)) if config.ring_buffer_gb is not None
+                else default_ring_bytes(self.device))
+        self.weights = WeightCache(self.device, budget, reserve_bytes=lambda: self.sessions.kv_bytes, ring_bytes=ring)
         self.executor = Executor(self.device, self.weights, self.sessions, budget)
         self.handlers: dict[str, Callable[[Incoming], Reply]] = {
             "hello": self.hello, "stats": self.stats, "register_model": self.register_model,
             "upload_weights": self.upload_weights, "forward": self.forward, "open_session": self.open_session,
             "prefill": self.step, "decode": self.step, "close_session": self.close_session,
+            "run_to_layer": self.run_to_layer, "resume": self.resume, "cancel": self.cancel,
+            "offload": self.offload, "session_stats": self.session_stats,
         }
         self.sockets = [ServerSocket(f"tcp://{config.host}:{config.port}", self.handlers, limits=config.limits,
                                      auth_token=config.auth_token)]
@@ -150,16 +172,19 @@ class Server:
     def stats(self, incoming: Incoming) -> Reply:
         counters = self.weights.counters
         memory = {"weights_bytes": self.weights.resident_bytes, "kv_bytes": self.sessions.kv_bytes,
-                  "budget_bytes": self.executor.budget_bytes}
+                  "kv_host_bytes": self.sessions.host_bytes, "budget_bytes": self.executor.budget_bytes}
         if self.device.type == "cuda":
             memory["device_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+            memory["device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return Reply({
             "memory": memory,
             "sessions": len(self.sessions.sessions), "sessions_expired": self.sessions.expired,
             "models": [{"fingerprint": m.fingerprint, "bytes": m.weight_bytes, "complete": m.complete,
-                        "sessions": m.users} for m in self.weights.models.values()],
+                        "sessions": m.users, "streamed": m.streamed, "device_bytes": m.device_bytes,
+                        "ring_bytes": m.ring_bytes, "stream": m.stream_stats()} for m in self.weights.models.values()],
             "cache": {"hits": counters.hits, "misses": counters.misses, "evictions": counters.evictions,
                       "uploaded_bytes": counters.uploaded_bytes},
+            "paging": self.sessions.summary(),
             "requests_served": self.requests_served,
         }, {})
 
@@ -209,10 +234,15 @@ class Server:
         """prefill and decode: the KV stays in the session; the token or the logits come back."""
         message = incoming.message
         session = self.sessions.get(message.args.get("session"), message.args.get("model"))
+        self.executor.not_parked(session)
         if (message.op == "prefill") != (session.length == 0):
             raise BadRequest(f"'{message.op}' on session {session.handle} holding {session.length} tokens: "
                              f"prefill starts a session, decode continues it")
         logits = self.executor.session_step(session, message.tensors.get("input_ids"))
+        return self._logits_reply(message, logits, {"length": session.length,
+                                                    "io_wait_ms": session.last_io_wait_ms})
+
+    def _logits_reply(self, message: Message, logits: torch.Tensor, args: dict) -> Reply:
         returns = message.args.get("returns", "logits")
         if returns == "token":
             tensors = {"token": OutgoingTensor(greedy(logits), TensorKind.TOKEN_IDS)}
@@ -227,7 +257,41 @@ class Server:
             policy = CodecPolicy({TensorKind.LOGITS: Codec(codec)})
         except ValueError:
             raise BadRequest(f"unknown logits codec {codec!r}") from None
-        return Reply({"length": session.length}, tensors, policy)
+        return Reply(args, tensors, policy)
+
+    # -- breakpoints and paging ------------------------------------------------------
+    def run_to_layer(self, incoming: Incoming) -> Reply:
+        """A step parked after decoder layer N: only its activation comes back; the KV stays."""
+        message = incoming.message
+        session = self.sessions.get(message.args.get("session"), message.args.get("model"))
+        layer = _arg(message, "layer", int)
+        activation = self.executor.run_to_layer(session, message.tensors.get("input_ids"), layer)
+        return Reply({"layer": layer, "io_wait_ms": session.last_io_wait_ms},
+                     {"activation": OutgoingTensor(activation, TensorKind.ACTIVATION)})
+
+    def resume(self, incoming: Incoming) -> Reply:
+        """The parked step continues from layer N+1 with the client's activation; the logits come back."""
+        message = incoming.message
+        session = self.sessions.get(message.args.get("session"), message.args.get("model"))
+        logits = self.executor.resume(session, message.tensors.get("activation"))
+        return self._logits_reply(message, logits, {"length": session.length, "io_wait_ms": session.last_io_wait_ms})
+
+    def cancel(self, incoming: Incoming) -> Reply:
+        message = incoming.message
+        session = self.sessions.get(message.args.get("session"), message.args.get("model"))
+        self.executor.cancel(session)
+        return Reply({"length": session.length}, {})
+
+    def offload(self, incoming: Incoming) -> Reply:
+        """Page a session's KV to host now (it comes back on its next request)."""
+        message = incoming.message
+        session = self.sessions.get(message.args.get("session"), message.args.get("model"))
+        return Reply({"bytes": self.executor.offload(session)}, {})
+
+    def session_stats(self, incoming: Incoming) -> Reply:
+        message = incoming.message
+        session = self.sessions.get(message.args.get("session"), message.args.get("model"), touch=False)
+        return Reply(session.summary(), {})
 
     def close_session(self, incoming: Incoming) -> Reply:
         handle = incoming.message.args.get("session")

@@ -1,23 +1,71 @@
-"""Sessions: opaque handles to KV caches that stay on the server's device.
+"""Sessions: opaque handles to KV caches that live on the server, paged to host under pressure.
 
 A session belongs to one cached model. Its KV cache never leaves the server; the
-client holds only the handle. Sessions idle for longer than the TTL (a client that
-vanished) are closed by `expire`, which the request loop calls between requests.
+client holds only the handle. Under the device budget the KV of idle sessions is paged
+to host memory (pinned on a GPU), least recently used first and one layer at a time,
+and paged back before the session's next request runs: that request waits in IO_WAIT,
+then runs, and a session whose KV is partly resident restores only its missing layers.
+A paged-out layer leaves a storage-less `meta` tensor of its shape in the cache, so
+lengths and shapes read the same either way. Page-outs and page-ins are counted and
+timed per session and for the whole store. Host memory has its own limit: past it,
+paging stops with `OutOfMemory` instead of the OS killing the server.
+
+On a CPU device the same code runs: the "device" is whatever the budget accounts, a
+page-out copies each layer into a separate host tensor and drops the device copy.
+
+A session may also hold a forward parked at a breakpoint; closing or expiring the
+session cancels it and rolls back the KV that the paused step had added. Sessions idle
+for longer than the TTL (a client that vanished) are closed by `expire`, which the
+request loop calls between requests.
 """
 from __future__ import annotations
 
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Callable
 
+import torch
 from transformers import DynamicCache
 
 from djinn import kv
-from djinn.errors import BadRequest, SessionNotFound
+from djinn.errors import BadRequest, OutOfMemory, SessionNotFound
+from djinn.server.breakpoints import ParkedForward
 from djinn.server.weight_cache import CachedModel
 
 log = logging.getLogger("djinn.server.sessions")
+
+
+class SessionState(str, Enum):
+    IDLE = "idle"  # between requests; its KV resident, paged out, or partly both
+    IO_WAIT = "io_wait"  # a request waits for the session's KV pages to come back
+    RUNNING = "running"
+    PARKED = "parked"  # a forward paused at a breakpoint, awaiting resume or cancel
+
+
+@dataclass
+class PagingCounters:
+    page_outs: int = 0  # layer pages moved device -> host
+    page_ins: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    page_out_ms: float = 0.0
+    page_in_ms: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "page_in_gbps": self.bytes_in / self.page_in_ms / 1e6 if self.page_in_ms else None,
+                "page_out_gbps": self.bytes_out / self.page_out_ms / 1e6 if self.page_out_ms else None}
+
+
+@dataclass
+class Breakpoint:
+    forward: ParkedForward
+    layer: int
+    start_length: int  # tokens in the cache before the paused step
+    step_tokens: int  # tokens the paused step adds (per batch row)
+    batch: int
 
 
 @dataclass
@@ -26,24 +74,63 @@ class Session:
     model: CachedModel
     owner: bytes
     cache: DynamicCache | None = None
-    kv_bytes: int = 0
+    host: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # paged-out layers
+    state: SessionState = SessionState.IDLE
+    breakpoint: Breakpoint | None = None
+    paging: PagingCounters = field(default_factory=PagingCounters)
+    last_io_wait_ms: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
 
     @property
     def length(self) -> int:
         return self.cache.get_seq_length() if self.cache is not None else 0
 
+    @property
+    def batch(self) -> int | None:
+        return kv.to_pairs(self.cache)[0][0].shape[0] if self.length else None
+
+    def _layers(self):
+        return [] if self.cache is None else [(i, k, v) for i, (k, v) in enumerate(kv.to_pairs(self.cache))
+                                              if k is not None]
+
+    @property
+    def kv_bytes(self) -> int:
+        """KV bytes resident on the device."""
+        return sum(k.nbytes + v.nbytes for i, k, v in self._layers() if i not in self.host)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.host.values())
+
+    def summary(self) -> dict:
+        return {"state": self.state.value, "length": self.length, "kv_bytes": self.kv_bytes,
+                "host_bytes": self.host_bytes, "layers_paged": len(self.host),
+                "parked_layer": self.breakpoint.layer if self.breakpoint else None,
+                "last_io_wait_ms": self.last_io_wait_ms, **self.paging.as_dict()}
+
 
 class SessionStore:
-    def __init__(self, ttl_s: float, where: str):
+    def __init__(self, ttl_s: float, where: str, device: torch.device, *, swap: bool, host_limit_bytes: int):
         self.ttl_s = ttl_s
         self.where = where  # named in errors: "session 3f2a… unknown or expired on 127.0.0.1:5556"
+        self.device = device
+        self.swap = swap
+        self.host_limit_bytes = host_limit_bytes
         self.sessions: dict[str, Session] = {}
         self.expired = 0
+        self.paging = PagingCounters()  # every session's, closed ones included
 
     @property
     def kv_bytes(self) -> int:
         return sum(s.kv_bytes for s in self.sessions.values())
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(s.host_bytes for s in self.sessions.values())
+
+    def summary(self) -> dict:
+        return {"swap_enabled": self.swap, "host_bytes": self.host_bytes, "host_limit_bytes": self.host_limit_bytes,
+                "sessions_paged": sum(1 for s in self.sessions.values() if s.host), **self.paging.as_dict()}
 
     def open(self, model: CachedModel, owner: bytes) -> Session:
         session = Session(secrets.token_hex(8), model, owner)
@@ -51,7 +138,8 @@ class SessionStore:
         model.users += 1
         return session
 
-    def get(self, handle: object, fingerprint: object) -> Session:
+    def get(self, handle: object, fingerprint: object, touch: bool = True) -> Session:
+        """The session behind a handle; `touch` marks it used (for the TTL and the LRU order)."""
         if not isinstance(handle, str):
             raise BadRequest("'session' must be a session handle string")
         session = self.sessions.get(handle)
@@ -60,17 +148,21 @@ class SessionStore:
         if fingerprint != session.model.fingerprint:
             raise BadRequest(f"session {handle} belongs to model {session.model.fingerprint}, "
                              f"not to model {fingerprint}")
-        session.last_used = time.monotonic()
+        if touch:
+            session.last_used = time.monotonic()
         return session
-
-    def store(self, session: Session, cache: DynamicCache) -> None:
-        session.cache = cache
-        session.kv_bytes = kv.nbytes(kv.to_pairs(cache))
 
     def close(self, handle: str) -> None:
         session = self.sessions.pop(handle, None)
         if session is None:
             raise SessionNotFound(f"session {handle[:16]} unknown or expired on {self.where}")
+        if session.breakpoint is not None:
+            try:
+                session.breakpoint.forward.cancel()
+            except Exception:  # the session goes either way; a failed unwind must not stop the loop
+                log.exception("cancelling the parked forward of session %s failed", handle)
+        session.breakpoint = session.cache = None
+        session.host.clear()
         session.model.users -= 1
 
     def expire(self, now: float | None = None) -> int:
@@ -85,3 +177,145 @@ class SessionStore:
     def close_all(self) -> None:
         for handle in list(self.sessions):
             self.close(handle)
+
+    # -- breakpoints -----------------------------------------------------------------
+    def cancel_breakpoint(self, session: Session) -> None:
+        """Unwind the parked forward and drop the KV its layers 0..N had added."""
+        bp = session.breakpoint
+        if bp is None:
+            raise BadRequest(f"session {session.handle} is not parked at a breakpoint")
+        session.breakpoint = None
+        bp.forward.cancel()
+        self.rollback(session, bp.start_length)
+        session.state = SessionState.IDLE
+
+    def rollback(self, session: Session, length: int) -> None:
+        """Back to `length` tokens: after a step that failed or was cancelled half-way."""
+        if session.cache is None:
+            return
+        if length == 0:
+            session.cache = None
+            session.host.clear()
+            return
+        kv.truncate(session.cache, length)
+        for index, (k, v) in list(session.host.items()):
+            if k.shape[-2] > length:
+                session.host[index] = (k[..., :length, :].clone(), v[..., :length, :].clone())
+
+    # -- paging ----------------------------------------------------------------------
+    def page_out(self, session: Session, want_bytes: int | None = None, host_credit: int = 0) -> int:
+        """Move the session's resident layers to host, deepest first, until `want_bytes` are freed
+        (all of them when None); the bytes freed on the device.
+
+        `host_credit`: host bytes about to be paged back in by the request making room,
+        so an exchange (B out, A back in) works with a full host swap; the limit can then
+        be exceeded by that much until A's pages are in.
+        """
+        freed = 0
+        host_bytes = self.host_bytes - host_credit
+        started = time.perf_counter()
+        try:
+            for index, k, v in reversed(session._layers()):
+                if want_bytes is not None and freed >= want_bytes:
+                    break
+                size = k.nbytes + v.nbytes
+                if index in session.host or size == 0:
+                    continue
+                if host_bytes + size > self.host_limit_bytes:
+                    raise OutOfMemory(f"host swap is full: {host_bytes / 1e9:.2f} GB of the "
+                                      f"{self.host_limit_bytes / 1e9:.2f} GB limit (--host-swap-gb) in use, "
+                                      f"{size / 1e6:.1f} MB more needed to page out session {session.handle[:8]}")
+                session.host[index] = (self._to_host(k), self._to_host(v))
+                kv.set_layer(session.cache, index, torch.empty_like(k, device="meta"),
+                             torch.empty_like(v, device="meta"))
+                freed += size
+                host_bytes += size
+                self._count(session, "out", size)
+        finally:
+            self._synchronize()
+            if freed:
+                self._time(session, "out", started)
+        if freed:
+            log.debug("paged out %.1f MB of session %s", freed / 1e6, session.handle[:8])
+        return freed
+
+    def page_in(self, session: Session, while_copying: Callable[[], None] | None = None) -> int:
+        """Bring every paged-out layer of the session back to the device; the bytes moved.
+
+        `while_copying` runs on the host once the copies are issued, before they are waited for.
+        """
+        if not session.host:
+            if while_copying is not None:
+                while_copying()
+            return 0
+        state, session.state = session.state, SessionState.IO_WAIT
+        moved = 0
+        started = time.perf_counter()
+        try:
+            for index in sorted(session.host):
+                k, v = session.host[index]
+                kv.set_layer(session.cache, index, self._to_device(k), self._to_device(v))
+                # Dropping the pinned copy now is safe: the host allocator holds a block
+                # that an asynchronous copy reads until that copy completes.
+                del session.host[index]
+                size = k.nbytes + v.nbytes
+                moved += size
+                self._count(session, "in", size)
+            if while_copying is not None:
+                while_copying()
+            self._synchronize()
+        except torch.OutOfMemoryError as exc:
+            raise OutOfMemory(f"paging session {session.handle[:8]} back in ran out of device memory: {exc}") from None
+        finally:
+            session.state = state
+            if moved:
+                self._time(session, "in", started)
+        return moved
+
+    def page_out_lru(self, want_bytes: int, keep: Session) -> int:
+        """Free `want_bytes` of device KV from the least recently used other sessions, to make room
+        for `keep` (whose own pages come back next); the bytes freed."""
+        freed = 0
+        for victim in sorted(self.sessions.values(), key=lambda s: s.last_used):
+            if freed >= want_bytes:
+                break
+            if victim is not keep and victim.kv_bytes:
+                freed += self.page_out(victim, want_bytes - freed, host_credit=keep.host_bytes)
+        return freed
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "cuda":
+            return tensor.clone()  # a CPU "device": a separate copy, the device one is dropped
+        try:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        except RuntimeError as exc:
+            raise OutOfMemory(f"cannot allocate {tensor.nbytes / 1e6:.1f} MB of pinned host memory: {exc}") from None
+        # Stream-ordered after the kernels that wrote the KV; synchronised before the
+        # device copy's memory can be reused by anything off this stream.
+        return host.copy_(tensor, non_blocking=True)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return tensor.clone()
+        return tensor.to(self.device, non_blocking=True)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _count(self, session: Session, direction: str, size: int) -> None:
+        for counters in (session.paging, self.paging):
+            if direction == "out":
+                counters.page_outs += 1
+                counters.bytes_out += size
+            else:
+                counters.page_ins += 1
+                counters.bytes_in += size
+
+    def _time(self, session: Session, direction: str, started: float) -> None:
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        for counters in (session.paging, self.paging):
+            if direction == "out":
+                counters.page_out_ms += elapsed_ms
+            else:
+                counters.page_in_ms += elapsed_ms

@@ -6,17 +6,25 @@ an upload that breaks can be resumed by sending only the missing tensors. When a
 have arrived the digests must combine to the registered fingerprint. Models that no
 session uses are evicted, least recently used first, when a new one would overflow
 the memory budget.
+
+A model whose weights alone exceed the budget is streamed (seed 003): it is built in
+host memory, receives its upload there, and once complete its decoder layers run
+through a fixed ring on the device (`streamer.stream_model`) while the embeddings,
+final norm and lm_head stay resident. Only those resident parts and the ring count
+against the budget.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from djinn import models
 from djinn.errors import BadRequest, ModelNotFound, OutOfMemory, UploadIncomplete
+from djinn.server.streamer import (ALIGNMENT, RingTooSmall, StreamingHandle, find_decoder_layers, fits_in_budget,
+                                   stream_model)
 
 log = logging.getLogger("djinn.server.weights")
 
@@ -39,6 +47,30 @@ class CachedModel:
     digests: dict[str, bytes] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
     users: int = 0  # open sessions
+    streamed_bytes: int = 0  # weights kept in host memory and streamed through the ring; 0: all resident
+    ring_bytes: int = 0  # capacity of the device ring the streamed layers run through
+    stream: StreamingHandle | None = None  # installed when a streamed model's upload completes
+
+    @property
+    def streamed(self) -> bool:
+        return self.ring_bytes > 0
+
+    @property
+    def device_bytes(self) -> int:
+        """What the model holds of the device budget: its weights, or, streamed, its resident parts and ring."""
+        return self.weight_bytes - self.streamed_bytes + self.ring_bytes
+
+    def stream_stats(self) -> dict | None:
+        if self.stream is None:
+            return None
+        stats = self.stream.stats
+        return {**asdict(stats), "copy_gbps": stats.copy_gbps}
+
+    def release(self) -> None:
+        """Free the ring now rather than whenever the garbage collector breaks the hooks' cycle."""
+        if self.stream is not None:
+            self.stream.remove()
+            self.stream = None
 
     @property
     def complete(self) -> bool:
@@ -67,16 +99,17 @@ class CacheCounters:
 
 
 class WeightCache:
-    def __init__(self, device: torch.device, budget_bytes: int, reserve_bytes=lambda: 0):
+    def __init__(self, device: torch.device, budget_bytes: int, reserve_bytes=lambda: 0, ring_bytes: int = 0):
         self.device = device
         self.budget_bytes = budget_bytes
+        self.ring_bytes = ring_bytes  # ring of each model too large for the budget
         self._reserved = reserve_bytes  # bytes others (the KV sessions) hold within the budget
         self.models: dict[str, CachedModel] = {}
         self.counters = CacheCounters()
 
     @property
     def resident_bytes(self) -> int:
-        return sum(m.weight_bytes for m in self.models.values())
+        return sum(m.device_bytes for m in self.models.values())
 
     def register(self, fingerprint: str, config_values: dict, dtype: torch.dtype,
                  entries: list[TensorEntry]) -> CachedModel:
@@ -93,18 +126,24 @@ class WeightCache:
         except Exception as exc:
             raise BadRequest(f"model {fingerprint}: config is not a HuggingFace config: {exc}") from None
         weight_bytes = sum(_numel(e.shape) * _itemsize(e.dtype) for e in entries)
-        self._make_room(weight_bytes, fingerprint)
-        try:
-            model = models.build_skeleton(config, dtype, self.device)
-        except torch.OutOfMemoryError as exc:
-            raise OutOfMemory(f"model {fingerprint} ({weight_bytes} bytes) does not fit on {self.device}: {exc}") from None
+        streamed_bytes = 0
+        if fits_in_budget(weight_bytes, self.budget_bytes):
+            self._make_room(weight_bytes, fingerprint)
+            try:
+                model = models.build_skeleton(config, dtype, self.device)
+            except torch.OutOfMemoryError as exc:
+                raise OutOfMemory(f"model {fingerprint} ({weight_bytes} bytes) does not fit on {self.device}: "
+                                  f"{exc}") from None
+        else:
+            model, streamed_bytes = self._host_model_to_stream(fingerprint, config, dtype, weight_bytes)
         state = model.state_dict()
         for entry in entries:
             target = state.get(entry.name)
             if target is None or tuple(target.shape) != entry.shape or target.dtype != entry.dtype:
                 raise BadRequest(f"model {fingerprint}: tensor {entry.name!r} {entry.dtype} {list(entry.shape)} "
                                  f"does not match the config's architecture")
-        cached = CachedModel(fingerprint, model, config, dtype, {e.name: e for e in entries}, weight_bytes)
+        cached = CachedModel(fingerprint, model, config, dtype, {e.name: e for e in entries}, weight_bytes,
+                             streamed_bytes=streamed_bytes, ring_bytes=self.ring_bytes if streamed_bytes else 0)
         self.models[fingerprint] = cached
         log.info("registered model %s: %d tensors, %.1f MB, awaiting upload",
                  fingerprint, len(entries), weight_bytes / 1e6)
@@ -132,6 +171,8 @@ class WeightCache:
             if actual != fingerprint:
                 del self.models[fingerprint]
                 raise BadRequest(f"uploaded weights hash to {actual}, not the registered fingerprint {fingerprint}")
+            if cached.streamed:
+                self._start_streaming(cached)
             log.info("model %s complete and cached", fingerprint)
         return cached
 
@@ -153,6 +194,7 @@ class WeightCache:
                 break
             if victim.users == 0:
                 del self.models[victim.fingerprint]
+                victim.release()
                 self.counters.evictions += 1
                 log.warning("evicted model %s (%.1f MB) to make room for %s",
                             victim.fingerprint, victim.weight_bytes / 1e6, fingerprint)
@@ -160,6 +202,71 @@ class WeightCache:
             raise OutOfMemory(f"model {fingerprint} needs {weight_bytes / 1e9:.2f} GB; the budget is "
                               f"{self.budget_bytes / 1e9:.2f} GB with {used() / 1e9:.2f} GB held by models in use "
                               f"and KV caches")
+
+    def _host_model_to_stream(self, fingerprint: str, config, dtype: torch.dtype,
+                              weight_bytes: int) -> tuple[torch.nn.Module, int]:
+        """A model whose weights exceed the budget, built in host memory; and its decoder layers' bytes.
+
+        Refused before any upload when even streamed it cannot run here: its largest layer
+        does not fit the ring, or its resident parts and the ring exceed the budget."""
+        model = _host_skeleton(config, dtype)
+        layers = find_decoder_layers(model)
+        streamed = sum(p.numel() * p.element_size() for p in layers.parameters())
+        # The streamer packs each tensor of a layer on an ALIGNMENT boundary.
+        largest = max(sum(_aligned(p.numel() * p.element_size()) for p in layer.parameters()) for layer in layers)
+        ring = self.ring_bytes
+        if largest > ring:
+            raise RingTooSmall(f"model {fingerprint}: a decoder layer of {largest / 2**20:.1f} MiB does not fit the "
+                               f"{ring / 2**20:.1f} MiB ring; start the server with a larger --ring-buffer-gb")
+        device_bytes = weight_bytes - streamed + ring
+        if not fits_in_budget(device_bytes, self.budget_bytes):
+            raise OutOfMemory(f"model {fingerprint} does not fit even streamed: its resident parts "
+                              f"({(weight_bytes - streamed) / 1e9:.2f} GB) and the {ring / 1e9:.2f} GB ring exceed "
+                              f"the {self.budget_bytes / 1e9:.2f} GB budget")
+        self._make_room(device_bytes, fingerprint)
+        log.info("model %s (%.2f GB) exceeds the %.2f GB budget: streaming through a %.2f GB ring "
+                 "(%.2f GB of layers stay in host memory)", fingerprint, weight_bytes / 1e9,
+                 self.budget_bytes / 1e9, ring / 1e9, streamed / 1e9)
+        return model, streamed
+
+    def _start_streaming(self, cached: CachedModel) -> None:
+        try:
+            cached.stream = stream_model(cached.model, device=self.device, capacity_bytes=cached.ring_bytes)
+        except (torch.OutOfMemoryError, RingTooSmall) as exc:
+            del self.models[cached.fingerprint]
+            if isinstance(exc, RingTooSmall):
+                raise
+            raise OutOfMemory(f"model {cached.fingerprint}: its resident parts and the "
+                              f"{cached.ring_bytes / 1e9:.2f} GB ring do not fit on {self.device}: {exc}") from None
+        log.info("model %s streams %d decoder layers (%.2f GB) through a %.2f GB ring on %s", cached.fingerprint,
+                 len(cached.stream.layer_bytes), sum(cached.stream.layer_bytes) / 1e9, cached.ring_bytes / 1e9,
+                 self.device)
+
+
+def _host_skeleton(config, dtype: torch.dtype) -> torch.nn.Module:
+    """A model of the config's shape in host memory, its weights uninitialised.
+
+    `build_skeleton` on the CPU would run HF's initialisation over every weight (minutes
+    for a 13B shape) only for the upload to overwrite it; buffers (rotary frequencies)
+    are computed as usual."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    materialised: dict[int, torch.nn.Parameter] = {}  # tied weights stay tied
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                if id(param) not in materialised:
+                    materialised[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype),
+                                                                 requires_grad=param.requires_grad)
+                module._parameters[name] = materialised[id(param)]
+    return model.eval()
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
 def _numel(shape) -> int:

@@ -1,0 +1,283 @@
+"""Experiment 3 (seed 004): breakpoints — correctness, steering, and resume latency by depth.
+
+`test_breakpoint_identity` parks the 72-token prompt's forward after every decoder layer on the
+server, resumes it with the unmodified activation and checks bit-identical logits and
+100% token accuracy against the same server's uninterrupted run; at the middle layer
+it scales the activation by 0.9 (steering) and reports how much the output moves.
+
+`test_resume_latency[baseline-S…-L…]`: a breakpoint parks the prefill of an S-token
+prompt after decoder layer N, the user scales the activation by 0.9 and resumes. Three
+ways back to the ready state (layers 0..N's KV and the modified activation on the
+device, layer N+1 next):
+- `recompute`: nothing was kept (stateless): the forward runs again from layer 0 to N
+  in this process and the activation is scaled on the device;
+- `manual_offload`: user code had copied the activation (scaled) and layers 0..N of the
+  KV to pinned host memory; they are copied back in this process;
+- `djinn_resume`: the server had paged the parked session's KV to host (`offload`); the
+  client sends the scaled activation and the server pages the KV back: IO_WAIT ->
+  ready, timed by the server (`io_wait_ms`).
+`ready_ms` is that time (the crossover figure's top row). Every baseline then runs
+layers N+1.. to the logits: `total_ms` (djinn's includes the wire both ways; the
+bottom row). pytest-benchmark times each resume call. `test_crossover` writes
+`results/exp3/<stamp>-resume.json`, the figure, and checks the goals on a GPU.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import djinn
+from djinn import kv, models
+from djinn.decoding import forward_last
+from djinn.server.breakpoints import ParkedForward
+from djinn.server.process import ServerProcess
+from djinn.transport import Codec
+
+from benchmarks import exp3_plan
+from benchmarks.exp3_figures import plot_resume_crossover
+from benchmarks.results import environment
+
+pytestmark = pytest.mark.exp3
+
+BASELINES = ("recompute", "manual_offload", "djinn_resume")
+STEER_SCALE = 0.9  # the seed's steering: the middle layer's activation times 0.9
+IDENTITY_NEW_TOKENS = 8
+PROMPT_SEED = 4
+REMOTE_TIMEOUT_S = 1800.0  # uploading a 13B model through loopback takes a while
+
+# The issue's goals, checked on a GPU as ratios within one run.
+MAX_DJINN_VS_MANUAL = 1.1
+FIRST_FEW_LAYERS = 5  # past these, djinn_resume must beat recompute at every measured layer
+
+
+def pytest_generate_tests(metafunc):
+    if "breakpoint_layer" in metafunc.fixturenames:
+        metafunc.parametrize("baseline", BASELINES)
+        metafunc.parametrize("seq_len", exp3_plan.seq_lens(metafunc.config), ids=lambda s: f"S{s}")
+        metafunc.parametrize("breakpoint_layer", exp3_plan.layers(metafunc.config), ids=lambda n: f"L{n}")
+
+
+# -- setup --------------------------------------------------------------------------------------
+@dataclass
+class Exp3Setup:
+    name: str
+    device: str
+    local: torch.nn.Module  # on the device: the in-process baselines
+    remote: djinn.RemoteModel  # the same weights on the server, full_djinn
+    rounds: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.local.config.num_hidden_layers
+
+    def prompt(self, tokens: int) -> torch.Tensor:
+        vocab = self.local.config.vocab_size
+        return torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(PROMPT_SEED))
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+
+@pytest.fixture(scope="module")
+def exp3(pytestconfig, bench_device, tmp_path_factory):
+    name = exp3_plan.model_name(pytestconfig)
+    local = models.build(name, seed=0, device=bench_device)
+    host_copy = local if bench_device == "cpu" else models.to_host(local)
+    log = tmp_path_factory.mktemp("exp3-resume") / "server.log"
+    with ServerProcess("--device", bench_device, "--log-level", "INFO", log_path=log) as server, \
+            djinn.connect(server.host_port, timeout_s=REMOTE_TIMEOUT_S) as client:
+        remote = client.load(host_copy, mode="full_djinn", logits_codec=Codec.RAW)
+        yield Exp3Setup(name, bench_device, local, remote, exp3_plan.rounds(pytestconfig))
+
+
+# -- correctness ----------------------------------------------------------------------------------
+IDENTITY: dict = {}
+
+
+def test_breakpoint_identity(exp3, prompt_ids, progress):
+    """Resume with the unmodified activation at every layer: bit-identical logits, identical tokens."""
+    ids = prompt_ids
+    reference = exp3.remote.generate(ids, max_new_tokens=IDENTITY_NEW_TOKENS, return_logits=True)
+    ref_logits = exp3.remote.last_logits[:, 0]
+    mismatched, token_matches = [], 0
+    for layer in range(exp3.num_layers):
+        with exp3.remote.session() as s:
+            logits = s.resume(s.run_to_layer(ids, layer))
+            tokens = s.generate(IDENTITY_NEW_TOKENS)
+        if not torch.equal(logits, ref_logits):
+            mismatched.append(layer)
+        token_matches += int((tokens == reference[:, ids.shape[1]:]).sum())
+    middle = exp3.num_layers // 2
+    with exp3.remote.session() as s:
+        steered = s.resume(s.run_to_layer(ids, middle) * STEER_SCALE)
+        steered_tokens = s.generate(IDENTITY_NEW_TOKENS)
+    change = float((steered.float() - ref_logits.float()).norm() / ref_logits.float().norm())
+    IDENTITY.update({
+        "layers_checked": exp3.num_layers, "layers_bit_identical": exp3.num_layers - len(mismatched),
+        "layers_mismatched": mismatched,
+        "token_accuracy": token_matches / (exp3.num_layers * IDENTITY_NEW_TOKENS),
+        "steering": {"layer": middle, "scale": STEER_SCALE, "relative_logit_change": change,
+                     "top1_changed": bool(steered.argmax(-1) != ref_logits.argmax(-1)),
+                     "token_agreement": float((steered_tokens == reference[:, ids.shape[1]:]).float().mean())},
+    })
+    progress(f"bit-identical at {exp3.num_layers - len(mismatched)}/{exp3.num_layers} layers; steering at layer "
+             f"{middle} x{STEER_SCALE} moved the logits by {change:.2%}")
+    assert not mismatched, f"resumed logits differ from the uninterrupted run at layers {mismatched}"
+    assert IDENTITY["token_accuracy"] == 1.0
+    assert change > 0, "steering must change the output"
+
+
+# -- resume latency ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Resume:
+    ready_ms: float  # IO_WAIT -> ready: the KV and the modified activation on the device
+    total_ms: float  # resume -> logits
+    restored_bytes: int  # host -> device bytes of the restore (0 for recompute)
+
+
+POINTS: list[dict] = []
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cuda":
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+    return t.clone()
+
+
+def _to_device(t: torch.Tensor, device: str) -> torch.Tensor:
+    return t.to(device, non_blocking=True) if device.startswith("cuda") else t.clone()
+
+
+def _park(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> tuple[ParkedForward, object]:
+    cache = kv.from_pairs([])
+    return ParkedForward(model, layer, lambda: forward_last(model, ids, cache)), cache
+
+
+def _recompute(exp3: Exp3Setup, ids: torch.Tensor, layer: int) -> Resume:
+    started = time.perf_counter()
+    parked, _cache = _park(exp3.local, ids, layer)
+    steered = parked.activation * STEER_SCALE
+    exp3.sync()
+    ready = time.perf_counter()
+    parked.resume(steered)
+    exp3.sync()
+    return Resume((ready - started) * 1e3, (time.perf_counter() - started) * 1e3, 0)
+
+
+def _manual_offload_setup(exp3: Exp3Setup, ids: torch.Tensor, layer: int):
+    """User code at the breakpoint: activation (scaled) and KV of layers 0..N to (pinned) host memory."""
+    parked, cache = _park(exp3.local, ids, layer)
+    host_activation = _to_host(parked.activation * STEER_SCALE)
+    host_kv = [(_to_host(k), _to_host(v)) for k, v in kv.to_pairs(cache)]
+    for index, (k, v) in enumerate(kv.to_pairs(cache)):
+        kv.set_layer(cache, index, k.to("meta"), v.to("meta"))
+    exp3.sync()
+    return (parked, cache, host_activation, host_kv), {}
+
+
+def _manual_offload(exp3: Exp3Setup, parked, cache, host_activation, host_kv) -> Resume:
+    started = time.perf_counter()
+    for index, (k, v) in enumerate(host_kv):
+        kv.set_layer(cache, index, _to_device(k, exp3.device), _to_device(v, exp3.device))
+    activation = _to_device(host_activation, exp3.device)
+    exp3.sync()
+    ready = time.perf_counter()
+    parked.resume(activation)
+    exp3.sync()
+    restored = host_activation.nbytes + sum(k.nbytes + v.nbytes for k, v in host_kv)
+    return Resume((ready - started) * 1e3, (time.perf_counter() - started) * 1e3, restored)
+
+
+def _djinn_setup(exp3: Exp3Setup, ids: torch.Tensor, layer: int, open_sessions: list):
+    while open_sessions:
+        open_sessions.pop().close()
+    s = exp3.remote.session()
+    open_sessions.append(s)
+    steered = s.run_to_layer(ids, layer) * STEER_SCALE
+    paged = s.offload()  # idle at the breakpoint: its KV goes to host, as memory pressure would send it
+    return (s, steered, paged), {}
+
+
+def _djinn_resume(s, steered: torch.Tensor, paged: int) -> Resume:
+    started = time.perf_counter()
+    s.resume(steered)
+    total = (time.perf_counter() - started) * 1e3
+    return Resume(s.last_reply["io_wait_ms"], total, paged + steered.nbytes)
+
+
+def test_resume_latency(exp3, baseline, seq_len, breakpoint_layer, benchmark, progress):
+    if breakpoint_layer >= exp3.num_layers:
+        pytest.skip(f"layer {breakpoint_layer} is past the {exp3.num_layers} layers of {exp3.name}")
+    benchmark.group = f"exp3-resume-{exp3.name}-S{seq_len}"
+    ids = exp3.prompt(seq_len).to(exp3.device if baseline != "djinn_resume" else "cpu")
+    measured: list[Resume] = []
+    open_sessions: list = []
+
+    if baseline == "recompute":
+        target, setup = (lambda: measured.append(_recompute(exp3, ids, breakpoint_layer))), None
+    elif baseline == "manual_offload":
+        target = lambda *args: measured.append(_manual_offload(exp3, *args))  # noqa: E731
+        setup = lambda: _manual_offload_setup(exp3, ids, breakpoint_layer)  # noqa: E731
+    else:
+        target = lambda *args: measured.append(_djinn_resume(*args))  # noqa: E731
+        setup = lambda: _djinn_setup(exp3, ids, breakpoint_layer, open_sessions)  # noqa: E731
+    try:
+        benchmark.pedantic(target, setup=setup, rounds=exp3.rounds, warmup_rounds=1, iterations=1)
+    finally:
+        for s in open_sessions:
+            s.close()
+        gc.collect()
+    measured = measured[-exp3.rounds:]  # warm-up rounds append too
+    point = {"baseline": baseline, "seq_len": seq_len, "layer": breakpoint_layer, "rounds": len(measured),
+             "ready_ms": statistics.median(r.ready_ms for r in measured),
+             "total_ms": statistics.median(r.total_ms for r in measured),
+             "ready_ms_runs": [r.ready_ms for r in measured], "total_ms_runs": [r.total_ms for r in measured],
+             "restored_bytes": measured[-1].restored_bytes}
+    if point["restored_bytes"]:
+        point["restore_gbps"] = point["restored_bytes"] / point["ready_ms"] / 1e6
+    POINTS.append(point)
+    benchmark.extra_info.update({"model": exp3.name, **{k: v for k, v in point.items() if not k.endswith("_runs")}})
+    progress(f"ready {point['ready_ms']:.2f} ms, to logits {point['total_ms']:.2f} ms")
+
+
+def test_crossover(exp3, results_writer, progress):
+    if not POINTS:
+        pytest.skip("no resume latency measured in this run")
+    data = {"experiment": "exp3_resume", "model": exp3.name,
+            "model_shape": {"layers": exp3.num_layers, "hidden": exp3.local.config.hidden_size,
+                            "dtype": str(next(exp3.local.parameters()).dtype).removeprefix("torch.")},
+            "steer_scale": STEER_SCALE, "rounds": exp3.rounds, "identity": IDENTITY, "points": POINTS,
+            "definitions": {"ready_ms": "IO_WAIT -> ready: layers 0..N's KV and the scaled activation on the device "
+                                        "(recompute: layers 0..N run again; djinn_resume: the server's io_wait_ms)",
+                            "total_ms": "resume -> the logits of the last position (djinn_resume: the client's "
+                                        "wall time of the resume request, wire included)"}}
+    data["ratios"] = ratios = _ratios(POINTS)
+    data["environment"] = environment(results_writer.device, results_writer.repo)
+    path = results_writer.write(f"exp3/{results_writer.stamp}-resume.json", data)
+    figure = plot_resume_crossover(data, path.with_suffix(".png"))
+    progress(f"wrote {path} and {figure}")
+    if not exp3.device.startswith("cuda"):
+        pytest.skip("the latency goals are for the GPU; on a CPU the tiny model's timings only exercise the path")
+    for r in ratios:
+        assert r["djinn_vs_manual"] <= MAX_DJINN_VS_MANUAL, r
+        if r["layer"] >= FIRST_FEW_LAYERS:
+            assert r["djinn_vs_recompute"] < 1.0, r
+
+
+def _ratios(points: list[dict]) -> list[dict]:
+    """djinn_resume's ready time over the other baselines', per prompt length and layer."""
+    ready = {(p["seq_len"], p["layer"], p["baseline"]): p["ready_ms"] for p in points}
+    ratios = []
+    for seq_len, layer in sorted({(p["seq_len"], p["layer"]) for p in points}):
+        values = {b: ready.get((seq_len, layer, b)) for b in BASELINES}
+        if None not in values.values():
+            ratios.append({"seq_len": seq_len, "layer": layer,
+                           "djinn_vs_manual": values["djinn_resume"] / values["manual_offload"],
+                           "djinn_vs_recompute": values["djinn_resume"] / values["recompute"]})
+    return ratios
