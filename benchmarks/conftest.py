@@ -164,6 +164,21 @@ def djinn_client(djinn_server):
         yield client
 
 
+@pytest.fixture(scope="session")
+def djinn_graph_server(bench_device, tmp_path_factory):
+    """A second server that decodes through CUDA-graph slots (`--decode-graphs`)."""
+    log = tmp_path_factory.mktemp("djinn-graph-server") / "server.log"
+    with ServerProcess("--device", bench_device, "--decode-graphs", "--log-level", "INFO", log_path=log) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def djinn_graph_client(djinn_graph_server):
+    # The first decode step compiles the graph (about 40 s for the 7B shape on an H100).
+    with djinn.connect(djinn_graph_server.host_port, timeout_s=900) as client:
+        yield client
+
+
 # -- collectors ----------------------------------------------------------------------------
 def _gpu_index(device: str) -> int | None:
     return (torch.device(device).index or 0) if device.startswith("cuda") else None
@@ -192,6 +207,11 @@ def wire_capture():
 def collectors(bench_device, djinn_server) -> Collectors:
     """NVML + wire capture around a measured region, each where it can run."""
     return Collectors(_gpu_index(bench_device), djinn_server.port)
+
+
+@pytest.fixture
+def graph_collectors(bench_device, djinn_graph_server) -> Collectors:
+    return Collectors(_gpu_index(bench_device), djinn_graph_server.port)
 
 
 # Telemetry has its own fixtures, which skip or record their reasons; the doctor leaves it out.

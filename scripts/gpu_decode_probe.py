@@ -52,6 +52,12 @@ def main() -> None:
         return tokens
     eager = timed(eager_loop, args.repeats)
     out["eager_loop_ms_per_token"] = min(eager) / n * 1e3
+    # Does sampling NVML while decoding slow the decode down?
+    from djinn.telemetry.nvml import NvmlSampler
+    for interval in (0.02, 0.05):
+        with NvmlSampler(0, interval):
+            sampled = timed(eager_loop, args.repeats)
+        out[f"eager_loop_ms_per_token_nvml_{int(interval * 1e3)}ms"] = min(sampled) / n * 1e3
 
     def graph_loop():
         logits = [decoder.prefill(ids)]

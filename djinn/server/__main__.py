@@ -36,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--session-ttl-s", type=float, default=600.0,
                         help="idle seconds after which a session of a vanished client is closed")
     parser.add_argument("--ipc", default=None, metavar="PATH", help="also listen on ipc://PATH (same host)")
+    parser.add_argument("--decode-graphs", action="store_true",
+                        help="decode through CUDA-graph slots over a static KV cache (faster; logits then differ "
+                             "from eager HF in the last bits)")
+    parser.add_argument("--graph-max-len", type=int, default=1024, help="tokens one graph slot holds")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
 
@@ -50,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(ServerConfig(host=args.host, port=args.port, device=args.device,
                                  vram_budget_gb=args.vram_budget_gb, ring_buffer_gb=args.ring_buffer_gb,
                                  disable_kv_swap=args.disable_kv_swap, host_swap_gb=args.host_swap_gb,
-                                 auth_token=token, session_ttl_s=args.session_ttl_s, ipc_path=args.ipc))
+                                 auth_token=token, session_ttl_s=args.session_ttl_s, ipc_path=args.ipc,
+                                 decode_graphs=args.decode_graphs, graph_max_len=args.graph_max_len))
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
     print(READY_LINE.format(address=server.address), flush=True)

@@ -131,6 +131,10 @@ class Executor:
 
     def session_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor:
         """Prefill (empty session) or decode (later calls): the last position's logits."""
+        if self.sessions.graphs is not None and (session.decoder is not None or session.length == 0):
+            logits = self._graph_step(session, ids)
+            if logits is not None:
+                return logits
         ids, start, cache = self._begin_step(session, ids)
         try:
             logits = self._run(session.model.model, ids, cache, {})
@@ -141,6 +145,30 @@ class Executor:
             session.state = SessionState.IDLE
         return logits
 
+    def _graph_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """A step through the session's graph slot; None when a new session gets no slot."""
+        cached = session.model
+        ids = self.token_ids(ids, "input_ids", cached.vocab_size, session.length, cached.max_positions,
+                             session.batch)
+        slot = session.decoder
+        if slot is None:
+            graphs = self.sessions.graphs
+            slot_bytes = self._kv_bytes(cached, ids.shape[0], graphs.max_len)
+            slot = graphs.acquire(cached, ids.shape[0], ids.shape[1], slot_bytes,
+                                  room=self.budget_bytes - self.memory_in_use())
+            if slot is None:
+                return None
+            session.decoder = slot
+            with self._forward_errors():
+                return slot.prefill(ids)
+        if ids.shape[1] != 1:
+            raise BadRequest(f"session {session.handle} decodes through a CUDA graph: one token per decode step")
+        if slot.length >= slot.max_len:
+            raise BadRequest(f"session {session.handle} filled its graph slot of {slot.max_len} tokens "
+                             f"(--graph-max-len)")
+        with self._forward_errors():
+            return slot.step(ids)
+
     def run_to_layer(self, session: Session, ids: torch.Tensor | None, layer: int) -> torch.Tensor:
         """Run a step (prefill or decode) up to decoder layer `layer` and park it; that layer's output."""
         model = session.model.model
@@ -149,6 +177,9 @@ class Executor:
             # would leave the ring to whichever forward runs next.
             raise BadRequest(f"model {session.model.fingerprint} streams its layers through the ring buffer: "
                              f"breakpoints need a model resident on the device")
+        if session.decoder is not None:
+            raise BadRequest(f"session {session.handle} decodes through a CUDA graph slot: breakpoints need an "
+                             f"eagerly decoded session (open one and call run_to_layer before any prefill)")
         check_layer(layer, num_decoder_layers(model))
         ids, start, cache = self._begin_step(session, ids)
         try:

@@ -69,3 +69,36 @@ class GraphDecoder:
         logits = self._step(self.ids, self.position).clone()
         self.length += 1
         return logits
+
+
+class GraphSlots:
+    """The server's graph slots: one per (model, batch), lent to one session at a time.
+
+    A session that cannot get one (slot busy, prompt too long, model streamed, no room
+    in the budget) decodes eagerly instead, so slots only ever speed sessions up.
+    """
+
+    def __init__(self, device: torch.device, max_len: int):
+        self.device = device
+        self.max_len = max_len
+        self.slots: dict[tuple[str, int], GraphDecoder] = {}
+        self.lent: set[int] = set()
+        self.bytes = 0  # KV the slots' static caches take
+
+    def acquire(self, cached, batch: int, tokens: int, slot_bytes: int, room: int) -> GraphDecoder | None:
+        if cached.streamed or tokens >= self.max_len:
+            return None
+        key = (cached.fingerprint, batch)
+        slot = self.slots.get(key)
+        if slot is None:
+            if slot_bytes > room:
+                return None
+            slot = self.slots[key] = GraphDecoder(cached.model, batch, self.max_len, self.device)
+            self.bytes += slot_bytes
+        if id(slot) in self.lent:
+            return None
+        self.lent.add(id(slot))
+        return slot
+
+    def release(self, slot: GraphDecoder) -> None:
+        self.lent.discard(id(slot))

@@ -19,6 +19,7 @@ from djinn import kv
 from djinn.errors import BadRequest, DjinnError
 from djinn.decoding import greedy
 from djinn.server.executor import Executor
+from djinn.server.graphs import GraphSlots
 from djinn.server.session_store import SessionStore
 from djinn.server.weight_cache import TensorEntry, WeightCache
 from djinn.transport import Codec, CodecPolicy, Incoming, Limits, Message, OutgoingTensor, ServerSocket, TensorKind
@@ -43,6 +44,8 @@ class ServerConfig:
     auth_token: str | None = None
     session_ttl_s: float = 600.0
     ipc_path: str | None = None
+    decode_graphs: bool = False  # decode through CUDA-graph slots: faster, logits no longer bit-identical to eager
+    graph_max_len: int = 1024  # tokens a graph slot holds (prompt + generated)
     limits: Limits = Limits()
 
 
@@ -95,8 +98,9 @@ class Server:
                   else default_budget_bytes(self.device))
         host_swap = (int(config.host_swap_gb * (1 << 30)) if config.host_swap_gb is not None
                      else default_host_swap_bytes())
+        graphs = GraphSlots(self.device, config.graph_max_len) if config.decode_graphs else None
         self.sessions = SessionStore(config.session_ttl_s, f"{config.host}:{config.port}", self.device,
-                                     swap=not config.disable_kv_swap, host_limit_bytes=host_swap)
+                                     swap=not config.disable_kv_swap, host_limit_bytes=host_swap, graphs=graphs)
         ring = (int(config.ring_buffer_gb * (1 << 30)) if config.ring_buffer_gb is not None
                 else default_ring_bytes(self.device))
         self.weights = WeightCache(self.device, budget, reserve_bytes=lambda: self.sessions.kv_bytes, ring_bytes=ring)

@@ -31,6 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from djinn import kv
+from djinn.server.graphs import GraphDecoder, GraphSlots
 from djinn.errors import BadRequest, OutOfMemory, SessionNotFound
 from djinn.server.breakpoints import ParkedForward
 from djinn.server.weight_cache import CachedModel
@@ -80,13 +81,18 @@ class Session:
     paging: PagingCounters = field(default_factory=PagingCounters)
     last_io_wait_ms: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
+    decoder: GraphDecoder | None = None  # a graph slot holds the KV instead of `cache`
 
     @property
     def length(self) -> int:
+        if self.decoder is not None:
+            return self.decoder.length
         return self.cache.get_seq_length() if self.cache is not None else 0
 
     @property
     def batch(self) -> int | None:
+        if self.decoder is not None:
+            return self.decoder.batch
         return kv.to_pairs(self.cache)[0][0].shape[0] if self.length else None
 
     def _layers(self):
@@ -110,8 +116,10 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, ttl_s: float, where: str, device: torch.device, *, swap: bool, host_limit_bytes: int):
+    def __init__(self, ttl_s: float, where: str, device: torch.device, *, swap: bool, host_limit_bytes: int,
+                 graphs: GraphSlots | None = None):
         self.ttl_s = ttl_s
+        self.graphs = graphs  # graph-decode slots, whose static caches hold their sessions' KV
         self.where = where  # named in errors: "session 3f2a… unknown or expired on 127.0.0.1:5556"
         self.device = device
         self.swap = swap
@@ -122,7 +130,9 @@ class SessionStore:
 
     @property
     def kv_bytes(self) -> int:
-        return sum(s.kv_bytes for s in self.sessions.values())
+        """KV on the device: resident session layers and the graph slots' static caches."""
+        slots = self.graphs.bytes if self.graphs is not None else 0
+        return sum(s.kv_bytes for s in self.sessions.values()) + slots
 
     @property
     def host_bytes(self) -> int:
@@ -161,7 +171,9 @@ class SessionStore:
                 session.breakpoint.forward.cancel()
             except Exception:  # the session goes either way; a failed unwind must not stop the loop
                 log.exception("cancelling the parked forward of session %s failed", handle)
-        session.breakpoint = session.cache = None
+        if session.decoder is not None:
+            self.graphs.release(session.decoder)
+        session.breakpoint = session.cache = session.decoder = None
         session.host.clear()
         session.model.users -= 1
 
