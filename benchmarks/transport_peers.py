@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import selectors
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from djinn.server.process import wait_for_ready_line
 
 READY = "READY "
 RPC_PEER_NAME = "transport-peer"
@@ -89,17 +89,9 @@ class PeerProcess:
         return self
 
     def wait_ready(self) -> "PeerProcess":
-        deadline = time.monotonic() + self.ready_timeout_s
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.process.stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"{self.kind} peer exited with {self.process.returncode} before it was ready")
-                if selector.select(timeout=0.2):
-                    line = self.process.stdout.readline()
-                    if line.startswith(READY):
-                        self.address = line[len(READY):].strip()
-                        return self
+        self.address = wait_for_ready_line(self.process, READY, self.ready_timeout_s, f"{self.kind} peer")
+        if self.address is not None:
+            return self
         self.stop()
         raise RuntimeError(f"{self.kind} peer not ready within {self.ready_timeout_s:.0f} s")
 

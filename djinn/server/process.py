@@ -22,6 +22,24 @@ class ServerStartError(RuntimeError):
     pass
 
 
+def wait_for_ready_line(process: subprocess.Popen, prefix: str, timeout_s: float, what: str) -> str | None:
+    """What follows `prefix` on the child's first line that starts with it; None on timeout.
+
+    Raises `ServerStartError` if the child exits first.
+    """
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ServerStartError(f"{what} exited with {process.returncode} before it was ready")
+            if selector.select(timeout=0.2):
+                line = process.stdout.readline()
+                if line.startswith(prefix):
+                    return line[len(prefix):].strip()
+    return None
+
+
 class ServerProcess:
     def __init__(self, *args: str, log_path: Path, ready_timeout_s: float = READY_TIMEOUT_S,
                  env: dict | None = None):
@@ -49,18 +67,12 @@ class ServerProcess:
         self.process = subprocess.Popen([sys.executable, "-m", "djinn.server", *self.args], stdout=subprocess.PIPE,
                                         stderr=log, text=True, env={**os.environ, **(self.env or {})})
         log.close()
-        selector = selectors.DefaultSelector()
-        selector.register(self.process.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerStartError(f"djinn server exited with {self.process.returncode} before it was ready:\n"
-                                       f"{self.log()}")
-            if selector.select(timeout=0.2):
-                line = self.process.stdout.readline()
-                if line.startswith(READY_PREFIX):
-                    self.address = line[len(READY_PREFIX):].strip()
-                    return self
+        try:
+            self.address = wait_for_ready_line(self.process, READY_PREFIX, self.ready_timeout_s, "djinn server")
+        except ServerStartError as exc:
+            raise ServerStartError(f"{exc}:\n{self.log()}") from None
+        if self.address is not None:
+            return self
         self.stop()
         raise ServerStartError(f"djinn server not ready within {self.ready_timeout_s:.0f} s:\n{self.log()}")
 
