@@ -41,6 +41,21 @@ def _tune(sock: zmq.Socket, limits: Limits) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_tensor_bytes, limits.max_header_bytes))
 
 
+def _recv_within(sock: zmq.Socket, timeout_ms: int) -> list | None:
+    """One multipart message, or None after `timeout_ms`.
+
+    A receive timeout on the socket instead of poll-then-receive: one system call and
+    no Poller object per message, which is a tenth of a small message's round trip.
+    """
+    timeout_ms = max(timeout_ms, 0)  # 0 would mean "don't wait", -1 "forever": clamp to the former
+    if sock.rcvtimeo != timeout_ms:
+        sock.rcvtimeo = timeout_ms
+    try:
+        return sock.recv_multipart(copy=False)
+    except zmq.Again:
+        return None
+
+
 class ClientConnection:
     """One client's connection to a server: request → reply, with counters."""
 
@@ -75,9 +90,9 @@ class ClientConnection:
         deadline = time.monotonic() + timeout_s
         while True:
             remaining_ms = math.ceil(max(0.0, deadline - time.monotonic()) * 1000)  # never wake before the deadline
-            if not self._socket.poll(remaining_ms, zmq.POLLIN):
+            frames = _recv_within(self._socket, remaining_ms)
+            if frames is None:
                 raise DjinnTimeout(f"no reply to '{op}' from {self.address} within {timeout_s:.1f} s")
-            frames = self._socket.recv_multipart(copy=False)
             reply = decode_message(frames, (REPLY_OP, ERROR_OP), self.limits)
             self.counters.count_received(reply.payload_bytes, reply.framing_bytes)
             if reply.header.request_id in (request_id, UNKNOWN_REQUEST_ID):
@@ -120,9 +135,10 @@ class ServerSocket:
 
     def receive(self, timeout_ms: int) -> Incoming | None:
         """The next request, or None when none came within the timeout."""
-        if not self._socket.poll(timeout_ms, zmq.POLLIN):
+        received = _recv_within(self._socket, timeout_ms)
+        if received is None:
             return None
-        peer, *frames = self._socket.recv_multipart(copy=False)
+        peer, *frames = received
         peer_id = peer.bytes
         now = time.perf_counter()
         counters = self.counters.setdefault(peer_id, ByteCounters())
