@@ -26,6 +26,8 @@ import pytest
 import torch
 import zmq
 
+from djinn.transport.tuning import tuned_environment
+
 from benchmarks import transport_peers
 from benchmarks.transport_peers import RPC_CALLER_NAME, RPC_PEER_NAME, PeerProcess
 from djinn.transport import ClientConnection
@@ -181,7 +183,9 @@ def _device_info() -> dict:
             "torch": torch.__version__, "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
             "link": "loopback (tcp 127.0.0.1, ipc unix socket); torch_rpc with TensorPipe's default choice",
             # Both move large-receive throughput by 2-3x here (first-touch page faults of fresh buffers).
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "transparent_hugepage": _read(THP_SETTING)}
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "transparent_hugepage": _read(THP_SETTING),
+            "djinn_peer_glibc_tunables": tuned_environment({})["GLIBC_TUNABLES"],
+            "torch_rpc_peer_glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
 def _read(path: str) -> str | None:

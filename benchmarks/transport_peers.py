@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from djinn.server.process import wait_for_ready_line
+from djinn.transport.tuning import tuned_environment
 
 READY = "READY "
 RPC_PEER_NAME = "transport-peer"
@@ -84,6 +85,9 @@ class PeerProcess:
     def start(self) -> "PeerProcess":
         root = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        if self.kind == "djinn":
+            # The sink stands in for the Djinn server, which runs with these allocator settings.
+            env = tuned_environment(env)
         self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.transport_peers", self.kind, self.requested],
                                         stdout=subprocess.PIPE, text=True, cwd=root, env=env)
         return self

@@ -1,17 +1,20 @@
 """`python -m djinn.server` / `djinn-server`: start a Djinn server.
 
 Prints `djinn server listening on tcp://HOST:PORT` once it accepts requests (the
-benchmark fixtures wait for that line) and exits cleanly on SIGINT/SIGTERM.
+benchmark fixtures wait for that line) and exits cleanly on SIGINT/SIGTERM. Unless
+told `--no-malloc-tuning`, it first re-executes itself with the allocator tunables
+of `djinn.transport.tuning`, before torch is imported.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
-from djinn.server.server import Server, ServerConfig
+from djinn.transport.tuning import is_tuned, tuned_environment
 
 READY_LINE = "djinn server listening on {address}"
 
@@ -40,12 +43,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="decode through CUDA-graph slots over a static KV cache (faster; logits then differ "
                              "from eager HF in the last bits)")
     parser.add_argument("--graph-max-len", type=int, default=1024, help="tokens one graph slot holds")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="keep glibc's default allocator settings (large receives then page-fault "
+                             "fresh buffers: ~5x slower on a VM)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.no_malloc_tuning and not is_tuned(os.environ):
+        argv = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, "-m", "djinn.server", *argv], tuned_environment(os.environ))
+    # Imported after the re-exec decision: torch is large, and the tuned process imports it once.
+    from djinn.server.server import Server, ServerConfig
+
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = args.auth_token_file.read_text().strip() if args.auth_token_file else None

@@ -9,6 +9,7 @@ byte counts so the client can split queue / compute / transfer.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -23,6 +24,7 @@ from djinn.server.graphs import GraphSlots
 from djinn.server.session_store import SessionStore
 from djinn.server.weight_cache import TensorEntry, WeightCache
 from djinn.transport import Codec, CodecPolicy, Incoming, Limits, Message, OutgoingTensor, ServerSocket, TensorKind
+from djinn.transport.tuning import is_tuned
 from djinn.transport.wire import DTYPES
 
 log = logging.getLogger("djinn.server")
@@ -170,7 +172,7 @@ class Server:
 
     # -- ops -----------------------------------------------------------------------
     def hello(self, incoming: Incoming) -> Reply:
-        return Reply({"version": SERVER_VERSION, "device": str(self.device),
+        return Reply({"version": SERVER_VERSION, "device": str(self.device), "malloc_tuned": is_tuned(os.environ),
                       "budget_bytes": self.executor.budget_bytes, "ops": sorted(self.handlers)}, {})
 
     def stats(self, incoming: Incoming) -> Reply:
