@@ -120,20 +120,21 @@ def test_decode(baseline, batch_size, benchmark, bench_model, prompt_ids, result
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=lambda b: f"bs{b}")
 def test_success_criteria(batch_size, bench_model, results_writer):
-    missing = [b for b in ALL_BASELINES if (b, batch_size) not in RESULTS]
+    missing = [b for b in BASELINES if (b, batch_size) not in RESULTS]
     if missing:
         pytest.skip(f"the criteria compare baselines of one run; not measured in this run: {', '.join(missing)}")
-    r = {b: RESULTS[(b, batch_size)] for b in ALL_BASELINES}
+    # The graph baseline is the optional dedicated-runtime check: judged when it ran.
+    r = {b: RESULTS[(b, batch_size)] for b in ALL_BASELINES if (b, batch_size) in RESULTS}
+    graphs = r.get(GRAPH_BASELINE)
     native, blind, full = r["native_pytorch"], r["semantic_blind"], r["full_djinn"]
     ratios = {
         "full_vs_blind_bytes_per_token": full.wire_bytes_per_token / blind.wire_bytes_per_token,
         "blind_vs_full_latency": blind.per_token_ms / full.per_token_ms,
         "full_vs_native_latency": full.per_token_ms / native.per_token_ms,
         "partially_aware_vs_full_latency": r["partially_aware"].per_token_ms / full.per_token_ms,
-        "full_graphs_vs_native_latency": r[GRAPH_BASELINE].per_token_ms / native.per_token_ms,
-        "full_graphs_payload_bytes_per_token": statistics.fmean(
-            s.decode_payload_sent_per_token + s.decode_payload_received_per_token for s in r[GRAPH_BASELINE].stats),
     }
+    if graphs is not None:
+        ratios["full_graphs_vs_native_latency"] = graphs.per_token_ms / native.per_token_ms
     results_writer.write(f"exp2_1/{results_writer.stamp}-bs{batch_size}.json", {
         "experiment": "exp2_1", "model": bench_model.name, "model_shape": bench_model.shape, "ratios": ratios,
         "per_token_ms": {b: x.per_token_ms for b, x in r.items()},
@@ -144,15 +145,20 @@ def test_success_criteria(batch_size, bench_model, results_writer):
                      "max_latency_factor_full_vs_native": MAX_LATENCY_FACTOR_FULL_VS_NATIVE,
                      "max_latency_factor_graphs_vs_native_gpu": MAX_LATENCY_FACTOR_GRAPHS_VS_NATIVE}})
 
-    for baseline in ALL_BASELINES[1:]:
-        produced = r[baseline].tokens
-        assert torch.equal(produced, native.tokens[:, :produced.shape[1]]), f"{baseline} tokens differ from native"
-    assert ratios["full_vs_blind_bytes_per_token"] <= MAX_BYTES_RATIO_FULL_VS_BLIND, ratios
-    assert ratios["full_vs_native_latency"] <= MAX_LATENCY_FACTOR_FULL_VS_NATIVE, ratios
-    if str(results_writer.device).startswith("cuda"):
-        assert ratios["full_graphs_vs_native_latency"] <= MAX_LATENCY_FACTOR_GRAPHS_VS_NATIVE, ratios
-    if bench_model.weight_bytes < GPU_SCALE_BYTES:
+    failures = [f"{b} tokens differ from native_pytorch" for b in list(r)[1:]
+                if not torch.equal(r[b].tokens, native.tokens[:, :r[b].tokens.shape[1]])]
+    if ratios["full_vs_blind_bytes_per_token"] > MAX_BYTES_RATIO_FULL_VS_BLIND:
+        failures.append(f"full_djinn/semantic_blind bytes per token {ratios['full_vs_blind_bytes_per_token']:.2e}")
+    if ratios["full_vs_native_latency"] > MAX_LATENCY_FACTOR_FULL_VS_NATIVE:
+        failures.append(f"full_djinn/native latency {ratios['full_vs_native_latency']:.2f}x")
+    if graphs is not None and str(results_writer.device).startswith("cuda") \
+            and ratios["full_graphs_vs_native_latency"] > MAX_LATENCY_FACTOR_GRAPHS_VS_NATIVE:
+        failures.append(f"full_djinn_graphs/native latency {ratios['full_graphs_vs_native_latency']:.2f}x")
+    gpu_scale = bench_model.weight_bytes >= GPU_SCALE_BYTES
+    if gpu_scale and ratios["blind_vs_full_latency"] < MIN_LATENCY_RATIO_BLIND_VS_FULL:
+        failures.append(f"semantic_blind/full_djinn latency {ratios['blind_vs_full_latency']:.1f}x")
+    assert not failures, f"{failures}; ratios {ratios}"
+    if not gpu_scale:
         pytest.skip(f"blind/full latency ratio measured {ratios['blind_vs_full_latency']:.1f}x; the seed's "
                     f"{MIN_LATENCY_RATIO_BLIND_VS_FULL:.0f}x claim is for multi-GB models, where shipping the weights "
                     f"dominates ({bench_model.name} holds {bench_model.weight_bytes / 1e6:.0f} MB)")
-    assert ratios["blind_vs_full_latency"] >= MIN_LATENCY_RATIO_BLIND_VS_FULL, ratios
