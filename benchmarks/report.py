@@ -46,9 +46,12 @@ SPLIT_COLORS = ("#c9c9c9", "#4c72b0", "#dd8452")
 GAP_PHASES = ("prefill", "decode")
 GAP_MODES = {"local": "LOCAL", "naive": "NAÏVE-REMOTE", "remote_cache": "REMOTE-CACHE",
              "sys_simulated": "SYS (SIMULATED)"}
-GAP_COLUMNS = ("Phase", "Mode", "Latency (s) mean ± std", "Network Bytes mean ± std", "Avg GPU Util (%)")
+# "New tokens" is beyond the seed's columns: semantic_blind's decode runs fewer tokens on
+# multi-GB models (benchmarks/plans.py), and the row must say so.
+GAP_COLUMNS = ("Phase", "Mode", "New tokens", "Latency (s) mean ± std", "Network Bytes mean ± std",
+               "Avg GPU Util (%)")
 GAP_WIRE_COLUMN = "Wire Bytes (capture)"
-GAP_RAW = ("phase", "mode", "trials", "latency_s_mean", "latency_s_std", "network_bytes_mean", "network_bytes_std",
+GAP_RAW = ("phase", "mode", "trials", "new_tokens", "latency_s_mean", "latency_s_std", "network_bytes_mean", "network_bytes_std",
            "wire_capture_bytes_mean", "gpu_sm_util_pct_mean", "gpu_sm_util_pct_std")
 
 
@@ -250,6 +253,7 @@ def gap_display_rows(rows: Sequence[GapRow]) -> list[dict]:
         out.append({
             "Phase": row["phase"].capitalize(),
             "Mode": GAP_MODES.get(row["mode"], row["mode"].upper()),
+            "New tokens": "n/a" if row.get("new_tokens") is None else str(row["new_tokens"]),
             "Latency (s) mean ± std": _pm(row["latency_s_mean"], row.get("latency_s_std")),
             "Network Bytes mean ± std": _pm(row["network_bytes_mean"], row.get("network_bytes_std"), max_decimals=0),
             "Avg GPU Util (%)": "n/a" if util is None else _pm(util, row.get("gpu_sm_util_pct_std")),

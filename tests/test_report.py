@@ -53,7 +53,8 @@ GAP_MODES = ("local", "naive", "remote_cache", "sys_simulated")
 def _gap(phase: str, mode: str, gpu: bool) -> dict:
     slow = {"local": 1, "naive": 400, "remote_cache": 3, "sys_simulated": 2}[mode]
     nbytes = {"local": 0.0, "naive": 2.6e10, "remote_cache": 5.2e6, "sys_simulated": 1.1e3}[mode]
-    extra = {"experiment": "gap", "phase": phase, "mode": mode, "trials": 3,
+    tokens = {"prefill": 1, "decode": 3 if mode == "naive" else 50}[phase]
+    extra = {"experiment": "gap", "phase": phase, "mode": mode, "trials": 3, "new_tokens": tokens,
              "latency_s_mean": 0.0523 * slow, "latency_s_std": 0.0042 * slow,
              "network_bytes_mean": nbytes, "network_bytes_std": nbytes * 0.001,
              "wire_capture_bytes_mean": None, "gpu_sm_util_pct_mean": 55.0 if gpu else None,
@@ -116,7 +117,7 @@ def test_results_csv_has_a_row_per_benchmark_with_stats_in_ms_and_flat_extra_inf
 def test_gap_table_is_in_the_seed_order_with_display_names(built):
     paths, _ = built
     rows = _read_csv(paths.gap_table_csv)
-    assert list(rows[0])[:5] == list(GAP_COLUMNS)
+    assert list(rows[0])[:len(GAP_COLUMNS)] == list(GAP_COLUMNS)
     assert [(r["Phase"], r["Mode"]) for r in rows] == [
         (phase, mode) for phase in ("Prefill", "Decode")
         for mode in ("LOCAL", "NAÏVE-REMOTE", "REMOTE-CACHE", "SYS (SIMULATED)")]
@@ -127,7 +128,10 @@ def test_gap_table_is_in_the_seed_order_with_display_names(built):
     assert naive["Network Bytes mean ± std"] == "26,000,000,000 ± 26,000,000"
     assert float(naive["latency_s_mean"]) == pytest.approx(0.0523 * 400)
     md = paths.gap_table_md.read_text()
-    assert "| Phase | Mode | Latency (s) mean ± std | Network Bytes mean ± std | Avg GPU Util (%) |" in md
+    assert ("| Phase | Mode | New tokens | Latency (s) mean ± std | Network Bytes mean ± std | Avg GPU Util (%) |"
+            in md)
+    assert local["New tokens"] == "1"
+    assert [r["New tokens"] for r in rows if r["Phase"] == "Decode"] == ["50", "3", "50", "50"]
     assert md.index("| Prefill | LOCAL") < md.index("| Prefill | SYS (SIMULATED)") < md.index("| Decode | LOCAL")
     assert "Wire Bytes" not in md  # no capture in these rows
     gpu = rows[0]["gpu_sm_util_pct_mean"] != ""
