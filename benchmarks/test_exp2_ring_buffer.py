@@ -273,11 +273,13 @@ def _local_peak(runner: Runner, device: str) -> Runner:
     return runner
 
 
-def _sharing_storage(model: torch.nn.Module) -> torch.nn.Module:
-    """A second module over the same host tensors: streaming or dispatching it leaves `model` intact."""
+def _sharing_storage(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """A second module over the same host tensors: streaming or dispatching it leaves `model` intact.
+
+    Its buffers (rotary frequencies) are computed on `device`, as the resident model's are."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
+    with torch.device(device), init_empty_weights(include_buffers=False):
         twin = AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
     twin.load_state_dict(model.state_dict(), assign=True)
     return twin.eval()
@@ -344,7 +346,7 @@ def _hf_accelerate(lab: RingLab) -> Runner:
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.hooks import remove_hook_from_submodules
 
-    model = _sharing_storage(lab.host_model())
+    model = _sharing_storage(lab.host_model(), s.device)
     gpu = torch.device(s.device).index or 0
     device_map = infer_auto_device_map(model, max_memory={gpu: s.weights_budget_bytes, "cpu": 2 * s.weight_bytes},
                                        no_split_module_classes=list(model._no_split_modules), dtype=s.dtype)
@@ -393,7 +395,7 @@ def _deepspeed(lab: RingLab) -> Runner:
             "stage3_prefetch_bucket_size": 2 * max(s.layer_bytes) // itemsize,
         },
     }
-    engine = deepspeed.initialize(model=_sharing_storage(lab.host_model()), config=config)[0]
+    engine = deepspeed.initialize(model=_sharing_storage(lab.host_model(), s.device), config=config)[0]
     engine.module.eval()
     # Partitioned parameters are empty placeholders: the generate loop cannot infer the
     # device from them, so the prompt is moved where ZeRO runs the layers.
@@ -412,7 +414,7 @@ def _deepspeed(lab: RingLab) -> Runner:
 
 def _djinn_local(lab: RingLab) -> Runner:
     s = lab.setup
-    model = _sharing_storage(lab.host_model())
+    model = _sharing_storage(lab.host_model(), s.device)
     handle = stream_model(model, device=s.device, capacity_bytes=s.ring_bytes, chunk_bytes=DEFAULT_CHUNK_BYTES,
                           prefetch_depth=PREFETCH_DEPTH)
     _free_device()

@@ -209,7 +209,7 @@ class WeightCache:
 
         Refused before any upload when even streamed it cannot run here: its largest layer
         does not fit the ring, or its resident parts and the ring exceed the budget."""
-        model = _host_skeleton(config, dtype)
+        model = _host_skeleton(config, dtype, self.device)
         layers = find_decoder_layers(model)
         streamed = sum(p.numel() * p.element_size() for p in layers.parameters())
         # The streamer packs each tensor of a layer on an ALIGNMENT boundary.
@@ -243,16 +243,18 @@ class WeightCache:
                  self.device)
 
 
-def _host_skeleton(config, dtype: torch.dtype) -> torch.nn.Module:
+def _host_skeleton(config, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """A model of the config's shape in host memory, its weights uninitialised.
 
     `build_skeleton` on the CPU would run HF's initialisation over every weight (minutes
-    for a 13B shape) only for the upload to overwrite it; buffers (rotary frequencies)
-    are computed as usual."""
+    for a 13B shape) only for the upload to overwrite it. Buffers (rotary frequencies)
+    are computed on `device`, as a resident model's are: inv_freq computed on the CPU
+    differs from the GPU's in the last bits (3.7e-9, measured on the H100), and so would
+    the logits."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
+    with torch.device(device), init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     materialised: dict[int, torch.nn.Parameter] = {}  # tied weights stay tied
     for module in model.modules():
