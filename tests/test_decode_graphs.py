@@ -70,3 +70,49 @@ def test_prompt_longer_than_a_slot_decodes_eagerly(graph_server, tiny_model):
     with djinn.connect(graph_server.host_port) as client:
         remote = client.load(tiny_model, mode="full_djinn")
         assert torch.equal(remote.generate(long_ids, max_new_tokens=3), ref)
+
+
+def test_compiled_step_reads_static_buffers_and_repeats_across_sessions(tiny_model):
+    """The traced step (no CUDA graph on a CPU) as a slot runs it: session after session.
+
+    Every tensor the graph reads must be a static input (parameters, the StaticCache and
+    the slot's ids/position/mask buffers), so that a CUDA graph reads them in place and no
+    mutated input falls outside the graph; the step compiles once per slot; and a slot
+    reused by later sessions gives each the tokens and logits of the eager static step.
+    """
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import TracingContext
+
+    from djinn.server.graphs import GraphDecoder
+
+    compiles = []
+
+    def inspect(gm, example_inputs):
+        meta = TracingContext.get().fw_metadata
+        static = set(meta.static_input_indices)
+        compiles.append({"non_static": [i for i in range(len(example_inputs)) if i not in static],
+                         "mutated_non_static": [i for i, info in enumerate(meta.input_info)
+                                                if info.mutates_data and i not in static]})
+        return gm.forward
+
+    def session(decoder, ids, steps=6):
+        logits = [decoder.prefill(ids)]
+        for _ in range(steps):
+            logits.append(decoder.step(logits[-1].argmax(-1, keepdim=True)))
+        logits = torch.stack(logits, 1)
+        return logits.argmax(-1), logits
+
+    prompts = [torch.randint(0, 8192, (1, n), generator=torch.Generator().manual_seed(s)) for n, s in ((20, 5), (13, 6))]
+    torch._dynamo.reset()
+    try:
+        eager = GraphDecoder(tiny_model, 1, 48, torch.device("cpu"), compiled=False)
+        expected = [session(eager, ids) for ids in prompts]
+        slot = GraphDecoder(tiny_model, 1, 48, torch.device("cpu"), backend=aot_autograd(fw_compiler=inspect))
+        for ids, (ref_tokens, ref_logits) in zip([*prompts, prompts[0]], [*expected, expected[0]]):
+            tokens, logits = session(slot, ids)
+            assert torch.equal(tokens, ref_tokens)
+            torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    finally:
+        torch._dynamo.reset()
+    assert len(compiles) == 1, "the step recompiled for a later session"
+    assert compiles[0] == {"non_static": [], "mutated_non_static": []}

@@ -22,24 +22,37 @@ class GraphDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, batch: int, max_len: int, device: torch.device,
-                 compiled: bool = True):
+                 compiled: bool = True, backend=None):
         self.model = model
         self.batch = batch
         self.max_len = max_len
         self.device = device
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        # The step's inputs live in these buffers, written in place before each step.
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         # Which static slots hold tokens. Without it HF treats a one-token query as
         # needing no mask and attends to the unwritten slots too.
         self.mask = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.length = 0
-        self.compiled = compiled and device.type == "cuda"
-        self._step = (torch.compile(self._forward, mode="reduce-overhead", fullgraph=True)
-                      if self.compiled else self._forward)
+        # `backend` compiles without CUDA graphs (any device): the tests' view of the traced step.
+        self.compiled = compiled and (device.type == "cuda" or backend is not None)
+        self.cudagraphs = self.compiled and backend is None
+        if self.compiled:
+            # Every tensor the graph reads is a static input: the graph reads it in place
+            # at a fixed address. The StaticCache tensors HF marks itself when it allocates
+            # them (in the eager prefill); these three are ours. Unmarked, cudagraph trees
+            # would copy them on every replay into buffers of their private pool that the
+            # pool counts as free once recorded.
+            for buffer in (self.ids, self.position, self.mask):
+                torch._dynamo.mark_static_address(buffer)
+            options = {"mode": "reduce-overhead"} if backend is None else {"backend": backend}
+            self._step = torch.compile(self._forward, fullgraph=True, dynamic=False, **options)
+        else:
+            self._step = self._forward
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=self.mask, past_key_values=self.cache,
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, past_key_values=self.cache,
                          cache_position=positions, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
@@ -52,7 +65,7 @@ class GraphDecoder:
             self.cache.reset()
         self.mask.zero_()
         self.mask[:, : ids.shape[1]] = 1
-        logits = self._forward(ids, torch.arange(ids.shape[1], device=self.device))
+        logits = self._forward(ids, torch.arange(ids.shape[1], device=self.device), self.mask)
         self.length = ids.shape[1]
         return logits
 
@@ -63,10 +76,10 @@ class GraphDecoder:
         self.ids.copy_(token)
         self.position.fill_(self.length)
         self.mask[:, self.length] = 1
-        if self.compiled:
+        if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         # The graph's output buffer is overwritten by the next replay: hand out a copy.
-        logits = self._step(self.ids, self.position).clone()
+        logits = self._step(self.ids, self.position, self.mask).clone()
         self.length += 1
         return logits
 
