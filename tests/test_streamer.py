@@ -233,16 +233,22 @@ def test_remove_restores_the_model(reference, prompt):
 # -- the CUDA ordering protocol, with stream semantics simulated on the CPU -------------
 #
 # Fake streams log their operations; `wait_event` captures the event's latest record, as
-# cudaStreamWaitEvent does. From the log we check that every layer's read of the ring
-# comes after its own copy, and that no other copy overwrites those bytes until the read
-# is over. Data still moves synchronously, so the logits check runs too.
+# cudaStreamWaitEvent does, and `wait_stream` the other stream's last operation. Every
+# chunk copy (`copy_(..., non_blocking=True)`) is logged on the stream it was issued on,
+# with the ring bytes it writes. From the log we check, byte for byte, that every layer's
+# read of the ring comes after all the chunks that wrote its bytes, and that no chunk
+# overwrites them until the read is over. Data still moves synchronously, so the logits
+# check runs too.
 
 class _FakeStream:
     def __init__(self, device=None):
-        self.ops = []  # ("wait", node or None) | ("record", None); a node is (stream, index)
+        self.ops = []  # ("wait", node or None) | ("record", None) | ("copy", None); a node is (stream, index)
 
     def wait_event(self, event):
         self.ops.append(("wait", event.node))
+
+    def wait_stream(self, stream):
+        self.ops.append(("wait", (stream, len(stream.ops) - 1) if stream.ops else None))
 
     def synchronize(self):
         pass
@@ -286,62 +292,184 @@ def _happens_before(a, b) -> bool:
     return False
 
 
+class _StreamTrace:
+    """Installs the fake streams and events, and checks the log they leave."""
+
+    def __init__(self, monkeypatch):
+        import contextlib
+
+        from djinn.server import streamer
+
+        self.compute = compute = _FakeStream()
+        _FakeEvent.current = compute
+        # Work queued on the compute stream before the handle exists: the kernels of the
+        # previous owner of the memory the allocator hands the ring.
+        compute.ops.append(("record", None))
+        self.before = (compute, 0)
+        self.chunks = []  # (data_ptr, nbytes, node) of every non-blocking copy
+        self.loads = []  # (load, first chunk, end chunk), in copy-stream order
+        self.reads = []  # (load, read start node, read end node)
+        self.query_answers = None  # an iterator of bools for Event.query, or always True
+        open_reads, trace = [], self
+
+        @contextlib.contextmanager
+        def use_stream(stream):
+            previous, _FakeEvent.current = _FakeEvent.current, stream
+            try:
+                yield
+            finally:
+                _FakeEvent.current = previous
+
+        real_copy = torch.Tensor.copy_
+
+        def logged_copy(dst, src, non_blocking=False):
+            out = real_copy(dst, src, non_blocking)
+            if non_blocking:
+                stream = _FakeEvent.current
+                stream.ops.append(("copy", None))
+                trace.chunks.append((dst.data_ptr(), dst.numel() * dst.element_size(), (stream, len(stream.ops) - 1)))
+            return out
+
+        class Recorded(streamer._CudaCopier):
+            def __init__(self):
+                super().__init__(torch.device("cpu"))
+
+            def copy(self, load, dst, src, chunk_bytes, after):
+                first = len(trace.chunks)
+                super().copy(load, dst, src, chunk_bytes, after)
+                trace.loads.append((load, first, len(trace.chunks)))
+
+            def wait_ready(self, load):
+                super().wait_ready(load)
+                open_reads.append((load, (compute, len(compute.ops) - 1)))
+
+            def record_done(self):
+                event = super().record_done()
+                trace.reads.append(open_reads.pop(0) + (event.node,))
+                return event
+
+        def query(event):
+            return next(trace.query_answers) if trace.query_answers is not None else True
+
+        monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+        monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+        monkeypatch.setattr(_FakeEvent, "query", query)
+        monkeypatch.setattr(torch.cuda, "stream", use_stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeEvent.current)
+        monkeypatch.setattr(torch.Tensor, "copy_", logged_copy)
+        monkeypatch.setattr(streamer, "_InlineCopier", Recorded)
+
+    def check(self, ring: torch.Tensor) -> None:
+        """No chunk copy races the queued work the ring's memory came from or any layer's read."""
+        base = ring.data_ptr()
+        assert self.chunks and all(stream is not self.compute for _, _, (stream, _) in self.chunks), \
+            "chunk copies must run on the copy stream"
+        for _, _, node in self.chunks:
+            assert _happens_before(self.before, node), \
+                "a copy into the ring was not ordered after the work queued before the ring was allocated"
+        own = {id(load): (first, end) for load, first, end in self.loads}
+        for load, read_start, read_end in self.reads:
+            lo, hi = load.offset, load.offset + load.nbytes
+            first, end = own[id(load)]
+            assert sum(n for _, n, _ in self.chunks[first:end]) == load.nbytes
+            for k, (ptr, n, node) in enumerate(self.chunks):
+                start = ptr - base
+                if first <= k < end:
+                    assert lo <= start and start + n <= hi
+                    assert _happens_before(node, read_start), "a layer read the ring before its copy ended"
+                elif start < hi and lo < start + n:
+                    assert _happens_before(node, read_start) or _happens_before(read_end, node), \
+                        "a copy overwrote a layer still being read"
+
+
 @pytest.mark.parametrize("ring_layers, prefetch_depth", [(1.0, 2), (1.3, 1), (2.5, 0), (2.5, 2), (3.2, 5), (9.0, 3)],
                          ids=lambda v: str(v))
 def test_cuda_event_protocol_has_no_ring_races(monkeypatch, reference, prompt, ring_layers, prefetch_depth):
-    import contextlib
-
-    from djinn.server import streamer
-
-    compute = _FakeStream()
-    _FakeEvent.current = compute
-    writes, reads, open_reads, loads = [], [], [], []
-
-    @contextlib.contextmanager
-    def use_stream(stream):
-        previous, _FakeEvent.current = _FakeEvent.current, stream
-        try:
-            yield
-        finally:
-            _FakeEvent.current = previous
-
-    class Recorded(streamer._CudaCopier):
-        def __init__(self):
-            super().__init__(torch.device("cpu"))
-
-        def copy(self, load, dst, src, chunk_bytes, after):
-            super().copy(load, dst, src, chunk_bytes, after)
-            loads.append(load)  # keeps ids unique
-            writes.append((id(load), load.offset, load.nbytes, load.start.node, load.ready.node))
-
-        def wait_ready(self, load):
-            super().wait_ready(load)
-            open_reads.append((id(load), load.offset, load.nbytes, (compute, len(compute.ops) - 1)))
-
-        def record_done(self):
-            event = super().record_done()
-            reads.append(open_reads.pop(0) + (event.node,))
-            return event
-
-    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
-    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
-    monkeypatch.setattr(torch.cuda, "stream", use_stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeEvent.current)
-    monkeypatch.setattr(streamer, "_InlineCopier", Recorded)
-
+    trace = _StreamTrace(monkeypatch)
     model = build(TINY_MODEL)
     with torch.no_grad():
         expected = reference(prompt).logits
         with stream_model(model, device="cpu", capacity_bytes=_capacity(model, ring_layers),
-                          chunk_bytes=1 << 20, prefetch_depth=prefetch_depth):
+                          chunk_bytes=100_000, prefetch_depth=prefetch_depth) as handle:
+            ring = handle.ring.tensor
             for _ in range(3):
                 assert torch.equal(model(prompt).logits, expected)
-    assert len(reads) == 3 * len(find_decoder_layers(model))
+    assert len(trace.reads) == 3 * len(find_decoder_layers(model))
+    trace.check(ring)
 
-    order = {w[0]: k for k, w in enumerate(writes)}  # position on the copy stream
-    by_load = {w[0]: w for w in writes}
-    for load, offset, nbytes, read_start, read_end in reads:
-        assert _happens_before(by_load[load][4], read_start), "a layer read the ring before its copy ended"
-        for other, w_offset, w_nbytes, w_start, _ in writes:
-            if order[other] > order[load] and w_offset < offset + nbytes and offset < w_offset + w_nbytes:
-                assert _happens_before(read_end, w_start), "a copy overwrote a layer still being read"
+
+def test_first_copies_wait_for_work_queued_before_the_ring(monkeypatch):
+    """The ring comes from the caching allocator, ordered only against the stream that
+    allocated it: a layer prefetched at construction must not be written before the
+    work already queued there, or a kernel of the memory's previous owner races it."""
+    trace = _StreamTrace(monkeypatch)
+    model = _Stack([64] * 4)
+    with torch.no_grad(), stream_model(model, device="cpu", capacity_bytes=_capacity(model, 9.0),
+                                       chunk_bytes=1 << 20, prefetch_depth=2) as handle:
+        ring = handle.ring.tensor
+        assert len(trace.chunks) == 2  # layers 0 and 1, queued before any forward
+        model(torch.zeros(3))
+    trace.check(ring)
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(n))
+        self.b = torch.nn.Parameter(torch.randn(7))  # not a multiple of the alignment
+
+    def forward(self, x):
+        return x * 0.5 + self.w.sum() * 1e-3 + self.b.sum() * 1e-3
+
+
+class _Stack(torch.nn.Module):
+    """Decoder-like stack of layers of any sizes; `stop` raises before that layer."""
+
+    class Stop(Exception):
+        pass
+
+    def __init__(self, sizes):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_Layer(n) for n in sizes)
+
+    def forward(self, x, stop=None):
+        for index, layer in enumerate(self.layers):
+            if index == stop:
+                raise _Stack.Stop
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_rings_and_early_stops_have_no_races(monkeypatch, seed):
+    """Layers of mixed sizes, rings from one layer to all of them, any prefetch depth,
+    forwards that stop midway (the resync path), and event queries that say "not yet":
+    the log must show no race and the outputs must match the resident model."""
+    rng = random.Random(seed)
+    if seed == 0:  # llama-2-13b through a 10 GiB ring: 40 equal layers, 16.9 fit; prefetch 2
+        sizes, ring_layers, depth, passes = [1024] * 40, 16.93, 2, 4
+    else:
+        count = rng.randint(1, 10)
+        sizes = [rng.choice([256, 1000, rng.randint(1, 4000)]) for _ in range(count)]
+        ring_layers, depth, passes = rng.uniform(1.0, count + 1.5), rng.randint(0, 5), rng.randint(1, 5)
+    stops = [rng.choice([None, None, None, *range(len(sizes))]) for _ in range(passes)]
+    reference = _Stack(sizes)
+    x = torch.randn(3)
+    with torch.no_grad():
+        expected = reference(x)
+        trace = _StreamTrace(monkeypatch)
+        trace.query_answers = iter(lambda: rng.random() < 0.5, None)
+        model = _Stack(sizes)
+        model.load_state_dict(reference.state_dict())
+        capacity = int(max(_layer_bytes(model)) * ring_layers) + 512
+        with stream_model(model, device="cpu", capacity_bytes=capacity, chunk_bytes=rng.choice([64, 1000, 1 << 20]),
+                          prefetch_depth=depth) as handle:
+            ring = handle.ring.tensor
+            for stop in stops:
+                if stop is None:
+                    assert torch.equal(model(x), expected)
+                else:
+                    with pytest.raises(_Stack.Stop):
+                        model(x, stop=stop)
+            assert torch.equal(model(x), expected)
+    trace.check(ring)

@@ -167,6 +167,11 @@ class _CudaCopier:
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
+        # The ring was just allocated on the current stream, and the caching allocator
+        # orders a reused block only against that stream: kernels of the memory's
+        # previous owner may still be queued there. The copy stream is not ordered after
+        # them, so its first copies into the ring would race them; order it once here.
+        self.stream.wait_stream(torch.cuda.current_stream(device))
         self.seconds = 0.0
         self._timed: deque[_Load] = deque()  # loads whose copy time is not yet read
         self._timing_pool: list[torch.cuda.Event] = []
@@ -349,7 +354,7 @@ class StreamingHandle:
         self.layer_bytes = tuple(spec.nbytes for spec in specs)  # packed blob sizes, in layer order
         self.ring = RingBuffer(capacity_bytes, device, alignment)
         if device.type == "cuda":
-            self._copier = _CudaCopier(device)
+            self._copier = _CudaCopier(device)  # after the ring: its stream waits for the allocation
             # Should the handle be dropped without remove(), the allocator must not hand the
             # ring out again before the copies queued into it have finished.
             self.ring.tensor.record_stream(self._copier.stream)
@@ -528,7 +533,10 @@ class StreamingHandle:
             return
         self._copier.synchronize()
         if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+            # Every stream, not only the current one: forwards may have read the ring on
+            # another stream (a worker thread's), and the allocator only knows of the
+            # copy stream's use of it.
+            torch.cuda.synchronize(self.device)
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
