@@ -40,6 +40,16 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
+def hf_greedy():
+    """HF greedy `generate` run locally, what every mode must reproduce: (sequences, logits per step)."""
+    def run(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        return out.sequences, torch.stack(out.logits, dim=1)
+    return run
+
+
+@pytest.fixture(scope="session")
 def shared_server(tmp_path_factory):
     """One CPU server for the tests that only need a healthy one."""
     with ServerProcess("--device", "cpu", log_path=tmp_path_factory.mktemp("shared") / "server.log") as server:

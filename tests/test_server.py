@@ -22,12 +22,10 @@ LADDER = ["semantic_blind", "partially_aware", "remote_cache", "full_djinn"]
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model):
+def reference(tiny_model, hf_greedy):
     """HF greedy generate, run locally: what every mode must reproduce."""
     ids = torch.randint(0, 8192, (1, 72), generator=torch.Generator().manual_seed(7))
-    out = tiny_model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, pad_token_id=0)
-    return ids, out.sequences, torch.stack(out.logits, dim=1)
+    return (ids, *hf_greedy(tiny_model, ids, NEW_TOKENS))
 
 
 @pytest.fixture

@@ -45,11 +45,9 @@ def client(small_server):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model):
+def reference(tiny_model, hf_greedy):
     ids = torch.randint(0, 8192, (1, 40), generator=torch.Generator().manual_seed(3))
-    out = tiny_model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, pad_token_id=0)
-    return ids, out.sequences, torch.stack(out.logits, dim=1)
+    return (ids, *hf_greedy(tiny_model, ids, NEW_TOKENS))
 
 
 def _model_stats(client, fingerprint: str) -> dict:
