@@ -384,7 +384,7 @@ def _deepspeed(lab: RingLab) -> Runner:
         os.environ.setdefault(key, value)
     torch.cuda.set_device(torch.device(s.device))
     deepspeed.init_distributed()
-    itemsize = torch.empty((), dtype=s.dtype).element_size()
+    itemsize = s.dtype.itemsize
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "fp16": {"enabled": s.dtype == torch.float16}, "bf16": {"enabled": s.dtype == torch.bfloat16},

@@ -18,14 +18,13 @@ import torch
 
 from djinn import kv, models
 from djinn.decoding import forward_last, greedy
-from djinn.modes import Mode, resolve
+from djinn.modes import SHIPPED_WEIGHT_PREFIX, Mode, resolve
 from djinn.transport import DEFAULT_TIMEOUT_S, ByteCounters, ClientConnection, Codec, OutgoingTensor, TensorKind
 from djinn.transport.wire import DTYPE_NAMES
 
 SERVER_ENV = "DJINN_SERVER"
 SERVER_ENV_ALIASES = ("GENIE_SERVER_ADDRESS",)  # the prototype's name
 UPLOAD_CHUNK_BYTES = 256 << 20  # a chunk is one message: bounded memory on both sides, resumable per chunk
-WEIGHT_PREFIX = "w."
 
 
 def server_address(address: str | None = None) -> str:
@@ -254,7 +253,7 @@ class StatelessSteps:
         self.pairs: kv.KVPairs = []
         if fingerprint is None:
             self.args = {"config": config_dict(model), "dtype": DTYPE_NAMES[_weights_dtype(model)]}
-            self.weights = {WEIGHT_PREFIX + n: OutgoingTensor(t, TensorKind.WEIGHT)
+            self.weights = {SHIPPED_WEIGHT_PREFIX + n: OutgoingTensor(t, TensorKind.WEIGHT)
                             for n, t in model.state_dict().items()}
         else:
             self.args = {"model": fingerprint}

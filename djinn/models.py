@@ -129,7 +129,12 @@ def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
     layers = config.num_hidden_layers
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * layers * heads * head_dim * dtype.itemsize
+
+
+def max_positions(config: PretrainedConfig) -> int:
+    """The model's context length, under the name its config family uses."""
+    return getattr(config, "max_position_embeddings", None) or config.n_positions
 
 
 def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:

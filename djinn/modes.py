@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+SHIPPED_WEIGHT_PREFIX = "w."  # semantic_blind's weights in a stateless forward request, beside ids and KV
+
 
 @dataclass(frozen=True)
 class Mode:

@@ -241,8 +241,7 @@ class Executor:
         vocab = model.get_input_embeddings().num_embeddings
         past = pairs[0][0].shape[-2] if pairs else 0
         batch = pairs[0][0].shape[0] if pairs else None
-        max_positions = getattr(config, "max_position_embeddings", None) or config.n_positions
-        ids = self.token_ids(ids, "input_ids", vocab, past, max_positions, batch)
+        ids = self.token_ids(ids, "input_ids", vocab, past, models.max_positions(config), batch)
         cache = kv.from_pairs([(self.on_device(k), self.on_device(v)) for k, v in pairs])
         logits = self._run(model, ids, cache, {n: self.on_device(t) for n, t in weights.items()})
         return logits, kv.to_pairs(cache)

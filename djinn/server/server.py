@@ -19,6 +19,7 @@ import torch
 from djinn import kv
 from djinn.errors import BadRequest, DjinnError
 from djinn.decoding import greedy
+from djinn.modes import SHIPPED_WEIGHT_PREFIX
 from djinn.server.executor import Executor
 from djinn.server.graphs import GraphSlots
 from djinn.server.session_store import SessionStore
@@ -31,7 +32,6 @@ log = logging.getLogger("djinn.server")
 
 SERVER_VERSION = "0.1.0"
 POLL_MS = 200  # how often the loop wakes to expire sessions and check for shutdown
-WEIGHT_PREFIX = "w."  # shipped weights, semantic_blind
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,8 @@ class Server:
     def forward(self, incoming: Incoming) -> Reply:
         """Stateless: KV comes in and goes out; weights are shipped or cached."""
         message = incoming.message
-        weights = {n[len(WEIGHT_PREFIX):]: t for n, t in message.tensors.items() if n.startswith(WEIGHT_PREFIX)}
+        weights = {n.removeprefix(SHIPPED_WEIGHT_PREFIX): t for n, t in message.tensors.items()
+                   if n.startswith(SHIPPED_WEIGHT_PREFIX)}
         if weights:
             model, config = self.executor.skeleton(_arg(message, "config", dict), _dtype(message.args.get("dtype")))
         else:

@@ -16,6 +16,7 @@ against the budget.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -86,8 +87,7 @@ class CachedModel:
 
     @property
     def max_positions(self) -> int:
-        config = self.config
-        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
+        return models.max_positions(self.config)
 
 
 @dataclass
@@ -125,7 +125,7 @@ class WeightCache:
             config = models.config_from_dict(config_values)
         except Exception as exc:
             raise BadRequest(f"model {fingerprint}: config is not a HuggingFace config: {exc}") from None
-        weight_bytes = sum(_numel(e.shape) * _itemsize(e.dtype) for e in entries)
+        weight_bytes = sum(math.prod(e.shape) * e.dtype.itemsize for e in entries)
         streamed_bytes = 0
         if fits_in_budget(weight_bytes, self.budget_bytes):
             self._make_room(weight_bytes, fingerprint)
@@ -270,13 +270,3 @@ def _host_skeleton(config, dtype: torch.dtype, device: torch.device) -> torch.nn
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

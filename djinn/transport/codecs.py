@@ -8,6 +8,8 @@ and are only used when a caller asks for them by name.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -91,9 +93,7 @@ def wire_itemsize(dtype: torch.dtype, codec: Codec) -> int:
 
 def decode(buffer, dtype: torch.dtype, shape: tuple[int, ...], codec: Codec) -> torch.Tensor:
     """A tensor over the received buffer; raw frames are wrapped without a copy."""
-    numel = 1
-    for dim in shape:
-        numel *= dim
+    numel = math.prod(shape)
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     expected = numel * wire_itemsize(dtype, codec)

@@ -8,6 +8,7 @@ declared size, before a tensor is built: a malformed message raises a
 from __future__ import annotations
 
 import hmac
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -205,10 +206,7 @@ def _parse_spec(entry, limits: Limits) -> TensorSpec:
 
 def _decoded_bytes(dtype: str, shape, codec: Codec) -> int:
     """Bytes of the frame once decompressed: what the receiver allocates."""
-    numel = 1
-    for dim in shape:
-        numel *= dim
-    return numel * codecs.wire_itemsize(DTYPES[dtype], codec)
+    return math.prod(shape) * codecs.wire_itemsize(DTYPES[dtype], codec)
 
 
 def decode_message(frames: list, known_ops: Iterable[str], limits: Limits = Limits(),
