@@ -20,6 +20,11 @@ after `--warmup-runs` short (2-token) ones:
 asserts the issue's goals on a GPU (bit-identity everywhere). Raw JSON goes to
 `results/ring_buffer/<stamp>/`.
 
+Every baseline runs on deterministic kernels (`djinn.reproducibility`; the remote
+server with `--deterministic`): a GPU's default attention kernel for a decode step is
+not run-to-run deterministic even for the resident model, so bit-identity is only
+meaningful, and every baseline only comparable, under that one setting.
+
 Effective bandwidth is the bytes of weights copied host→device during a run divided
 by the run's wall time; TTFT is the prompt's forward, through the first token.
 On a 13B shape one streamed run is ~25 s, so models over 1 GiB run at most 2 measured
@@ -44,6 +49,7 @@ import djinn
 from djinn import kv, models
 from djinn.client import RemoteModel, load_local
 from djinn.decoding import forward_last
+from djinn.reproducibility import deterministic_kernels, deterministic_region
 from djinn.server.process import ServerProcess
 from djinn.server.streamer import StreamingHandle, find_decoder_layers, stream_model
 
@@ -157,7 +163,7 @@ class RingSetup:
                 "ring_layers": self.ring_bytes / max(self.layer_bytes), "chunk_bytes": DEFAULT_CHUNK_BYTES,
                 "prefetch_depth": PREFETCH_DEPTH, "prompt_tokens": self.prompt.shape[1],
                 "new_tokens": self.new_tokens, "runs": self.runs, "warmup_runs": self.warmup,
-                "warmup_tokens": WARMUP_TOKENS}
+                "warmup_tokens": WARMUP_TOKENS, "deterministic_kernels": deterministic_kernels()}
 
 
 @dataclass(frozen=True)
@@ -427,7 +433,8 @@ def _djinn_remote(lab: RingLab) -> Runner:
     s = lab.setup
     log_path = lab.log_dir / "server.log"
     server = ServerProcess("--device", s.device, "--vram-budget-gb", repr(s.budget_bytes / GIB),
-                           "--ring-buffer-gb", repr(s.ring_bytes / GIB), "--disable-kv-swap", "--log-level", "INFO",
+                           "--ring-buffer-gb", repr(s.ring_bytes / GIB), "--disable-kv-swap", "--deterministic",
+                           "--log-level", "INFO",
                            log_path=log_path).start()
     client = None
     try:
@@ -455,6 +462,7 @@ def _djinn_remote(lab: RingLab) -> Runner:
     return Runner(remote, s.streamed_bytes, close, stream_stats=lambda: model_stats()["stream"],
                   peak_memory=lambda: client.stats()["memory"].get("device_peak_allocated_bytes"), port=server.port,
                   info={"server_log": str(log_path), "device_bytes": registered["device_bytes"],
+                        "server_deterministic_kernels": client.hello()["deterministic_kernels"],
                         "decision_logged": "exceeds the" in server.log()})
 
 
@@ -462,6 +470,12 @@ BUILDERS: dict[str, Callable[[RingLab], Runner]] = {
     "resident": _resident, "hf_accelerate": _hf_accelerate, "deepspeed": _deepspeed,
     "djinn_ring_buffer": _djinn_local, "djinn_ring_buffer_remote": _djinn_remote,
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _deterministic_kernels():
+    with deterministic_region():
+        yield
 
 
 @pytest.fixture(scope="module")

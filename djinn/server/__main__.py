@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-graphs", action="store_true",
                         help="decode through CUDA-graph slots over a static KV cache (faster; logits then differ "
                              "from eager HF in the last bits)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic kernels only (djinn.reproducibility): runs repeat bit for bit; the "
+                             "default decode attention kernel of a GPU does not")
     parser.add_argument("--graph-max-len", type=int, default=1024, help="tokens one graph slot holds")
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="keep glibc's default allocator settings (large receives then page-fault "
@@ -56,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
         os.execve(sys.executable, [sys.executable, "-m", "djinn.server", *argv], tuned_environment(os.environ))
     # Imported after the re-exec decision: torch is large, and the tuned process imports it once.
+    from djinn.reproducibility import use_deterministic_kernels
     from djinn.server.server import Server, ServerConfig
+
+    if args.deterministic:
+        use_deterministic_kernels()  # before the server touches the device
 
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

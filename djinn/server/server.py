@@ -20,6 +20,7 @@ from djinn import kv
 from djinn.errors import BadRequest, DjinnError
 from djinn.decoding import greedy
 from djinn.modes import SHIPPED_WEIGHT_PREFIX
+from djinn.reproducibility import deterministic_kernels
 from djinn.server.executor import Executor
 from djinn.server.graphs import GraphSlots
 from djinn.server.session_store import SessionStore
@@ -173,6 +174,7 @@ class Server:
     # -- ops -----------------------------------------------------------------------
     def hello(self, incoming: Incoming) -> Reply:
         return Reply({"version": SERVER_VERSION, "device": str(self.device), "malloc_tuned": is_tuned(os.environ),
+                      "deterministic_kernels": deterministic_kernels(),
                       "budget_bytes": self.executor.budget_bytes, "ops": sorted(self.handlers)}, {})
 
     def stats(self, incoming: Incoming) -> Reply:
