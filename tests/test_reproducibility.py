@@ -18,6 +18,17 @@ def restore_torch_flags(monkeypatch):
     yield
     torch.use_deterministic_algorithms(False)
     torch.utils.deterministic.fill_uninitialized_memory = fill
+    for enable in FUSED_ATTENTION_SWITCHES:
+        enable(True)
+
+
+FUSED_ATTENTION_SWITCHES = (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                            torch.backends.cuda.enable_cudnn_sdp)
+
+
+def _fused_attention_enabled() -> list[bool]:
+    return [torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+            torch.backends.cuda.cudnn_sdp_enabled()]
 
 
 def test_use_deterministic_kernels_sets_every_switch(restore_torch_flags):
@@ -26,6 +37,7 @@ def test_use_deterministic_kernels_sets_every_switch(restore_torch_flags):
     assert deterministic_kernels() and torch.is_deterministic_algorithms_warn_only_enabled()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE_CONFIG
     assert torch.utils.deterministic.fill_uninitialized_memory is False
+    assert _fused_attention_enabled() == [False, False, False] and torch.backends.cuda.math_sdp_enabled()
 
 
 def test_a_user_cublas_setting_is_kept(restore_torch_flags, monkeypatch):
@@ -37,7 +49,9 @@ def test_a_user_cublas_setting_is_kept(restore_torch_flags, monkeypatch):
 def test_deterministic_region_restores_the_previous_settings(restore_torch_flags):
     with deterministic_region():
         assert deterministic_kernels()
+        assert _fused_attention_enabled() == [False, False, False]
     assert not deterministic_kernels() and torch.utils.deterministic.fill_uninitialized_memory is True
+    assert _fused_attention_enabled() == [True, True, True]
 
 
 @pytest.mark.parametrize("flag, expected", [((), False), (("--deterministic",), True)])
