@@ -114,18 +114,26 @@ def echo_client():
 
 
 class RecordingSocket(zmq.Socket):
-    """A DEALER that remembers the length of every frame it sent and received."""
+    """A DEALER that remembers the length of every frame it sent and received, message by message."""
     sent: list[list[int]]
     received: list[list[int]]
+    _sending: bool = False  # the last frame sent had SNDMORE: the next one extends that message
+    _receiving: bool = False  # likewise for RCVMORE
 
-    def send_multipart(self, msg_parts, *args, **kwargs):
-        self.sent.append([len(memoryview(p)) for p in msg_parts])
-        return super().send_multipart(msg_parts, *args, **kwargs)
+    def send(self, data, flags=0, **kwargs):
+        if not self._sending:
+            self.sent.append([])
+        self.sent[-1].append(len(memoryview(data)))
+        self._sending = bool(flags & zmq.SNDMORE)
+        return super().send(data, flags, **kwargs)
 
-    def recv_multipart(self, *args, **kwargs):
-        parts = super().recv_multipart(*args, **kwargs)
-        self.received.append([len(p) for p in parts])
-        return parts
+    def recv(self, flags=0, **kwargs):
+        frame = super().recv(flags, **kwargs)
+        if not self._receiving:
+            self.received.append([])
+        self.received[-1].append(len(frame))
+        self._receiving = bool(self.getsockopt(zmq.RCVMORE))
+        return frame
 
 
 class RecordingContext(zmq.Context):
