@@ -25,6 +25,7 @@ from djinn.errors import DjinnTimeout, Unauthenticated
 from djinn.transport import (ERROR_OP, PROTOCOL_VERSION, REPLY_OP, ClientConnection, Codec, Limits, OutgoingTensor,
                              ServerSocket, decode_message, encode_message, Header)
 from djinn.transport.codecs import LOSSLESS
+from djinn.transport.sockets import SPIN_ENV, SPIN_MIN_CORES, SPIN_US, spin_seconds
 from djinn.transport.wire import DTYPES
 
 OPS = ("echo", "slow")
@@ -430,3 +431,30 @@ def test_received_raw_tensors_live_in_the_received_frames():
     finally:
         router.close(linger=0)
         dealer.close(linger=0)
+
+
+# --- busy-polling receives ----------------------------------------------------------------------
+
+def test_spin_time_follows_the_environment_and_the_core_count():
+    assert spin_seconds({}, cores=SPIN_MIN_CORES) == SPIN_US / 1e6
+    assert spin_seconds({}, cores=SPIN_MIN_CORES - 1) == 0.0  # a small host: the I/O thread needs the core
+    assert spin_seconds({SPIN_ENV: "0"}, cores=64) == 0.0
+    assert spin_seconds({SPIN_ENV: "50"}, cores=2) == 50e-6
+    with pytest.raises(ValueError, match=SPIN_ENV):
+        spin_seconds({SPIN_ENV: "fast"})
+
+
+@pytest.mark.parametrize("spin_us", ["0", "1000000"])  # never; longer than any reply here takes
+def test_spinning_and_sleeping_receives_deliver_the_same_messages(monkeypatch, spin_us):
+    monkeypatch.setenv(SPIN_ENV, spin_us)
+    tensors = {"x": torch.arange(10_000, dtype=torch.int32), "empty": torch.zeros(0)}
+    with live_server() as live, ClientConnection(live.address, timeout_s=REPLY_TIMEOUT_S) as client:
+        for i in range(20):
+            reply = client.request("echo", {"i": i}, tensors)
+            assert reply.args == {"i": i}
+            assert all(torch.equal(reply.tensors[name], t) for name, t in tensors.items())
+        # A timeout still holds when nothing comes: the spin gives up and the receive sleeps.
+        started = time.monotonic()
+        with pytest.raises(DjinnTimeout):
+            client.request("slow", {"delay_s": 1.0}, timeout_s=0.2)
+        assert time.monotonic() - started < 0.9
