@@ -26,6 +26,7 @@ import pytest
 import torch
 import zmq
 
+from djinn.transport.sockets import spin_seconds
 from djinn.transport.tuning import tuned_environment
 
 from benchmarks import transport_peers
@@ -185,7 +186,10 @@ def _device_info() -> dict:
             # Both move large-receive throughput by 2-3x here (first-touch page faults of fresh buffers).
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "transparent_hugepage": _read(THP_SETTING),
             "djinn_peer_glibc_tunables": tuned_environment({})["GLIBC_TUNABLES"],
-            "torch_rpc_peer_glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+            "torch_rpc_peer_glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+            # The machine, named by its accelerator where it has one: loopback figures are the host's.
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "djinn_spin_us": spin_seconds() * 1e6}
 
 
 def _read(path: str) -> str | None:
