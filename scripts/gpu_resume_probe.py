@@ -36,25 +36,52 @@ def upload_pageable(tensor, device):
     return tensor.to(device, non_blocking=True)
 
 
-def upload_side_stream(tensor, device):
-    side = torch.cuda.Stream(device)
-    with torch.cuda.stream(side):
-        out = tensor.to(device, non_blocking=True)
-    torch.cuda.current_stream(device).wait_stream(side)
-    return out
+_POOL: dict = {}
 
 
-def upload_register(tensor, device):
-    cudart = torch.cuda.cudart()
-    cudart.cudaHostRegister(tensor.data_ptr(), tensor.nbytes, 0)
-    out = tensor.to(device, non_blocking=True)
-    torch.cuda.current_stream(device).synchronize()
-    cudart.cudaHostUnregister(tensor.data_ptr())
-    return out
+def upload_pinned_pool(tensor, device):
+    """A pinned staging buffer kept across requests: no host-allocator call per resume."""
+    key = (tensor.dtype, tuple(tensor.shape))
+    if key not in _POOL:
+        _POOL[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return _POOL[key].copy_(tensor).to(device, non_blocking=True)
 
 
-STRATEGIES = {"pin_overlap": upload_pin, "pageable": upload_pageable, "side_stream": upload_side_stream,
-              "register": upload_register}
+STRATEGIES = {"pin_overlap": upload_pin, "pageable": upload_pageable, "pinned_pool": upload_pinned_pool}
+
+
+class Phases:
+    """Host time of each part of a resume's IO wait, summed per round."""
+
+    def __init__(self, executor):
+        self.times: dict[str, float] = {}
+        store = executor.sessions
+        for owner, name in ((store, "page_in"), (store, "_synchronize"), (executor, "memory_in_use")):
+            self._wrap(owner, name)
+
+    def _wrap(self, owner, name):
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.times[name] = self.times.get(name, 0.0) + (time.perf_counter() - started) * 1e3
+        setattr(owner, name, timed)
+
+    def wrap_upload(self, upload):
+        def timed(tensor):
+            started = time.perf_counter()
+            try:
+                return upload(tensor)
+            finally:
+                self.times["upload"] = self.times.get("upload", 0.0) + (time.perf_counter() - started) * 1e3
+        return timed
+
+    def take(self) -> dict:
+        taken, self.times = self.times, {}
+        return taken
 
 
 def main() -> None:
@@ -75,6 +102,7 @@ def main() -> None:
     cached = CachedModel("probe", model, model.config, dtype, {}, weight_bytes)
     weights.models["probe"] = cached
     executor = Executor(device, weights, sessions, budget)
+    phases = Phases(executor) if device.type == "cuda" else None
     vocab = model.config.vocab_size
     on_gpu = device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
@@ -87,6 +115,8 @@ def main() -> None:
             point = {"seq_len": seq_len, "layer": layer}
             for name, strategy in [("manual_pinned", None)] * on_gpu + list(strategies.items()):
                 times, parts = [], []
+                if phases:
+                    phases.take()
                 for _ in range(args.rounds + 1):
                     session = sessions.open(cached, b"probe")
                     activation = executor.run_to_layer(session, ids, layer) * 0.9
@@ -105,17 +135,25 @@ def main() -> None:
                     else:
                         executor.offload(session)
                         host_activation = pageable(activation)
-                        executor._upload = lambda t, s=strategy: s(t, device)
+                        upload = lambda t, s=strategy: s(t, device)  # noqa: E731
+                        executor._upload = phases.wrap_upload(upload) if phases else upload
                         executor.resume(session, host_activation)
                         times.append(session.last_io_wait_ms)
+                        if phases:
+                            parts.append(phases.take())
                     sessions.close(session.handle)
-                times = times[1:]
+                times, parts = times[1:], parts[1:]
                 point[name] = {"median_ms": statistics.median(times), "min_ms": min(times), "runs_ms": times}
+                if parts:
+                    point[name]["phases_median_ms"] = {k: statistics.median(p.get(k, 0.0) for p in parts)
+                                                       for k in parts[0]}
             if on_gpu:
                 base = point["manual_pinned"]["median_ms"]
                 point["ratio_vs_manual"] = {k: point[k]["median_ms"] / base for k in strategies}
             out["points"].append(point)
-            print(json.dumps({k: (v if not isinstance(v, dict) or "median_ms" not in v else round(v["median_ms"], 3))
+            print(json.dumps({k: v if not isinstance(v, dict) or "median_ms" not in v else
+                              {"ms": round(v["median_ms"], 3),
+                               **{p: round(t, 3) for p, t in v.get("phases_median_ms", {}).items()}}
                               for k, v in point.items()}), flush=True)
     print(json.dumps(out))
 
