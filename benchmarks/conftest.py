@@ -15,6 +15,7 @@ import torch
 import djinn
 from djinn.client import RemoteModel, load_local
 from djinn.modes import resolve as resolve_mode
+from djinn.reproducibility import deterministic_region
 from djinn import models
 from djinn.server.process import ServerProcess
 from djinn.telemetry.nvml import NvmlSampler, nvml_available
@@ -154,8 +155,17 @@ def djinn_server(pytestconfig, bench_device, tmp_path_factory):
         yield ExternalServer(external)
         return
     log = tmp_path_factory.mktemp("djinn-server") / "server.log"
-    with ServerProcess("--device", bench_device, "--log-level", "INFO", log_path=log) as server:
+    with ServerProcess("--device", bench_device, "--deterministic", "--log-level", "INFO", log_path=log) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def deterministic_kernels():
+    """This process on deterministic kernels for a module (`djinn.reproducibility`); the
+    servers above always are. A GPU's fused attention kernels decode differently from
+    run to run, so repeated runs and the modes only compare bit for bit this way."""
+    with deterministic_region():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -168,7 +178,8 @@ def djinn_client(djinn_server):
 def djinn_graph_server(bench_device, tmp_path_factory):
     """A second server that decodes through CUDA-graph slots (`--decode-graphs`)."""
     log = tmp_path_factory.mktemp("djinn-graph-server") / "server.log"
-    with ServerProcess("--device", bench_device, "--decode-graphs", "--log-level", "INFO", log_path=log) as server:
+    with ServerProcess("--device", bench_device, "--decode-graphs", "--deterministic", "--log-level", "INFO",
+                       log_path=log) as server:
         yield server
 
 

@@ -5,6 +5,10 @@ after `--warmup-runs` discarded ones. pytest-benchmark times each run; extra_inf
 holds per-token latency, bytes per token, GPU utilisation, the queue / compute /
 transfer split and energy. `test_success_criteria` then checks the seed's claims
 as ratios between baselines measured in this same run.
+
+Every baseline decodes on deterministic kernels (the `deterministic_kernels` fixture,
+the servers' `--deterministic`): on a GPU the default fused attention kernels give
+different logits from run to run, so neither the runs nor the modes would compare.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ MAX_LATENCY_FACTOR_FULL_VS_NATIVE = 1.25  # full_djinn adds one loopback round t
 MAX_LATENCY_FACTOR_GRAPHS_VS_NATIVE = 1.0  # issue 3's goal for the dedicated runtime, on a GPU
 GPU_SCALE_BYTES = 1 << 30  # the 30x latency claim is about a multi-GB model, where shipping weights dominates
 
-pytestmark = [pytest.mark.exp2, pytest.mark.exp2_1]
+pytestmark = [pytest.mark.exp2, pytest.mark.exp2_1, pytest.mark.usefixtures("deterministic_kernels")]
 
 
 @dataclass(frozen=True)

@@ -49,14 +49,14 @@ import djinn
 from djinn import kv, models
 from djinn.client import RemoteModel, load_local
 from djinn.decoding import forward_last
-from djinn.reproducibility import deterministic_kernels, deterministic_region
+from djinn.reproducibility import deterministic_kernels
 from djinn.server.process import ServerProcess
 from djinn.server.streamer import StreamingHandle, find_decoder_layers, stream_model
 
 from benchmarks.collectors import Collectors
 from benchmarks.plans import LARGE_MODEL_BYTES
 
-pytestmark = [pytest.mark.exp2, pytest.mark.ring_buffer]
+pytestmark = [pytest.mark.exp2, pytest.mark.ring_buffer, pytest.mark.usefixtures("deterministic_kernels")]
 
 BASELINES = ("resident", "hf_accelerate", "deepspeed", "djinn_ring_buffer_remote", "djinn_ring_buffer")
 DJINN_BASELINES = ("djinn_ring_buffer", "djinn_ring_buffer_remote")
@@ -470,12 +470,6 @@ BUILDERS: dict[str, Callable[[RingLab], Runner]] = {
     "resident": _resident, "hf_accelerate": _hf_accelerate, "deepspeed": _deepspeed,
     "djinn_ring_buffer": _djinn_local, "djinn_ring_buffer_remote": _djinn_remote,
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _deterministic_kernels():
-    with deterministic_region():
-        yield
 
 
 @pytest.fixture(scope="module")
