@@ -1,7 +1,9 @@
 """Sockets end to end against a live `ServerSocket` in a background thread: round
 trips over tcp:// and ipc://, every malformed input answered with a structured
 error while the server keeps serving, authentication, timeouts, late replies,
-byte counters checked against the frames actually sent, and zero-copy receives."""
+byte counters checked against the frames actually sent, and zero-copy receives.
+Servers run both ways they receive tensor frames: as frames, and landed in tensors
+a landing callback gives (`recv_into`), which must not change what any client sees."""
 from __future__ import annotations
 
 import contextlib
@@ -22,16 +24,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from djinn.errors import DjinnTimeout, Unauthenticated
-from djinn.transport import (ERROR_OP, PROTOCOL_VERSION, REPLY_OP, ClientConnection, Codec, Limits, OutgoingTensor,
-                             ServerSocket, decode_message, encode_message, Header)
+from djinn.transport import (ERROR_OP, PROTOCOL_VERSION, REPLY_OP, ClientConnection, Codec, Limits, Message,
+                             OutgoingTensor, ServerSocket, TensorKind, TensorSpec, decode_message, encode_message,
+                             Header)
 from djinn.transport.codecs import LOSSLESS
-from djinn.transport.sockets import SPIN_ENV, SPIN_MIN_CORES, SPIN_US, spin_seconds
+from djinn.transport.sockets import SPIN_ENV, SPIN_MIN_CORES, SPIN_US, Landing, spin_seconds
 from djinn.transport.wire import DTYPES
 
 OPS = ("echo", "slow")
 TOKEN = "s3cret-token"
 SERVED_LIMITS = Limits(max_tensor_bytes=1 << 20, max_message_bytes=3 << 19)  # 1 MB a tensor, 1.5 MB a message
 REPLY_TIMEOUT_S = 5.0
+
+
+def land_everything(spec: TensorSpec) -> torch.Tensor:
+    return torch.empty(spec.nbytes, dtype=torch.uint8)
+
+
+LANDINGS = [pytest.param(None, id="frames"), pytest.param(land_everything, id="landed")]
 TRANSPORTS = ["tcp", pytest.param("ipc", marks=pytest.mark.skipif(not zmq.has("ipc"), reason="no ipc:// here"))]
 
 
@@ -87,9 +97,10 @@ def _address(transport: str, directory: str) -> str:
 
 
 @contextlib.contextmanager
-def live_server(transport: str = "tcp", *, limits: Limits = SERVED_LIMITS, auth_token: str | None = None):
+def live_server(transport: str = "tcp", *, limits: Limits = SERVED_LIMITS, auth_token: str | None = None,
+                landing: Landing | None = None):
     directory = tempfile.mkdtemp(prefix="djinn-")  # short: ipc paths must fit in sun_path
-    server = ServerSocket(_address(transport, directory), OPS, limits=limits, auth_token=auth_token)
+    server = ServerSocket(_address(transport, directory), OPS, limits=limits, auth_token=auth_token, landing=landing)
     stop = threading.Event()
     thread = threading.Thread(target=_serve, args=(server, stop), name="djinn-test-server", daemon=True)
     thread.start()
@@ -102,15 +113,16 @@ def live_server(transport: str = "tcp", *, limits: Limits = SERVED_LIMITS, auth_
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.fixture
-def served():
-    with live_server() as live:
+@pytest.fixture(params=LANDINGS)
+def served(request):
+    with live_server(landing=request.param) as live:
         yield live
 
 
-@pytest.fixture(scope="module")
-def echo_client():
-    with live_server(limits=Limits()) as live, ClientConnection(live.address, timeout_s=REPLY_TIMEOUT_S) as client:
+@pytest.fixture(scope="module", params=LANDINGS)
+def echo_client(request):
+    with (live_server(limits=Limits(), landing=request.param) as live,
+          ClientConnection(live.address, timeout_s=REPLY_TIMEOUT_S) as client):
         yield client
 
 
@@ -218,13 +230,14 @@ def test_every_dtype_and_shape_round_trips_through_a_live_server(echo_client, dt
 
 
 @pytest.mark.correctness
+@pytest.mark.parametrize("landing", LANDINGS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_one_message_of_every_dtype_round_trips(transport):
+def test_one_message_of_every_dtype_round_trips(transport, landing):
     dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8]
     sent = {f"{dtype}-{i}": t for dtype in dtypes
             for i, t in enumerate([seeded(dtype, (5, 3), 0).mT, seeded(dtype, (), 1), seeded(dtype, (0, 4), 2)])}
     sent["large"] = seeded(torch.float32, (1 << 16,), 3)  # frames over the 255-byte short size too
-    with live_server(transport, limits=Limits()) as live:
+    with live_server(transport, limits=Limits(), landing=landing) as live:
         with ClientConnection(live.address, timeout_s=REPLY_TIMEOUT_S) as client:
             reply = client.request("echo", {"nested": {"list": [1, 2.5, "x"]}}, sent)
     assert reply.args == {"nested": {"list": [1, 2.5, "x"]}}
@@ -245,6 +258,7 @@ def test_lossy_codec_round_trips_within_fp16_precision(echo_client):
 
 REQUEST_ID = 7
 GOOD_SPEC = ["x", "float32", [2, 3], "raw", 24, "other"]
+SECOND_SPEC = ["y", "float32", [2, 3], "raw", 24, "activation"]
 
 
 def header(drop: str | None = None, **fields) -> bytes:
@@ -293,7 +307,14 @@ MALFORMED = [
     pytest.param([header(tensors=[["x", "float32", [2, 3], "raw", 20, "other"]]), bytes(20)], "frame_mismatch",
                  REQUEST_ID, id="nbytes-disagrees-with-dtype-and-shape"),
     pytest.param([header(), bytes(20)], "frame_mismatch", REQUEST_ID, id="frame-shorter-than-declared"),
+    pytest.param([header(), bytes(28)], "frame_mismatch", REQUEST_ID, id="frame-longer-than-declared"),
+    pytest.param([header(tensors=[GOOD_SPEC, SECOND_SPEC]), bytes(20), bytes(24)], "frame_mismatch", REQUEST_ID,
+                 id="short-frame-before-another"),
+    pytest.param([header(tensors=[GOOD_SPEC, SECOND_SPEC]), bytes(20)], "frame_mismatch", REQUEST_ID,
+                 id="short-frame-and-one-missing"),
     pytest.param([header()], "frame_mismatch", REQUEST_ID, id="fewer-frames-than-tensors"),
+    pytest.param([header(tensors=[GOOD_SPEC, SECOND_SPEC]), bytes(24)], "frame_mismatch", REQUEST_ID,
+                 id="fewer-frames-than-tensors-after-one"),
     pytest.param([header(), bytes(24), bytes(24)], "frame_mismatch", REQUEST_ID, id="more-frames-than-tensors"),
     pytest.param([header(tensors=[["x", "float32", [1 << 20], "raw", 4 << 20, "other"]])], "too_large",
                  REQUEST_ID, id="tensor-over-limit"),
@@ -329,9 +350,10 @@ def test_one_server_survives_every_malformed_input_in_a_row(served):
     assert_still_serving(served.address)
 
 
+@pytest.mark.parametrize("landing", LANDINGS)
 @pytest.mark.parametrize("token", [None, "wrong-token", ""], ids=["missing", "wrong", "empty"])
-def test_unauthenticated_peer_is_rejected_and_an_authenticated_one_served(token):
-    with live_server(auth_token=TOKEN) as live:
+def test_unauthenticated_peer_is_rejected_and_an_authenticated_one_served(token, landing):
+    with live_server(auth_token=TOKEN, landing=landing) as live:
         op, replied_id, args = raw_exchange(live.address, [header(auth=token), bytes(24)])
         assert (op, args["code"], replied_id) == (ERROR_OP, "unauthenticated", REQUEST_ID)
         with ClientConnection(live.address, timeout_s=REPLY_TIMEOUT_S, auth_token=token) as client:
@@ -372,13 +394,14 @@ def test_a_late_reply_to_a_timed_out_request_is_not_returned_for_the_next(served
 
 # --- counters ----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("landing", LANDINGS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_counters_match_the_frames_sent_and_mirror_the_servers(transport, recording_client_factory):
+def test_counters_match_the_frames_sent_and_mirror_the_servers(transport, landing, recording_client_factory):
     requests = [({}, {}),
                 ({"k": "v"}, {"small": torch.arange(5, dtype=torch.int32)}),  # frames under 256 bytes
                 ({}, {"big": torch.zeros(100_000), "ids": torch.arange(300), "empty": torch.zeros(0, 3)}),
                 ({}, {"packed": OutgoingTensor(torch.zeros(50_000), codec=Codec.ZSTD)})]
-    with live_server(transport, limits=Limits()) as live:
+    with live_server(transport, limits=Limits(), landing=landing) as live:
         client, sock = recording_client_factory(live.address)
         for args, tensors in requests:
             before = client.counters.snapshot()
@@ -431,6 +454,100 @@ def test_received_raw_tensors_live_in_the_received_frames():
     finally:
         router.close(linger=0)
         dealer.close(linger=0)
+
+
+# --- landing -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def receive_one():
+    """receive_one(landing, tensors): the message a ServerSocket with that landing receives."""
+    opened = []
+
+    def receive(landing: Landing, tensors: dict) -> Message:
+        server = ServerSocket("tcp://127.0.0.1:0", OPS, landing=landing)
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        opened.extend([server, dealer])
+        dealer.connect(server.address)
+        frames, *_ = encode_message(Header("echo", 1), tensors)
+        dealer.send_multipart(frames, copy=False)
+        incoming = server.receive(int(REPLY_TIMEOUT_S * 1000))
+        assert incoming is not None and incoming.error is None, incoming
+        return incoming.message
+
+    yield receive
+    for sock in opened:
+        sock.close()
+
+
+@pytest.mark.correctness
+def test_landed_tensors_live_in_the_landing_tensors_bit_exact(receive_one):
+    given: dict[str, torch.Tensor] = {}
+
+    def land(spec: TensorSpec) -> torch.Tensor:
+        # Typed landing tensors too: only their bytes count, not their dtype or shape.
+        given[spec.name] = torch.empty(spec.nbytes // 2, dtype=torch.int16) if spec.nbytes % 2 == 0 else \
+            torch.empty(spec.nbytes, dtype=torch.uint8)
+        return given[spec.name]
+
+    sent = {"fp16": seeded(torch.float16, (3, 64, 33), 0), "bf16": seeded(torch.bfloat16, (8, 5), 1),
+            "scalar": seeded(torch.float32, (), 2), "empty": torch.zeros(0, 5), "mask": seeded(torch.bool, (7,), 3),
+            "odd_bytes": seeded(torch.uint8, (3, 3), 4), "ids": seeded(torch.int64, (2, 9), 5)}
+    message = receive_one(land, {k: OutgoingTensor(v, TensorKind.ACTIVATION) for k, v in sent.items()})
+    assert list(given) == list(sent)
+    for name, tensor in message.tensors.items():
+        assert_bit_exact(tensor, sent[name])
+        assert tensor.untyped_storage().data_ptr() == given[name].untyped_storage().data_ptr(), name
+
+
+def test_only_raw_frames_are_offered_and_only_the_chosen_ones_land(receive_one):
+    asked, given = [], {}
+
+    def land_activations(spec: TensorSpec) -> torch.Tensor | None:
+        asked.append(spec.name)
+        if spec.kind is TensorKind.ACTIVATION:
+            given[spec.name] = land_everything(spec)
+            return given[spec.name]
+        return None
+
+    activation = seeded(torch.float16, (1, 16, 64), 0)
+    sent = {"raw": OutgoingTensor(activation, TensorKind.ACTIVATION),
+            "zstd": OutgoingTensor(activation, TensorKind.ACTIVATION, Codec.ZSTD),
+            "lz4": OutgoingTensor(activation, TensorKind.ACTIVATION, Codec.LZ4),
+            "ids": OutgoingTensor(torch.arange(16).view(1, 16), TensorKind.TOKEN_IDS)}
+    message = receive_one(land_activations, sent)
+    assert asked == ["raw", "ids"] and list(given) == ["raw"]  # compressed frames decode from their frame
+    assert message.tensors["raw"].untyped_storage().data_ptr() == given["raw"].data_ptr()
+    for name, out in sent.items():
+        assert_bit_exact(message.tensors[name], out.tensor)
+
+
+def test_landing_changes_no_error_reply():
+    with live_server() as plain, live_server(landing=land_everything) as landed:
+        for i, case in enumerate(MALFORMED):
+            frames, *_ = case.values
+            routing_id = b"raw-%d" % i
+            assert raw_exchange(landed.address, frames, routing_id) == raw_exchange(plain.address, frames, routing_id)
+
+
+def land_y_in_too_much(spec: TensorSpec) -> torch.Tensor | None:
+    return torch.empty(spec.nbytes + 1, dtype=torch.uint8) if spec.name == "y" else None
+
+
+def land_y_raising(spec: TensorSpec) -> torch.Tensor | None:
+    if spec.name == "y":
+        raise RuntimeError("no pinned memory left")
+    return None
+
+
+@pytest.mark.parametrize("landing, says", [(land_y_in_too_much, "tensor 'y' of 24 bytes needs"),
+                                           (land_y_raising, "no pinned memory left")], ids=["wrong-size", "raises"])
+def test_a_failing_landing_fails_its_request_not_the_server(landing, says):
+    with live_server(landing=landing) as live:
+        frames = [header(tensors=[GOOD_SPEC, SECOND_SPEC]), bytes(24), bytes(24)]
+        op, replied_id, args = raw_exchange(live.address, frames)
+        assert (op, args["code"], replied_id) == (ERROR_OP, "internal", REQUEST_ID) and says in args["message"]
+        assert_still_serving(live.address)
 
 
 # --- busy-polling receives ----------------------------------------------------------------------

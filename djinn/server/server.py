@@ -115,11 +115,13 @@ class Server:
             "run_to_layer": self.run_to_layer, "resume": self.resume, "cancel": self.cancel,
             "offload": self.offload, "session_stats": self.session_stats,
         }
+        # Received frames are pageable; on a GPU, activations land in pinned memory instead.
+        landing = self.executor.landing if self.device.type == "cuda" else None
         self.sockets = [ServerSocket(f"tcp://{config.host}:{config.port}", self.handlers, limits=config.limits,
-                                     auth_token=config.auth_token)]
+                                     auth_token=config.auth_token, landing=landing)]
         if config.ipc_path:
             self.sockets.append(ServerSocket(f"ipc://{config.ipc_path}", self.handlers, limits=config.limits,
-                                             auth_token=config.auth_token))
+                                             auth_token=config.auth_token, landing=landing))
         self.requests_served = 0
         self._stopping = False
 

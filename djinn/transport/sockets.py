@@ -3,7 +3,8 @@
 Both count every byte they frame. The client waits for each reply with a timeout
 and raises `DjinnTimeout` naming the op and the address; a reply to an earlier,
 timed-out request is recognised by its id and dropped. The server turns every
-protocol violation into an error reply to the sender and goes on serving.
+protocol violation into an error reply to the sender and goes on serving; it can
+land chosen raw tensor frames straight in memory of its own (`Landing`).
 """
 from __future__ import annotations
 
@@ -13,16 +14,18 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import msgpack
+import torch
 import zmq
 
 from djinn.errors import DjinnError, DjinnTimeout, from_wire
-from djinn.transport.codecs import CodecPolicy
+from djinn.transport.codecs import Codec, CodecPolicy
 from djinn.transport.counters import ByteCounters
-from djinn.transport.wire import (ERROR_OP, REPLY_OP, Header, Limits, Message, OutgoingTensor,
-                                  decode_message, encode_message, frame_byte_counts)
+from djinn.transport.wire import (DTYPES, ERROR_OP, REPLY_OP, Header, Landed, Limits, Message, OutgoingTensor,
+                                  TensorSpec, assemble, decode_message, declared_bytes, encode_message,
+                                  frame_byte_counts, read_header)
 
 DEFAULT_TIMEOUT_S = 120.0
 UNKNOWN_REQUEST_ID = -1  # error replies to a message whose header could not be read
@@ -33,6 +36,11 @@ SPIN_US = 200  # about one loopback round trip: a reply later than that is not w
 # the CPU that libzmq's I/O thread needs to deliver the very message it waits for
 # (measured on 2 cores: no gain, and 4x slower round trips when both ends spin).
 SPIN_MIN_CORES = 8
+
+# Asked, once a message's header is read, for each of its raw tensor frames: a contiguous
+# CPU tensor of exactly `spec.nbytes` bytes to receive the frame into, or None to receive it
+# as a frame. The server lands activations in pinned memory so their upload is a plain DMA.
+Landing = Callable[[TensorSpec], torch.Tensor | None]
 
 
 def spin_seconds(environ: Mapping[str, str] = os.environ, cores: int | None = None) -> float:
@@ -88,6 +96,11 @@ class _Receiver:
 
     def within(self, timeout_ms: int) -> list | None:
         """One multipart message, or None after `timeout_ms`."""
+        frame = self.first(timeout_ms)
+        return None if frame is None else [frame, *self.rest(frame)]
+
+    def first(self, timeout_ms: int) -> zmq.Frame | None:
+        """The first frame of the next message, or None after `timeout_ms`."""
         timeout_ms = max(timeout_ms, 0)  # 0 would mean "don't wait", -1 "forever": clamp to the former
         frame = self._poll(min(self._spin_s, timeout_ms / 1e3)) if self._spin_s else None
         if frame is None:
@@ -98,7 +111,11 @@ class _Receiver:
                 frame = self._socket.recv(copy=False)
             except zmq.Again:
                 return None
-        frames = [frame]
+        return frame
+
+    def rest(self, frame: zmq.Frame) -> list:
+        """The frames of `frame`'s message after it."""
+        frames = []
         while frame.more:  # a multipart message arrives whole: the rest is already here
             frame = self._socket.recv(copy=False)
             frames.append(frame)
@@ -181,13 +198,20 @@ class Incoming:
 
 
 class ServerSocket:
-    """The server's ROUTER socket: validated requests in, replies out, counters per peer."""
+    """The server's ROUTER socket: validated requests in, replies out, counters per peer.
+
+    With a `landing`, a message that carries tensors is received in two steps: its header
+    frame, read and validated first, then each tensor frame, those the landing answers for
+    received into its tensor (`Socket.recv_into`: the one copy out of libzmq's buffer that
+    any receive makes). Landed frames are checked as every frame is, by `assemble`.
+    """
 
     def __init__(self, address: str, known_ops: Iterable[str], *, limits: Limits = Limits(),
-                 auth_token: str | None = None, context: zmq.Context | None = None):
+                 auth_token: str | None = None, context: zmq.Context | None = None, landing: Landing | None = None):
         self.known_ops = frozenset(known_ops)
         self.limits = limits
         self.auth_token = auth_token
+        self.landing = landing
         self.counters: defaultdict[bytes, ByteCounters] = defaultdict(ByteCounters)  # setdefault built a spare per message
         self._socket = (context or zmq.Context.instance()).socket(zmq.ROUTER)
         _tune(self._socket, limits)
@@ -197,20 +221,81 @@ class ServerSocket:
 
     def receive(self, timeout_ms: int) -> Incoming | None:
         """The next request, or None when none came within the timeout."""
-        received = self._receiver.within(timeout_ms)
-        if received is None:
+        peer = self._receiver.first(timeout_ms)
+        if peer is None:
             return None
-        peer, *frames = received
-        peer_id = peer.bytes
+        if self.landing is not None and peer.more:
+            head = self._socket.recv(copy=False)
+            if head.more:
+                return self._receive_landing(peer.bytes, head)
+            frames = [head]
+        else:
+            frames = self._receiver.rest(peer)
         now = time.perf_counter()
-        counters = self.counters[peer_id]
         try:
             message = decode_message(frames, self.known_ops, self.limits, self.auth_token)
         except DjinnError as err:
-            counters.count_received(*frame_byte_counts(frames))
-            return Incoming(peer_id, now, error=err, request_id=self._salvage_request_id(frames))
-        counters.count_received(message.payload_bytes, message.framing_bytes)
-        return Incoming(peer_id, now, message=message, request_id=message.header.request_id)
+            return self._rejected(peer.bytes, now, frames, err)
+        return self._accepted(peer.bytes, now, message)
+
+    def _receive_landing(self, peer_id: bytes, head: zmq.Frame) -> Incoming:
+        """The tensor frames after the header frame `head`, landed where the landing says."""
+        try:
+            header = read_header(head.buffer, self.known_ops, self.limits, self.auth_token)
+            targets = self._landing_targets(header)
+        except DjinnError as err:
+            frames = [head, *self._receiver.rest(head)]
+            return self._rejected(peer_id, time.perf_counter(), frames, err)
+        bodies, more = [], True
+        while more:  # every frame is received, however many the header declared: the next message starts clean
+            target = targets[len(bodies)] if len(bodies) < len(targets) else None
+            if target is None:
+                frame = self._socket.recv(copy=False)
+                bodies.append(frame.buffer)
+                more = frame.more
+            else:
+                # A frame of another length is truncated or short here; `assemble` rejects it by its length.
+                received = self._socket.recv_into(target.view(-1).view(torch.uint8).numpy())
+                bodies.append(Landed(target, received))
+                more = self._socket.getsockopt(zmq.RCVMORE)
+        now = time.perf_counter()
+        try:
+            message = assemble(header, head.buffer, bodies, self.limits)
+        except DjinnError as err:
+            return self._rejected(peer_id, now, [head, *bodies], err)
+        return self._accepted(peer_id, now, message)
+
+    def _landing_targets(self, header: Header) -> list[torch.Tensor | None]:
+        """Per tensor frame, the tensor of its dtype and shape to receive it into, or None.
+
+        Compressed frames are decoded from their frame, so only raw ones land; and none in a
+        message over the size limit, since landing allocates before `assemble` checks it.
+        """
+        if declared_bytes(header) > self.limits.max_message_bytes:
+            return []
+        try:
+            return [self._land(spec) if spec.codec is Codec.RAW else None for spec in header.tensors]
+        except Exception as exc:  # the landing is the server's code: its failure fails the request, not the server
+            raise DjinnError(f"no landing buffer for a tensor of '{header.op}': {exc!r}") from exc
+
+    def _land(self, spec: TensorSpec) -> torch.Tensor | None:
+        target = self.landing(spec)
+        if target is None:
+            return None
+        if target.device.type != "cpu" or not target.is_contiguous() or target.nbytes != spec.nbytes:
+            raise ValueError(f"tensor {spec.name!r} of {spec.nbytes} bytes needs a contiguous CPU tensor of that "
+                             f"size to land in, got {target.dtype} {list(target.shape)} on {target.device}")
+        # A view, not torch.frombuffer: the tensor keeps its storage, so a pinned block stays
+        # known to torch's caching host allocator, which records the async copies from it.
+        return target.view(-1).view(torch.uint8).view(DTYPES[spec.dtype]).view(spec.shape)
+
+    def _accepted(self, peer_id: bytes, received_at: float, message: Message) -> Incoming:
+        self.counters[peer_id].count_received(message.payload_bytes, message.framing_bytes)
+        return Incoming(peer_id, received_at, message=message, request_id=message.header.request_id)
+
+    def _rejected(self, peer_id: bytes, received_at: float, frames: list, error: DjinnError) -> Incoming:
+        self.counters[peer_id].count_received(*frame_byte_counts(frames))
+        return Incoming(peer_id, received_at, error=error, request_id=self._salvage_request_id(frames))
 
     def reply(self, peer: bytes, request_id: int, args: Mapping[str, Any] | None = None,
               tensors: Mapping[str, Any] | None = None, policy: CodecPolicy = CodecPolicy()) -> tuple[int, int]:

@@ -4,6 +4,9 @@
 field of a received header is validated, and every frame checked against its
 declared size, before a tensor is built: a malformed message raises a
 `ProtocolError` subclass that the receiver turns into an error reply.
+`decode_message` is `read_header` then `assemble`; a receiver that lands frames in
+buffers of its own (`Landed`) calls the two itself, with the header read between
+receiving the header frame and the tensor frames.
 """
 from __future__ import annotations
 
@@ -209,6 +212,30 @@ def _decoded_bytes(dtype: str, shape, codec: Codec) -> int:
     return math.prod(shape) * codecs.wire_itemsize(DTYPES[dtype], codec)
 
 
+def read_header(head, known_ops: Iterable[str], limits: Limits, auth_token: str | None = None) -> Header:
+    """A validated (and, with a token, authenticated) header frame."""
+    header = parse_header(head, known_ops, limits)
+    if auth_token is not None and not hmac.compare_digest((header.auth or "").encode(), auth_token.encode()):
+        raise Unauthenticated("missing or wrong auth token")
+    return header
+
+
+def declared_bytes(header: Header) -> int:
+    """What the header's tensors take once received; compressed frames count at their
+    decompressed size, which is what gets allocated."""
+    return sum(max(s.nbytes, _decoded_bytes(s.dtype, s.shape, s.codec)) for s in header.tensors)
+
+
+@dataclass(frozen=True)
+class Landed:
+    """A tensor frame received straight into the memory of `tensor` (`Socket.recv_into`)."""
+    tensor: torch.Tensor  # contiguous, already of the spec's dtype and shape
+    received: int  # the frame's length: more than the tensor holds when libzmq truncated it
+
+    def __len__(self) -> int:
+        return self.received
+
+
 def decode_message(frames: list, known_ops: Iterable[str], limits: Limits = Limits(),
                    auth_token: str | None = None) -> Message:
     """A validated (and, with a token, authenticated) message.
@@ -218,27 +245,28 @@ def decode_message(frames: list, known_ops: Iterable[str], limits: Limits = Limi
     if not frames:
         raise FrameMismatch("empty message")
     head = _buffer(frames[0])
-    header = parse_header(head, known_ops, limits)
-    if auth_token is not None and not hmac.compare_digest((header.auth or "").encode(), auth_token.encode()):
-        raise Unauthenticated("missing or wrong auth token")
-    bodies = frames[1:]
+    header = read_header(head, known_ops, limits, auth_token)
+    return assemble(header, head, [_buffer(f) for f in frames[1:]], limits)
+
+
+def assemble(header: Header, head, bodies: list, limits: Limits) -> Message:
+    """The message of a read header and its tensor frames (buffers, or `Landed` frames,
+    which become their tensors as they are)."""
     if len(bodies) != len(header.tensors):
         raise FrameMismatch(f"header declares {len(header.tensors)} tensor frames, message has {len(bodies)}")
-    # Compressed frames count at their decompressed size: that is what gets allocated.
-    total = sum(max(s.nbytes, _decoded_bytes(s.dtype, s.shape, s.codec)) for s in header.tensors)
+    total = declared_bytes(header)
     if total > limits.max_message_bytes:
         raise TooLarge(f"message declares {total} bytes, over the {limits.max_message_bytes}-byte limit")
-    tensors = {}
-    buffers = [_buffer(f) for f in bodies]
-    for spec, buf in zip(header.tensors, buffers):
+    for spec, buf in zip(header.tensors, bodies):
         if len(buf) != spec.nbytes:
             raise FrameMismatch(f"tensor {spec.name!r}: frame holds {len(buf)} bytes, header declares {spec.nbytes}")
     # zmq frames received with copy=False expose writable buffers, so torch.frombuffer does not
     # warn on this path (read-only bytes frames do; pytest.ini filters that); no per-message
     # catch_warnings, which cost ~3 us a message.
-    for spec, buf in zip(header.tensors, buffers):
-        tensors[spec.name] = codecs.decode(buf, DTYPES[spec.dtype], spec.shape, spec.codec)
-    payload, framing = frame_byte_counts([head, *buffers])
+    tensors = {spec.name: buf.tensor if isinstance(buf, Landed) else
+               codecs.decode(buf, DTYPES[spec.dtype], spec.shape, spec.codec)
+               for spec, buf in zip(header.tensors, bodies)}
+    payload, framing = frame_byte_counts([head, *bodies])
     return Message(header, tensors, payload, framing)
 
 
