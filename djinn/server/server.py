@@ -151,7 +151,7 @@ class Server:
 
     def _handle(self, sock: ServerSocket, incoming: Incoming) -> None:
         if incoming.error is not None:
-            log.warning("rejected a malformed request: %s", incoming.error)
+            log.warning("rejected a request before it ran (%s): %s", incoming.error.code, incoming.error)
             sock.reply_error(incoming.peer, incoming.request_id, incoming.error)
             return
         message = incoming.message
