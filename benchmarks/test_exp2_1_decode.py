@@ -118,7 +118,8 @@ def test_decode(baseline, batch_size, benchmark, bench_model, prompt_ids, result
                         host_to_device_mb=s.bytes_sent / 1e6, device_to_host_mb=s.bytes_received / 1e6,
                         queue_ms=s.queue_ms, compute_ms=s.compute_ms, transfer_ms=s.transfer_ms)
               for i, s in enumerate(stats)],
-        extra={"telemetry": telemetry.as_extra_info()})
+        # The tokens themselves: identity across baselines stays checkable between separate runs.
+        extra={"telemetry": telemetry.as_extra_info(), "tokens": outputs[0][0].tolist()})
     RESULTS[(baseline, batch_size)] = BaselineResult(outputs[0][0], tuple(stats), telemetry.sm_util_pct)
 
 

@@ -599,7 +599,7 @@ def test_ring_buffer(baseline, benchmark, ring_lab, results_writer, progress):
     results_writer.write(_out(results_writer, baseline), {
         "description": DESCRIPTIONS[baseline], "units": UNITS, "setup": setup.describe(), "summary": summary,
         "runs": [{**asdict(m), "bandwidth_gbps": m.bandwidth_gbps} for m in measured],
-        "baseline_info": runner.info, "telemetry": telemetry.as_extra_info()})
+        "baseline_info": runner.info, "telemetry": telemetry.as_extra_info(), "tokens": outputs[0][0].tolist()})
     RESULTS[baseline] = BaselineResult(outputs[0][0], outputs[0][1], summary)
     progress(f"TTFT {ttft:.0f} ms, {summary['decode_tokens_per_s'] or 0:.2f} tokens/s, "
              f"{bandwidth or 0:.2f} GB/s effective")
