@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import zmq
 
 from djinn import kv
 from djinn.errors import BadRequest, DjinnError
@@ -122,6 +123,11 @@ class Server:
         if config.ipc_path:
             self.sockets.append(ServerSocket(f"ipc://{config.ipc_path}", self.handlers, limits=config.limits,
                                              auth_token=config.auth_token, landing=landing))
+        # With tcp and ipc both open, one poll waits on both: waiting on each in turn would
+        # leave a request on one socket until the other's wait ran out.
+        self._poller = zmq.Poller()
+        for sock in self.sockets:
+            self._poller.register(sock.zmq_socket, zmq.POLLIN)
         self.requests_served = 0
         self._stopping = False
 
@@ -143,9 +149,13 @@ class Server:
 
     def serve_once(self, timeout_ms: int) -> None:
         self.sessions.expire()
-        per_socket = timeout_ms // len(self.sockets)
-        for sock in self.sockets:
-            incoming = sock.receive(per_socket)
+        if len(self.sockets) == 1:  # the receive waits itself: no poll call per request
+            ready, wait_ms = self.sockets, timeout_ms
+        else:
+            polled = dict(self._poller.poll(timeout_ms))
+            ready, wait_ms = [s for s in self.sockets if s.zmq_socket in polled], 0
+        for sock in ready:
+            incoming = sock.receive(wait_ms)
             if incoming is not None:
                 self._handle(sock, incoming)
 

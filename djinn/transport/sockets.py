@@ -219,6 +219,11 @@ class ServerSocket:
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._receiver = _Receiver(self._socket, spin_seconds())
 
+    @property
+    def zmq_socket(self) -> zmq.Socket:
+        """The ROUTER socket, for a poller that waits on several servers' sockets at once."""
+        return self._socket
+
     def receive(self, timeout_ms: int) -> Incoming | None:
         """The next request, or None when none came within the timeout."""
         peer = self._receiver.first(timeout_ms)
