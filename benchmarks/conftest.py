@@ -70,6 +70,18 @@ def pytest_addoption(parser):
                          "6 GiB of headroom; on a CPU, the weights and 40%% of the sessions' KV)")
 
 
+def pytest_collection_modifyitems(config, items):
+    """A module with a `run_order(items) -> items` function orders its own tests, in the
+    slots they were collected in (the transport benchmark runs torch RPC's last)."""
+    by_module: dict = {}
+    for index, item in enumerate(items):
+        if hasattr(item.module, "run_order"):
+            by_module.setdefault(item.module, []).append(index)
+    for module, slots in by_module.items():
+        for slot, item in zip(slots, module.run_order([items[i] for i in slots])):
+            items[slot] = item
+
+
 def pytest_configure(config):
     if getattr(config.option, "numprocesses", None) and any("benchmarks" in str(a) for a in config.args):
         raise pytest.UsageError("the benchmarks share one device and must run serially: drop -n for benchmarks/ "
