@@ -5,8 +5,8 @@ deterministic for a one-token query, every HF decode step, on a GPU: on an H100 
 13B shape, fully resident, decodes different logits from one call to the next, and
 `torch.use_deterministic_algorithms` alone does not flag or fix it (measured). The
 math backend (GEMMs and a softmax) with cuBLAS's fixed workspace repeats bit for bit.
-Bit-identity claims on a GPU are made under this setting; on a CPU it changes nothing
-we use.
+Bit-identity claims on a GPU are made under this setting. On a CPU, whose kernels
+repeat anyway, attention also takes the math path (the switches are shared).
 """
 from __future__ import annotations
 
