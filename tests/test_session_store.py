@@ -114,6 +114,45 @@ def test_partly_resident_session_restores_only_the_missing_layers(make_executor,
     assert s.state is SessionState.IDLE and s.last_io_wait_ms > 0
 
 
+def test_tracked_device_kv_matches_the_tensors_after_every_kind_of_change(make_executor, prompts):
+    """Admission reads each session's tracked `kv_bytes`; a change that skipped it would skew the budget."""
+    executor, cached = make_executor(1 << 30)
+    store = executor.sessions
+    a, b = store.open(cached, b"peer"), store.open(cached, b"peer")
+    checked = []
+
+    def check(after: str) -> None:
+        for s in (a, b):
+            assert s.kv_bytes == s.count_kv_bytes(), f"session {s.handle[:4]} after {after}"
+        assert store.kv_bytes == sum(s.count_kv_bytes() for s in store.sessions.values()), after
+        checked.append(after)
+
+    token = greedy(executor.session_step(a, prompts[0][0]))
+    check("prefill")
+    token = greedy(executor.session_step(a, token))
+    check("decode")
+    store.page_out(a, want_bytes=1)
+    check("a partial page-out")
+    executor.session_step(a, token)
+    check("a page-in")
+    act = executor.run_to_layer(b, prompts[0][1], 3)
+    check("a parked prefill")
+    executor.offload(b)
+    check("offloading a parked session")
+    token_b = greedy(executor.resume(b, act))
+    check("a resume")
+    executor.run_to_layer(b, token_b, 2)
+    store.page_out(b, want_bytes=1)
+    executor.cancel(b)
+    check("cancelling a parked, partly paged decode step")
+    with pytest.raises(BadRequest):
+        executor.resume(b, act)  # not parked any more
+    check("a refused request")
+    store.close(a.handle)
+    assert a.kv_bytes == 0 and store.kv_bytes == b.count_kv_bytes() > 0
+    assert len(checked) == 9
+
+
 def test_swap_disabled_exceeding_the_budget_is_out_of_memory(make_executor, tiny_model, prompts):
     executor, cached = make_executor(int(1.5 * PROMPT * kv_per_token(tiny_model)), swap=False)
     first, second = (executor.sessions.open(cached, b"peer") for _ in range(2))

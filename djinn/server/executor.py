@@ -99,9 +99,9 @@ class Executor:
     @staticmethod
     def _kv_bytes(cached: CachedModel, batch: int, tokens: int, layers: int | None = None) -> int:
         """KV bytes `tokens` new tokens add over `layers` decoder layers (all when None)."""
-        per_token = models.kv_bytes_per_token(cached.config, cached.dtype)
+        per_token = cached.kv_bytes_per_token
         if layers is not None:
-            per_token = per_token * layers // cached.config.num_hidden_layers
+            per_token = per_token * layers // cached.num_layers
         return batch * tokens * per_token
 
     def _admit(self, session: Session, new_bytes: int, while_paging_in: Callable[[], None] | None = None) -> None:
@@ -160,6 +160,7 @@ class Executor:
             raise
         finally:
             session.state = SessionState.IDLE
+        session.recount()
         return logits
 
     def _graph_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -208,6 +209,7 @@ class Executor:
             raise
         session.breakpoint = Breakpoint(parked, layer, start, ids.shape[1], ids.shape[0])
         session.state = SessionState.PARKED
+        session.recount()
         return parked.activation
 
     def resume(self, session: Session, activation: torch.Tensor | None) -> torch.Tensor:
@@ -222,7 +224,7 @@ class Executor:
             raise BadRequest(f"the activation is {activation.dtype} {list(activation.shape)}; decoder layer "
                              f"{bp.layer} produced {expected.dtype} {list(expected.shape)}")
         started = time.perf_counter()
-        layers_left = session.model.config.num_hidden_layers - 1 - bp.layer
+        layers_left = session.model.num_layers - 1 - bp.layer
         # The activation's upload is queued while the KV pages cross PCIe, so getting ready
         # costs about the KV transfer; one that arrived in pageable memory (not landed: a
         # compressed frame) is first copied into pinned memory, also beside the KV copies.
@@ -242,6 +244,7 @@ class Executor:
             raise
         finally:
             session.state = SessionState.IDLE
+        session.recount()
         return logits
 
     def cancel(self, session: Session) -> None:

@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -51,6 +52,16 @@ class CachedModel:
     streamed_bytes: int = 0  # weights kept in host memory and streamed through the ring; 0: all resident
     ring_bytes: int = 0  # capacity of the device ring the streamed layers run through
     stream: StreamingHandle | None = None  # installed when a streamed model's upload completes
+
+    # Read on every session request's admission; a config's attribute lookups cost
+    # microseconds each, inside the request's IO wait.
+    @cached_property
+    def kv_bytes_per_token(self) -> int:
+        return models.kv_bytes_per_token(self.config, self.dtype)
+
+    @cached_property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
 
     @property
     def streamed(self) -> bool:
