@@ -4,9 +4,9 @@ The server's `Executor.resume` pages a parked session's KV back and uploads the
 client's activation, which a CUDA server lands straight in pinned memory;
 `manual_offload` copies the same bytes from pinned memory in user code. This probe
 runs the real executor in-process on a model shape, times `io_wait_ms` beside the
-manual copy, and splits the IO wait at timestamps: the first KV copy issued, the
-last copy issued, and the end of the wait for them. `--idle-ms` sleeps before every
-timed call, as a server waiting for its next request does.
+manual copy, and marks when each step of the resume is entered (>) and left (<),
+in ms from entering it. `--idle-ms` sleeps before every timed call, as a server
+waiting for its next request does.
 
 python scripts/gpu_resume_probe.py [--model llama-2-13b] [--rounds 7] [--idle-ms 0]  → JSON lines on stdout.
 """
@@ -26,35 +26,36 @@ from djinn.server.weight_cache import CachedModel, WeightCache
 
 
 class Timeline:
-    """Timestamps inside one resume: when it was entered, each KV copy issued, the sync done."""
+    """Timestamps inside one resume, in milliseconds from entering `Executor.resume`."""
 
     def __init__(self, executor: Executor):
         self.marks: list[tuple[str, float]] = []
         store = executor.sessions
-        self._mark_calls(executor, "resume", "entered")
-        self._mark_calls(store, "_to_device", "copy", after=True)
-        self._mark_calls(store, "_synchronize", "synchronized", after=True)
+        for owner, name in ((executor, "resume"), (executor, "memory_in_use"), (store, "page_in"),
+                            (store, "_to_device"), (executor, "_upload"), (store, "_synchronize"),
+                            (executor, "synchronize")):
+            self._mark_calls(owner, name)
 
-    def _mark_calls(self, owner, name: str, label: str, after: bool = False) -> None:
+    def _mark_calls(self, owner, name: str) -> None:
         inner = getattr(owner, name)
 
         def marked(*args, **kwargs):
-            if not after:
-                self.marks.append((label, time.perf_counter()))
-            result = inner(*args, **kwargs)
-            if after:
-                self.marks.append((label, time.perf_counter()))
-            return result
+            self.marks.append((f"{name}>", time.perf_counter()))
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.marks.append((f"{name}<", time.perf_counter()))
         setattr(owner, name, marked)
 
     def take(self) -> dict:
-        """Milliseconds from entering resume to the first copy, between first and last, then to the sync."""
+        """Each call's first entry (>) and exit (<), and the last KV copy's exit (_to_device<<)."""
         marks, self.marks = self.marks, []
-        entered = next(t for label, t in marks if label == "entered")
-        copies = [t for label, t in marks if label == "copy"]
-        synced = [t for label, t in marks if label == "synchronized"][-1]
-        return {"to_first_copy": (copies[0] - entered) * 1e3, "issuing": (copies[-1] - copies[0]) * 1e3,
-                "to_synchronized": (synced - copies[-1]) * 1e3}
+        entered = marks[0][1]
+        offsets: dict[str, float] = {}
+        for label, t in marks:
+            offsets.setdefault(label, (t - entered) * 1e3)
+        offsets["_to_device<<"] = ([t for label, t in marks if label == "_to_device<"][-1] - entered) * 1e3
+        return offsets
 
 
 def main() -> None:
@@ -64,6 +65,9 @@ def main() -> None:
     parser.add_argument("--seq-lens", default="512,2048")
     parser.add_argument("--layers", default="1,10,39")
     parser.add_argument("--idle-ms", type=float, default=0.0)
+    parser.add_argument("--land-copy", action="store_true",
+                        help="copy the activation into its pinned buffer right before the resume, as the "
+                             "server's landing does after the idle wait")
     args = parser.parse_args()
     device = torch.device("cuda")
     model = models.build(args.model, seed=0, device="cuda")
@@ -81,17 +85,20 @@ def main() -> None:
     for seq_len in map(int, args.seq_lens.split(",")):
         ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
         for layer in map(int, args.layers.split(",")):
-            manual, djinn, parts = [], [], []
+            manual, manual_first, djinn, parts = [], [], [], []
             for _ in range(args.rounds + 1):
                 session = sessions.open(cached, b"probe")
                 activation = executor.run_to_layer(session, ids, layer) * 0.9
                 # exp3's manual_offload: the same bytes back from pinned host memory.
                 pinned_kv = [(k.cpu().pin_memory(), v.cpu().pin_memory()) for k, v in kv.to_pairs(session.cache)]
                 landed = activation.cpu().pin_memory()  # what the server's landing receives into
+                frame = activation.cpu()  # the received frame in libzmq's (pageable) memory
                 torch.cuda.synchronize()
                 time.sleep(idle)
                 started = time.perf_counter()
-                moved = [(k.to(device, non_blocking=True), v.to(device, non_blocking=True)) for k, v in pinned_kv]
+                moved = [(pinned_kv[0][0].to(device, non_blocking=True), pinned_kv[0][1].to(device, non_blocking=True))]
+                manual_first.append((time.perf_counter() - started) * 1e3)
+                moved += [(k.to(device, non_blocking=True), v.to(device, non_blocking=True)) for k, v in pinned_kv[1:]]
                 act = landed.to(device, non_blocking=True)
                 torch.cuda.synchronize()
                 manual.append((time.perf_counter() - started) * 1e3)
@@ -99,16 +106,20 @@ def main() -> None:
                 executor.offload(session)
                 timeline.marks.clear()
                 time.sleep(idle)
+                if args.land_copy:
+                    landed.copy_(frame)
                 executor.resume(session, landed)
                 djinn.append(session.last_io_wait_ms)
                 parts.append(timeline.take())
                 sessions.close(session.handle)
-            manual, djinn, parts = manual[1:], djinn[1:], parts[1:]
+            manual, manual_first, djinn, parts = manual[1:], manual_first[1:], djinn[1:], parts[1:]
             print(json.dumps({
-                "seq_len": seq_len, "layer": layer, "idle_ms": args.idle_ms,
-                "manual_ms": round(statistics.median(manual), 3), "djinn_ms": round(statistics.median(djinn), 3),
+                "seq_len": seq_len, "layer": layer, "idle_ms": args.idle_ms, "land_copy": args.land_copy,
+                "manual_ms": round(statistics.median(manual), 3),
+                "manual_first_layer_issued_ms": round(statistics.median(manual_first), 3), "djinn_ms": round(statistics.median(djinn), 3),
                 "ratio": round(statistics.median(djinn) / statistics.median(manual), 3),
-                "djinn_phases_ms": {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0]},
+                "djinn_marks_ms": {k: round(statistics.median(p[k] for p in parts), 3)
+                                   for k in sorted(parts[0], key=parts[0].get)},
                 "device": torch.cuda.get_device_name(0)}), flush=True)
 
 

@@ -232,8 +232,7 @@ class Executor:
         self._admit(session, self._kv_bytes(session.model, bp.batch, bp.step_tokens, layers_left),
                     while_paging_in=lambda: uploaded.append(self._upload(activation)))
         activation = uploaded[0]
-        self.synchronize()
-        # IO_WAIT -> ready: the KV pages and the activation are on the device.
+        # IO_WAIT -> ready: the KV pages and the activation are on the device (the page-in waited for both).
         session.last_io_wait_ms = (time.perf_counter() - started) * 1e3
         session.breakpoint, session.state = None, SessionState.RUNNING
         try:

@@ -264,11 +264,13 @@ class SessionStore:
     def page_in(self, session: Session, while_copying: Callable[[], None] | None = None) -> int:
         """Bring every paged-out layer of the session back to the device; the bytes moved.
 
-        `while_copying` runs on the host once the copies are issued, before they are waited for.
+        `while_copying` runs on the host once the copies are issued, before they are waited
+        for; whatever it queues on the device is waited for too.
         """
         if not session.host:
             if while_copying is not None:
                 while_copying()
+                self._synchronize()
             return 0
         state, session.state = session.state, SessionState.IO_WAIT
         moved = 0
