@@ -62,6 +62,17 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("breakpoint_layer", exp3_plan.layers(metafunc.config), ids=lambda n: f"L{n}")
 
 
+def run_order(items: list) -> list:
+    """The baselines of each (prompt length, layer) point back to back, so each ratio compares
+    measurements taken seconds apart, not minutes: the host's speed drifts between blocks."""
+    def rank(item) -> tuple:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        if "baseline" not in params:
+            return (2,) if item.name == "test_crossover" else (0,)
+        return 1, params["seq_len"], params["breakpoint_layer"], BASELINES.index(params["baseline"])
+    return sorted(items, key=rank)
+
+
 # -- setup --------------------------------------------------------------------------------------
 @dataclass
 class Exp3Setup:
