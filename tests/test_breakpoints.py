@@ -7,6 +7,9 @@ test_session_store.py.)
 """
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -15,6 +18,7 @@ import djinn
 from djinn import kv
 from djinn.decoding import forward_last
 from djinn.errors import BadRequest
+from djinn.server import breakpoints
 from djinn.server.breakpoints import ParkedForward
 
 NEW_TOKENS = 12
@@ -62,6 +66,44 @@ def test_parked_forward_cancel_leaves_other_forwards_alone(tiny_model, make_prom
     assert not parked.parked
     with pytest.raises(BadRequest, match="not parked"):
         parked.resume(torch.zeros(1))
+
+
+def test_forwards_reuse_idle_worker_threads_and_parked_ones_hold_their_own(tiny_model, make_prompt):
+    """A thread's first forward pays per-thread library setup (~45 ms on an H100): workers are reused."""
+    ids = make_prompt(tiny_model, 8)
+    threads = []
+
+    def forward(cache):
+        threads.append(threading.current_thread())  # not the ident: the OS reuses those
+        return forward_last(tiny_model, ids, cache)
+
+    def park() -> ParkedForward:
+        cache = kv.from_pairs([])
+        return ParkedForward(tiny_model, 2, lambda: forward(cache))
+
+    park().cancel()
+    finished = park()
+    finished.resume(finished.activation)
+    assert threads[0] == threads[1], "a finished or cancelled forward's worker runs the next forward"
+    held = [park() for _ in range(3)]
+    assert len(set(threads[2:])) == 3, "forwards parked at once each hold a worker"
+    for parked in held:
+        parked.resume(parked.activation)
+    again = park()
+    assert again._worker.thread in threads[2:], "their workers are idle again"
+    again.cancel()
+
+
+def test_idle_workers_beyond_the_cap_exit(tiny_model, make_prompt, monkeypatch):
+    monkeypatch.setattr(breakpoints, "MAX_IDLE_WORKERS", 1)
+    ids = make_prompt(tiny_model, 8)
+    parked = [ParkedForward(tiny_model, 1, lambda: forward_last(tiny_model, ids, kv.from_pairs([]))) for _ in range(4)]
+    for p in parked:
+        p.cancel()
+    deadline = time.monotonic() + 10
+    while sum(p._worker.thread.is_alive() for p in parked) > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sum(p._worker.thread.is_alive() for p in parked) <= 1, "one idle worker is kept, the others exit"
 
 
 # -- against a server ---------------------------------------------------------------------

@@ -13,7 +13,10 @@ Why a paused thread rather than re-running layers N+1.. from saved kwargs: the k
 differ per layer in models with mixed attention types, and the tail after the layer
 loop differs per architecture; the paused frame keeps all of it. Only one thread
 computes at a time: the caller blocks on every hand-off, so a worker never races the
-server's request loop, and parked workers cost no CPU.
+server's request loop, and parked workers cost no CPU. Workers are kept for the next
+forward: a thread's first forward on an H100 took ~45 ms longer than the same forward
+on a thread that had run one (its per-thread CUDA library state), which a fresh thread
+per breakpoint paid every time.
 
 The server keeps one per parked session (`SessionStore`); benchmarks use the same
 class on a local model for their user-code baselines.
@@ -37,6 +40,43 @@ __all__ = ["ParkedForward", "check_layer", "num_decoder_layers"]
 class _Cancelled(BaseException):
     """Raised inside a paused forward to unwind it. A BaseException, so no `except Exception`
     in model code can swallow it."""
+
+
+MAX_IDLE_WORKERS = 8  # idle worker threads kept for reuse; more parked at once exit when done
+
+
+class _Worker:
+    """A daemon thread that runs one forward at a time, then waits, idle, for the next."""
+
+    _idle: queue.SimpleQueue = queue.SimpleQueue()
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="djinn-breakpoint-worker")
+        self.thread.start()
+
+    @classmethod
+    def take(cls) -> "_Worker":
+        try:
+            return cls._idle.get_nowait()
+        except queue.Empty:
+            return cls()
+
+    def run(self, job: Callable[[], Callable[[], None]]) -> None:
+        """Run `job` on this thread; it returns its last hand-off, made once this worker is idle
+        again, so the caller's next forward can have it."""
+        self._jobs.put(job)
+
+    def _loop(self) -> None:
+        while True:
+            last_hand_off = self._jobs.get()()
+            keep = self._idle.qsize() < MAX_IDLE_WORKERS
+            if keep:
+                self._idle.put(self)
+            last_hand_off()
+            last_hand_off = None  # holds the outcome (an error's traceback, its frames' tensors) while idle
+            if not keep:
+                return
 
 
 def num_decoder_layers(model: nn.Module) -> int:
@@ -68,16 +108,14 @@ class ParkedForward:
         # synchronisation covers them.
         device = next(model.parameters()).device
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        self._thread = threading.Thread(target=self._main, args=(run, stream), daemon=True,
-                                        name=f"djinn-breakpoint-layer-{layer}")
+        self._worker = _Worker.take()
         handle = stack[layer].register_forward_hook(self._hook)
         try:
-            self._thread.start()
+            self._worker.run(lambda: self._main(run, stream))
             kind, value = self._events.get()
         finally:
             handle.remove()  # the paused call is already inside the hook; other forwards see no hook
         if kind != "parked":
-            self._thread.join()
             self._finished = True
             if kind == "error":
                 raise value
@@ -107,26 +145,25 @@ class ParkedForward:
 
     def _finish(self):
         kind, value = self._events.get()
-        self._thread.join()
         self._finished = True
         self.activation = None
         if kind == "error":
             raise value
         return value
 
-    def _main(self, run: Callable[[], torch.Tensor], stream) -> None:
+    def _main(self, run: Callable[[], torch.Tensor], stream) -> Callable[[], None]:
+        """The forward, on the worker; the hand-off of its outcome (see `_Worker.run`)."""
         try:
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                result = run()
+                outcome = ("done", run())
         except _Cancelled:
-            self._events.put(("cancelled", None))
+            outcome = ("cancelled", None)
         except BaseException as exc:  # handed to the caller, raised there
-            self._events.put(("error", exc))
-        else:
-            self._events.put(("done", result))
+            outcome = ("error", exc)
+        return lambda: self._events.put(outcome)
 
     def _hook(self, module: nn.Module, args, output):
-        if self._reached or threading.get_ident() != self._thread.ident:
+        if self._reached or threading.get_ident() != self._worker.thread.ident:
             return None
         self._reached = True
         # Decoder layers return the hidden state, or (in older releases and some
