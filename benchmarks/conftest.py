@@ -59,7 +59,10 @@ def pytest_addoption(parser):
     group.addoption("--exp3-seq-lens", default=None, metavar="S,S,...",
                     help="exp3: prompt lengths of the resume benchmark (default: 512,2048 on a GPU, 64,256 on a CPU)")
     group.addoption("--exp3-rounds", type=int, default=None,
-                    help="exp3: measured resumes per baseline, layer and length (default: 5 on a GPU, 3 on a CPU)")
+                    help="exp3: measured resumes per baseline, layer and length (default: 9 on a GPU, 3 on a CPU)")
+    group.addoption("--exp3-idle-ms", type=float, default=None,
+                    help="exp3: how long each parked session sits idle before its timed restore, in every "
+                         "baseline (default: 20; 0 restores right after the offload)")
     group.addoption("--exp3-sessions", type=int, default=None,
                     help="exp3: sessions of the oversubscription benchmark (default: 50 on a GPU, 6 on a CPU)")
     group.addoption("--exp3-context-tokens", type=int, default=None,

@@ -17,6 +17,12 @@ GPU_MODEL = "llama-2-13b"
 SEED_DEPTH_FRACTIONS = (1 / 40, 10 / 40, 20 / 40, 30 / 40, 40 / 40)  # the seed's layers [1, 10, 20, 30, 40] of 40
 GPU_SEQ_LENS, CPU_SEQ_LENS = (512, 2048), (64, 256)
 GPU_ROUNDS, CPU_ROUNDS = 9, 3  # a shallow point restores in ~0.5 ms; with 5 rounds its ratio moved by +-10% run to run
+# How long each parked session sits idle before its timed restore, the same in every baseline:
+# the user reads and steers the activation. A GPU's first copy call after an idle spell takes
+# longer the longer the spell (H100: 0.02 ms after 1 ms idle, 0.13 after 20, 0.19 after 50;
+# results/exp3/idle_first_copy_h100.jsonl), so baselines restored after different idle times
+# would compare the GPU's idle state, not the restores.
+IDLE_AT_BREAKPOINT_MS = 20.0
 GPU_SESSIONS, CPU_SESSIONS = 50, 6
 GPU_SESSION_KV_BYTES = 1.3e9  # the seed: 50 x 1.3 GB of KV beside 26 GB of weights, on an 80 GB H100
 CPU_CONTEXT_TOKENS = 96
@@ -71,6 +77,11 @@ def seq_lens(config) -> list[int]:
 
 def rounds(config) -> int:
     return config.getoption("--exp3-rounds") or (CPU_ROUNDS if on_cpu(config) else GPU_ROUNDS)
+
+
+def idle_s(config) -> float:
+    idle_ms = config.getoption("--exp3-idle-ms")
+    return (IDLE_AT_BREAKPOINT_MS if idle_ms is None else idle_ms) / 1e3
 
 
 def sessions(config) -> int:

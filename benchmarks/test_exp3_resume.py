@@ -6,7 +6,8 @@ server, resumes it with the unmodified activation and checks bit-identical logit
 it scales the activation by 0.9 (steering) and reports how much the output moves.
 
 `test_resume_latency[baseline-S…-L…]`: a breakpoint parks the prefill of an S-token
-prompt after decoder layer N, the user scales the activation by 0.9 and resumes. Three
+prompt after decoder layer N, the user scales the activation by 0.9 and, after the
+session has sat idle for `--exp3-idle-ms` (20 ms; the same in every baseline), resumes. Three
 ways back to the ready state (layers 0..N's KV and the modified activation on the
 device, layer N+1 next):
 - `recompute`: nothing was kept (stateless): the forward runs again from layer 0 to N
@@ -81,6 +82,7 @@ class Exp3Setup:
     local: torch.nn.Module  # on the device: the in-process baselines
     remote: djinn.RemoteModel  # the same weights on the server, full_djinn
     rounds: int
+    idle_s: float  # a parked session's idle time before its timed restore (exp3_plan.IDLE_AT_BREAKPOINT_MS)
 
     @property
     def num_layers(self) -> int:
@@ -104,7 +106,8 @@ def exp3(pytestconfig, bench_device, tmp_path_factory):
     with ServerProcess("--device", bench_device, "--log-level", "INFO", log_path=log) as server, \
             djinn.connect(server.host_port, timeout_s=REMOTE_TIMEOUT_S) as client:
         remote = client.load(host_copy, mode="full_djinn", logits_codec=Codec.RAW)
-        yield Exp3Setup(name, bench_device, local, remote, exp3_plan.rounds(pytestconfig))
+        yield Exp3Setup(name, bench_device, local, remote, exp3_plan.rounds(pytestconfig),
+                        exp3_plan.idle_s(pytestconfig))
 
 
 # -- correctness ----------------------------------------------------------------------------------
@@ -170,6 +173,12 @@ def _park(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> tuple[Parked
     return ParkedForward(model, layer, lambda: forward_last(model, ids, cache)), cache
 
 
+def _recompute_setup(exp3: Exp3Setup) -> None:
+    """Stateless: nothing to keep at the breakpoint, only the idle time before the restore."""
+    exp3.sync()
+    time.sleep(exp3.idle_s)
+
+
 def _recompute(exp3: Exp3Setup, ids: torch.Tensor, layer: int) -> Resume:
     started = time.perf_counter()
     parked, _cache = _park(exp3.local, ids, layer)
@@ -189,6 +198,7 @@ def _manual_offload_setup(exp3: Exp3Setup, ids: torch.Tensor, layer: int):
     for index, (k, v) in enumerate(kv.to_pairs(cache)):
         kv.set_layer(cache, index, k.to("meta"), v.to("meta"))
     exp3.sync()
+    time.sleep(exp3.idle_s)
     return (parked, cache, host_activation, host_kv), {}
 
 
@@ -212,6 +222,7 @@ def _djinn_setup(exp3: Exp3Setup, ids: torch.Tensor, layer: int, open_sessions: 
     open_sessions.append(s)
     steered = s.run_to_layer(ids, layer) * STEER_SCALE
     paged = s.offload()  # idle at the breakpoint: its KV goes to host, as memory pressure would send it
+    time.sleep(exp3.idle_s)  # the server idles this long and the request's round trip more
     return (s, steered, paged), {}
 
 
@@ -231,7 +242,8 @@ def test_resume_latency(exp3, baseline, seq_len, breakpoint_layer, benchmark, pr
     open_sessions: list = []
 
     if baseline == "recompute":
-        target, setup = (lambda: measured.append(_recompute(exp3, ids, breakpoint_layer))), None
+        target = lambda: measured.append(_recompute(exp3, ids, breakpoint_layer))  # noqa: E731
+        setup = lambda: _recompute_setup(exp3)  # noqa: E731
     elif baseline == "manual_offload":
         target = lambda *args: measured.append(_manual_offload(exp3, *args))  # noqa: E731
         setup = lambda: _manual_offload_setup(exp3, ids, breakpoint_layer)  # noqa: E731
@@ -246,6 +258,7 @@ def test_resume_latency(exp3, baseline, seq_len, breakpoint_layer, benchmark, pr
         gc.collect()
     measured = measured[-exp3.rounds:]  # warm-up rounds append too
     point = {"baseline": baseline, "seq_len": seq_len, "layer": breakpoint_layer, "rounds": len(measured),
+             "idle_ms": exp3.idle_s * 1e3,
              "ready_ms": statistics.median(r.ready_ms for r in measured),
              "total_ms": statistics.median(r.total_ms for r in measured),
              "ready_ms_runs": [r.ready_ms for r in measured], "total_ms_runs": [r.total_ms for r in measured],
@@ -263,9 +276,13 @@ def test_crossover(exp3, results_writer, progress):
     data = {"experiment": "exp3_resume", "model": exp3.name,
             "model_shape": {"layers": exp3.num_layers, "hidden": exp3.local.config.hidden_size,
                             "dtype": str(next(exp3.local.parameters()).dtype).removeprefix("torch.")},
-            "steer_scale": STEER_SCALE, "rounds": exp3.rounds, "identity": IDENTITY, "points": POINTS,
+            "steer_scale": STEER_SCALE, "rounds": exp3.rounds, "idle_at_breakpoint_ms": exp3.idle_s * 1e3,
+            "identity": IDENTITY, "points": POINTS,
             "definitions": {"ready_ms": "IO_WAIT -> ready: layers 0..N's KV and the scaled activation on the device "
                                         "(recompute: layers 0..N run again; djinn_resume: the server's io_wait_ms)",
+                            "idle_at_breakpoint_ms": "how long each parked session sat idle before its timed "
+                                                     "restore, in every baseline (djinn_resume's server: this "
+                                                     "and the request's round trip)",
                             "total_ms": "resume -> the logits of the last position (djinn_resume: the client's "
                                         "wall time of the resume request, wire included)"}}
     data["ratios"] = ratios = _ratios(POINTS)
