@@ -18,7 +18,18 @@ import torch
 import transformers
 
 
+# `git archive` writes the commit it exports into this file (export-subst, .gitattributes): an
+# exported tree, like the snapshot copied to a lent GPU, has no .git of its own, and git run in
+# it would answer for whatever repository lies around it.
+ARCHIVED_COMMIT = Path("benchmarks") / "source_commit.txt"
+
+
 def git_commit(root: Path) -> str | None:
+    """The commit the code under `root` is: the commit a `git archive` export was made from, or
+    the checkout's HEAD (with -dirty when tracked files have uncommitted changes)."""
+    archived = root / ARCHIVED_COMMIT
+    if archived.is_file() and not (exported := archived.read_text().strip()).startswith("$Format"):
+        return exported
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
