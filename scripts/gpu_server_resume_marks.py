@@ -6,8 +6,10 @@ entry (>) and exit (<) of each step of `Executor.resume` (ms from entering it, o
 line per resume); the client parks a 512-token prefill of a 4-layer llama-2-13b shape
 after layer 1 (exp3's S512/L1 point: the same KV and activation bytes), offloads it and
 resumes, while the same restore runs as user code (`manual_offload`) in this process.
+`--idle-ms` sleeps before each restore, as exp3's `--exp3-idle-ms` does (the server's
+wait is that and the resume request's round trip).
 
-python scripts/gpu_server_resume_marks.py OUT_DIR [--rounds 12]  → OUT_DIR/summary.json
+python scripts/gpu_server_resume_marks.py OUT_DIR [--rounds 12] [--idle-ms 0]  → OUT_DIR/summary.json
 """
 from __future__ import annotations
 
@@ -75,8 +77,9 @@ executor.Executor.landing = _landing_clears
 '''
 
 
-def manual_offload(model: torch.nn.Module, ids: torch.Tensor) -> float:
-    """exp3's manual_offload restore, ms: pinned KV of layers 0..N and the activation back."""
+def manual_offload(model: torch.nn.Module, ids: torch.Tensor, idle_s: float) -> tuple[float, float]:
+    """exp3's manual_offload restore, ms: pinned KV of layers 0..N and the activation back; and
+    when its first copy call returned."""
     cache = kv.from_pairs([])
     parked = ParkedForward(model, LAYER, lambda: forward_last(model, ids, cache))
     activation = torch.empty_like(parked.activation, device="cpu", pin_memory=True).copy_(parked.activation * STEER)
@@ -85,20 +88,24 @@ def manual_offload(model: torch.nn.Module, ids: torch.Tensor) -> float:
     for index, (k, v) in enumerate(kv.to_pairs(cache)):
         kv.set_layer(cache, index, k.to("meta"), v.to("meta"))
     torch.cuda.synchronize()
+    time.sleep(idle_s)
     started = time.perf_counter()
+    first_call = None
     for index, (k, v) in enumerate(host):
         kv.set_layer(cache, index, k.to("cuda", non_blocking=True), v.to("cuda", non_blocking=True))
+        first_call = first_call or (time.perf_counter() - started) * 1e3
     on_device = activation.to("cuda", non_blocking=True)
     torch.cuda.synchronize()
     elapsed = (time.perf_counter() - started) * 1e3
     parked.resume(on_device)
-    return elapsed
+    return elapsed, first_call
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--idle-ms", type=float, default=0.0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -108,20 +115,23 @@ def main() -> None:
     ids = torch.randint(0, local.config.vocab_size, (1, SEQ_LEN), generator=torch.Generator().manual_seed(4))
     env = {"DJINN_RESUME_MARKS": str(marks), "PYTHONPATH": f"{args.out}:{os.environ.get('PYTHONPATH', '')}"}
     manual, djinn_ms = [], []
+    idle_s = args.idle_ms / 1e3
     with ServerProcess("--device", "cuda", log_path=args.out / "server.log", env=env) as server, \
             djinn.connect(server.host_port, timeout_s=600) as client:
         remote = client.load(models.to_host(local), mode="full_djinn", logits_codec=Codec.RAW)
         for _ in range(args.rounds):
-            manual.append(manual_offload(local, ids.cuda()))
+            manual.append(manual_offload(local, ids.cuda(), idle_s))
             with remote.session() as s:
                 steered = s.run_to_layer(ids, LAYER) * STEER
                 s.offload()
+                time.sleep(idle_s)
                 s.resume(steered)
                 djinn_ms.append(s.last_reply["io_wait_ms"])
     lines = [json.loads(line) for line in marks.read_text().splitlines()][WARMUP_ROUNDS:]
     summary = {"device": torch.cuda.get_device_name(0), "model": MODEL, "layers": LAYERS, "layer": LAYER,
-               "seq_len": SEQ_LEN, "rounds": len(lines),
-               "manual_offload_ms": statistics.median(manual[WARMUP_ROUNDS:]),
+               "seq_len": SEQ_LEN, "rounds": len(lines), "idle_ms": args.idle_ms,
+               "manual_offload_ms": statistics.median(m for m, _ in manual[WARMUP_ROUNDS:]),
+               "manual_offload_first_call_ms": statistics.median(f for _, f in manual[WARMUP_ROUNDS:]),
                "djinn_io_wait_ms": statistics.median(djinn_ms[WARMUP_ROUNDS:]),
                "server_marks_ms": {k: statistics.median(line[k] for line in lines)
                                    for k in sorted(lines[0], key=lines[0].get)}}
