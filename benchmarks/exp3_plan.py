@@ -19,8 +19,9 @@ GPU_SEQ_LENS, CPU_SEQ_LENS = (512, 2048), (64, 256)
 GPU_ROUNDS, CPU_ROUNDS = 9, 3  # a shallow point restores in ~0.5 ms; with 5 rounds its ratio moved by +-10% run to run
 # How long each parked session sits idle before its timed restore, the same in every baseline:
 # the user reads and steers the activation. A GPU's first copy call after an idle spell takes
-# longer the longer the spell (H100: 0.02 ms after 1 ms idle, 0.13 after 20, 0.19 after 50;
-# results/exp3/idle_first_copy_h100.jsonl), so baselines restored after different idle times
+# longer the longer the spell, whether the CPU sleeps or spins (H100: 0.02 ms with none, 0.03
+# after 1 ms, 0.08 after 20, 0.15 after 50: results/exp3/idle_first_copy_h100.jsonl). djinn's
+# server always idles a round trip before a resume; a manual restore right after its own sync
 # would compare the GPU's idle state, not the restores.
 IDLE_AT_BREAKPOINT_MS = 20.0
 GPU_SESSIONS, CPU_SESSIONS = 50, 6
