@@ -33,13 +33,12 @@ import pytest
 import torch
 
 import djinn
-from djinn import kv, models
-from djinn.decoding import forward_last
-from djinn.server.breakpoints import ParkedForward
+from djinn import models
 from djinn.server.process import ServerProcess
 from djinn.transport import Codec
 
 from benchmarks import exp3_plan
+from benchmarks.exp3_restore import ManualOffload, park
 from benchmarks.exp3_figures import plot_resume_crossover
 from benchmarks.results import environment
 
@@ -158,21 +157,6 @@ class Resume:
 POINTS: list[dict] = []
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type == "cuda":
-        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
-    return t.clone()
-
-
-def _to_device(t: torch.Tensor, device: str) -> torch.Tensor:
-    return t.to(device, non_blocking=True) if device.startswith("cuda") else t.clone()
-
-
-def _park(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> tuple[ParkedForward, object]:
-    cache = kv.from_pairs([])
-    return ParkedForward(model, layer, lambda: forward_last(model, ids, cache)), cache
-
-
 def _recompute_setup(exp3: Exp3Setup) -> None:
     """Stateless: nothing to keep at the breakpoint, only the idle time before the restore."""
     exp3.sync()
@@ -181,7 +165,7 @@ def _recompute_setup(exp3: Exp3Setup) -> None:
 
 def _recompute(exp3: Exp3Setup, ids: torch.Tensor, layer: int) -> Resume:
     started = time.perf_counter()
-    parked, _cache = _park(exp3.local, ids, layer)
+    parked, _cache = park(exp3.local, ids, layer)
     steered = parked.activation * STEER_SCALE
     exp3.sync()
     ready = time.perf_counter()
@@ -192,27 +176,20 @@ def _recompute(exp3: Exp3Setup, ids: torch.Tensor, layer: int) -> Resume:
 
 def _manual_offload_setup(exp3: Exp3Setup, ids: torch.Tensor, layer: int):
     """User code at the breakpoint: activation (scaled) and KV of layers 0..N to (pinned) host memory."""
-    parked, cache = _park(exp3.local, ids, layer)
-    host_activation = _to_host(parked.activation * STEER_SCALE)
-    host_kv = [(_to_host(k), _to_host(v)) for k, v in kv.to_pairs(cache)]
-    for index, (k, v) in enumerate(kv.to_pairs(cache)):
-        kv.set_layer(cache, index, k.to("meta"), v.to("meta"))
+    offloaded = ManualOffload.of(*park(exp3.local, ids, layer), STEER_SCALE)
     exp3.sync()
     time.sleep(exp3.idle_s)
-    return (parked, cache, host_activation, host_kv), {}
+    return (offloaded,), {}
 
 
-def _manual_offload(exp3: Exp3Setup, parked, cache, host_activation, host_kv) -> Resume:
+def _manual_offload(exp3: Exp3Setup, offloaded: ManualOffload) -> Resume:
     started = time.perf_counter()
-    for index, (k, v) in enumerate(host_kv):
-        kv.set_layer(cache, index, _to_device(k, exp3.device), _to_device(v, exp3.device))
-    activation = _to_device(host_activation, exp3.device)
+    activation = offloaded.restore(exp3.device)
     exp3.sync()
     ready = time.perf_counter()
-    parked.resume(activation)
+    offloaded.parked.resume(activation)
     exp3.sync()
-    restored = host_activation.nbytes + sum(k.nbytes + v.nbytes for k, v in host_kv)
-    return Resume((ready - started) * 1e3, (time.perf_counter() - started) * 1e3, restored)
+    return Resume((ready - started) * 1e3, (time.perf_counter() - started) * 1e3, offloaded.nbytes)
 
 
 def _djinn_setup(exp3: Exp3Setup, ids: torch.Tensor, layer: int, open_sessions: list):

@@ -1,11 +1,10 @@
 """Where a real server's resume IO wait goes, next to exp3's manual_offload (diagnostic).
 
-`gpu_resume_probe.py` runs the executor in-process; this one times the server process
-the exp3 benchmark talks to. The server is started with a `sitecustomize` that marks
+This times the server process the exp3 benchmark talks to. The server is started with a `sitecustomize` that marks
 entry (>) and exit (<) of each step of `Executor.resume` (ms from entering it, one JSON
 line per resume); the client parks a 512-token prefill of a 4-layer llama-2-13b shape
 after layer 1 (exp3's S512/L1 point: the same KV and activation bytes), offloads it and
-resumes, while the same restore runs as user code (`manual_offload`) in this process.
+resumes, while exp3's user-code restore (`manual_offload`) runs in this process.
 `--idle-ms` sleeps before each restore, as exp3's `--exp3-idle-ms` does (the server's
 wait is that and the resume request's round trip).
 
@@ -23,11 +22,11 @@ from pathlib import Path
 import torch
 
 import djinn
-from djinn import kv, models
-from djinn.decoding import forward_last
-from djinn.server.breakpoints import ParkedForward
+from djinn import models
 from djinn.server.process import ServerProcess
 from djinn.transport import Codec
+
+from benchmarks.exp3_restore import ManualOffload, park
 
 MODEL, LAYERS, LAYER, SEQ_LEN, STEER = "llama-2-13b", 4, 1, 512, 0.9
 WARMUP_ROUNDS = 2
@@ -77,28 +76,17 @@ executor.Executor.landing = _landing_clears
 '''
 
 
-def manual_offload(model: torch.nn.Module, ids: torch.Tensor, idle_s: float) -> tuple[float, float]:
-    """exp3's manual_offload restore, ms: pinned KV of layers 0..N and the activation back; and
-    when its first copy call returned."""
-    cache = kv.from_pairs([])
-    parked = ParkedForward(model, LAYER, lambda: forward_last(model, ids, cache))
-    activation = torch.empty_like(parked.activation, device="cpu", pin_memory=True).copy_(parked.activation * STEER)
-    host = [(torch.empty_like(k, device="cpu", pin_memory=True).copy_(k),
-             torch.empty_like(v, device="cpu", pin_memory=True).copy_(v)) for k, v in kv.to_pairs(cache)]
-    for index, (k, v) in enumerate(kv.to_pairs(cache)):
-        kv.set_layer(cache, index, k.to("meta"), v.to("meta"))
+def manual_offload(model: torch.nn.Module, ids: torch.Tensor, idle_s: float) -> float:
+    """exp3's manual_offload restore (benchmarks.exp3_restore), ms."""
+    offloaded = ManualOffload.of(*park(model, ids, LAYER), STEER)
     torch.cuda.synchronize()
     time.sleep(idle_s)
     started = time.perf_counter()
-    first_call = None
-    for index, (k, v) in enumerate(host):
-        kv.set_layer(cache, index, k.to("cuda", non_blocking=True), v.to("cuda", non_blocking=True))
-        first_call = first_call or (time.perf_counter() - started) * 1e3
-    on_device = activation.to("cuda", non_blocking=True)
+    activation = offloaded.restore("cuda")
     torch.cuda.synchronize()
     elapsed = (time.perf_counter() - started) * 1e3
-    parked.resume(on_device)
-    return elapsed, first_call
+    offloaded.parked.resume(activation)
+    return elapsed
 
 
 def main() -> None:
@@ -130,8 +118,7 @@ def main() -> None:
     lines = [json.loads(line) for line in marks.read_text().splitlines()][WARMUP_ROUNDS:]
     summary = {"device": torch.cuda.get_device_name(0), "model": MODEL, "layers": LAYERS, "layer": LAYER,
                "seq_len": SEQ_LEN, "rounds": len(lines), "idle_ms": args.idle_ms,
-               "manual_offload_ms": statistics.median(m for m, _ in manual[WARMUP_ROUNDS:]),
-               "manual_offload_first_call_ms": statistics.median(f for _, f in manual[WARMUP_ROUNDS:]),
+               "manual_offload_ms": statistics.median(manual[WARMUP_ROUNDS:]),
                "djinn_io_wait_ms": statistics.median(djinn_ms[WARMUP_ROUNDS:]),
                "server_marks_ms": {k: statistics.median(line[k] for line in lines)
                                    for k in sorted(lines[0], key=lines[0].get)}}

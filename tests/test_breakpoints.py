@@ -57,6 +57,24 @@ def test_parked_forward_is_bit_identical_on_any_decoder(model_type):
         assert torch.equal(forward_last(model, ids[:, :1], cache), ref[1]), f"layer {layer}: the KV differs"
 
 
+@pytest.mark.correctness
+def test_exp3_manual_offload_baseline_restores_exactly_what_it_offloaded(tiny_model, make_prompt):
+    """exp3's user-code baseline: layers 0..N's KV and the activation leave the device while
+    offloaded and come back bit for bit."""
+    from benchmarks.exp3_restore import ManualOffload, park
+    ids = make_prompt(tiny_model, 24)
+    ref_cache = kv.from_pairs([])
+    ref_logits = forward_last(tiny_model, ids, ref_cache)
+    parked_kv_bytes = sum(k.nbytes + v.nbytes for k, v in kv.to_pairs(ref_cache)[:STEER_LAYER + 1])
+    ref_next = forward_last(tiny_model, ids[:, :1], ref_cache)
+    offloaded = ManualOffload.of(*park(tiny_model, ids, STEER_LAYER), scale=1.0)
+    assert all(k.is_meta and v.is_meta for k, v in kv.to_pairs(offloaded.cache))
+    assert offloaded.nbytes == parked_kv_bytes + offloaded.activation.nbytes
+    activation = offloaded.restore("cpu")
+    assert torch.equal(offloaded.parked.resume(activation), ref_logits)
+    assert torch.equal(forward_last(tiny_model, ids[:, :1], offloaded.cache), ref_next)
+
+
 def test_parked_forward_cancel_leaves_other_forwards_alone(tiny_model, make_prompt):
     ids = make_prompt(tiny_model, 16)
     expected = forward_last(tiny_model, ids, kv.from_pairs([]))
