@@ -177,6 +177,21 @@ def test_host_limit_is_a_clear_error_not_a_crash(make_executor, tiny_model, prom
     assert greedy(executor.session_step(first, token)).item() == prompts[1][0][0, PROMPT + 1].item()
 
 
+def test_io_wait_ends_when_the_pages_are_on_the_device_not_after_the_bookkeeping(make_executor, prompts,
+                                                                                 monkeypatch):
+    executor, cached = make_executor(1 << 30)
+    s = executor.sessions.open(cached, b"peer")
+    act = executor.run_to_layer(s, prompts[0][0], 5).clone()
+    executor.offload(s)
+    store = executor.sessions
+    wait_s, bookkeeping_s = 0.05, 0.2
+    synchronize, time_paging = store._synchronize, store._time
+    monkeypatch.setattr(store, "_synchronize", lambda: (time.sleep(wait_s), synchronize()))
+    monkeypatch.setattr(store, "_time", lambda *args: (time.sleep(bookkeeping_s), time_paging(*args)))
+    executor.resume(s, act)
+    assert wait_s * 1e3 <= s.last_io_wait_ms < bookkeeping_s * 1e3
+
+
 def test_parked_session_pages_out_and_resumes_bit_identically(make_executor, tiny_model, prompts):
     executor, cached = make_executor(1 << 30)
     ids, ref = prompts[0][0], prompts[1][0]

@@ -104,10 +104,11 @@ class Executor:
             per_token = per_token * layers // cached.num_layers
         return batch * tokens * per_token
 
-    def _admit(self, session: Session, new_bytes: int, while_paging_in: Callable[[], None] | None = None) -> None:
-        """Room for `new_bytes` of new KV and the session's paged-out layers, then those layers paged in.
+    def _admit(self, session: Session, new_bytes: int, while_paging_in: Callable[[], None] | None = None) -> float:
+        """Room for `new_bytes` of new KV and the session's paged-out layers, then those layers paged
+        in; when they were on the device (`SessionStore.page_in`).
 
-        The time this takes is the request's IO wait, kept in `session.last_io_wait_ms`;
+        The time until then is the request's IO wait, kept in `session.last_io_wait_ms`;
         `while_paging_in` is host work to overlap with the page-in's copies.
         """
         started = time.perf_counter()
@@ -124,8 +125,9 @@ class Executor:
                 raise OutOfMemory(f"{what} would exceed the {self.budget_bytes / 1e9:.2f} GB budget even with "
                                   f"the KV of every other session paged to host "
                                   f"({self.memory_in_use() / 1e9:.2f} GB still in use)")
-        self.sessions.page_in(session, while_paging_in)
-        session.last_io_wait_ms = (time.perf_counter() - started) * 1e3
+        ready_at = self.sessions.page_in(session, while_paging_in)
+        session.last_io_wait_ms = (ready_at - started) * 1e3
+        return ready_at
 
     def not_parked(self, session: Session) -> None:
         if session.breakpoint is not None:
@@ -229,11 +231,11 @@ class Executor:
         # costs about the KV transfer; one that arrived in pageable memory (not landed: a
         # compressed frame) is first copied into pinned memory, also beside the KV copies.
         uploaded = []
-        self._admit(session, self._kv_bytes(session.model, bp.batch, bp.step_tokens, layers_left),
-                    while_paging_in=lambda: uploaded.append(self._upload(activation)))
+        ready_at = self._admit(session, self._kv_bytes(session.model, bp.batch, bp.step_tokens, layers_left),
+                               while_paging_in=lambda: uploaded.append(self._upload(activation)))
         activation = uploaded[0]
         # IO_WAIT -> ready: the KV pages and the activation are on the device (the page-in waited for both).
-        session.last_io_wait_ms = (time.perf_counter() - started) * 1e3
+        session.last_io_wait_ms = (ready_at - started) * 1e3
         session.breakpoint, session.state = None, SessionState.RUNNING
         try:
             with self._forward_errors():

@@ -261,8 +261,9 @@ class SessionStore:
             log.debug("paged out %.1f MB of session %s", freed / 1e6, session.handle[:8])
         return freed
 
-    def page_in(self, session: Session, while_copying: Callable[[], None] | None = None) -> int:
-        """Bring every paged-out layer of the session back to the device; the bytes moved.
+    def page_in(self, session: Session, while_copying: Callable[[], None] | None = None) -> float:
+        """Bring every paged-out layer of the session back to the device; when they were there
+        (`time.perf_counter()` as the wait for the copies returned, before the bookkeeping).
 
         `while_copying` runs on the host once the copies are issued, before they are waited
         for; whatever it queues on the device is waited for too.
@@ -271,7 +272,7 @@ class SessionStore:
             if while_copying is not None:
                 while_copying()
                 self._synchronize()
-            return 0
+            return time.perf_counter()
         state, session.state = session.state, SessionState.IO_WAIT
         moved = 0
         started = time.perf_counter()
@@ -289,13 +290,14 @@ class SessionStore:
             if while_copying is not None:
                 while_copying()
             self._synchronize()
+            ready_at = time.perf_counter()
         except torch.OutOfMemoryError as exc:
             raise OutOfMemory(f"paging session {session.handle[:8]} back in ran out of device memory: {exc}") from None
         finally:
             session.state = state
             if moved:
                 self._time(session, "in", started)
-        return moved
+        return ready_at
 
     def page_out_lru(self, want_bytes: int, keep: Session) -> int:
         """Free `want_bytes` of device KV from the least recently used other sessions, to make room
