@@ -95,6 +95,11 @@ class Exp3Setup:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
 
+    def idle_at_breakpoint(self) -> None:
+        """The parked session's idle time before its timed restore, the same in every baseline."""
+        self.sync()
+        time.sleep(self.idle_s)
+
 
 @pytest.fixture(scope="module")
 def exp3(pytestconfig, bench_device, tmp_path_factory):
@@ -157,12 +162,6 @@ class Resume:
 POINTS: list[dict] = []
 
 
-def _recompute_setup(exp3: Exp3Setup) -> None:
-    """Stateless: nothing to keep at the breakpoint, only the idle time before the restore."""
-    exp3.sync()
-    time.sleep(exp3.idle_s)
-
-
 def _recompute(exp3: Exp3Setup, ids: torch.Tensor, layer: int) -> Resume:
     started = time.perf_counter()
     parked, _cache = park(exp3.local, ids, layer)
@@ -177,8 +176,7 @@ def _recompute(exp3: Exp3Setup, ids: torch.Tensor, layer: int) -> Resume:
 def _manual_offload_setup(exp3: Exp3Setup, ids: torch.Tensor, layer: int):
     """User code at the breakpoint: activation (scaled) and KV of layers 0..N to (pinned) host memory."""
     offloaded = ManualOffload.of(*park(exp3.local, ids, layer), STEER_SCALE)
-    exp3.sync()
-    time.sleep(exp3.idle_s)
+    exp3.idle_at_breakpoint()
     return (offloaded,), {}
 
 
@@ -199,7 +197,7 @@ def _djinn_setup(exp3: Exp3Setup, ids: torch.Tensor, layer: int, open_sessions: 
     open_sessions.append(s)
     steered = s.run_to_layer(ids, layer) * STEER_SCALE
     paged = s.offload()  # idle at the breakpoint: its KV goes to host, as memory pressure would send it
-    time.sleep(exp3.idle_s)  # the server idles this long and the request's round trip more
+    exp3.idle_at_breakpoint()  # the server idles this long and the request's round trip more
     return (s, steered, paged), {}
 
 
@@ -220,7 +218,7 @@ def test_resume_latency(exp3, baseline, seq_len, breakpoint_layer, benchmark, pr
 
     if baseline == "recompute":
         target = lambda: measured.append(_recompute(exp3, ids, breakpoint_layer))  # noqa: E731
-        setup = lambda: _recompute_setup(exp3)  # noqa: E731
+        setup = exp3.idle_at_breakpoint  # stateless: nothing kept at the breakpoint
     elif baseline == "manual_offload":
         target = lambda *args: measured.append(_manual_offload(exp3, *args))  # noqa: E731
         setup = lambda: _manual_offload_setup(exp3, ids, breakpoint_layer)  # noqa: E731

@@ -104,14 +104,15 @@ class Executor:
             per_token = per_token * layers // cached.num_layers
         return batch * tokens * per_token
 
-    def _admit(self, session: Session, new_bytes: int, while_paging_in: Callable[[], None] | None = None) -> float:
-        """Room for `new_bytes` of new KV and the session's paged-out layers, then those layers paged
-        in; when they were on the device (`SessionStore.page_in`).
+    def _admit(self, session: Session, new_bytes: int, while_paging_in: Callable[[], None] | None = None,
+               started: float | None = None) -> None:
+        """Room for `new_bytes` of new KV and the session's paged-out layers, then those layers paged in.
 
-        The time until then is the request's IO wait, kept in `session.last_io_wait_ms`;
+        The time from `started` (the request's, else now) until the pages were on the device
+        (`SessionStore.page_in`) is the request's IO wait, kept in `session.last_io_wait_ms`;
         `while_paging_in` is host work to overlap with the page-in's copies.
         """
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         missing = session.host_bytes
         over = self.memory_in_use() + missing + new_bytes - self.budget_bytes
         if over > 0:
@@ -125,9 +126,7 @@ class Executor:
                 raise OutOfMemory(f"{what} would exceed the {self.budget_bytes / 1e9:.2f} GB budget even with "
                                   f"the KV of every other session paged to host "
                                   f"({self.memory_in_use() / 1e9:.2f} GB still in use)")
-        ready_at = self.sessions.page_in(session, while_paging_in)
-        session.last_io_wait_ms = (ready_at - started) * 1e3
-        return ready_at
+        session.last_io_wait_ms = (self.sessions.page_in(session, while_paging_in) - started) * 1e3
 
     def not_parked(self, session: Session) -> None:
         if session.breakpoint is not None:
@@ -231,11 +230,10 @@ class Executor:
         # costs about the KV transfer; one that arrived in pageable memory (not landed: a
         # compressed frame) is first copied into pinned memory, also beside the KV copies.
         uploaded = []
-        ready_at = self._admit(session, self._kv_bytes(session.model, bp.batch, bp.step_tokens, layers_left),
-                               while_paging_in=lambda: uploaded.append(self._upload(activation)))
+        # IO_WAIT -> ready: the KV pages and the activation are on the device (the page-in waits for both).
+        self._admit(session, self._kv_bytes(session.model, bp.batch, bp.step_tokens, layers_left),
+                    while_paging_in=lambda: uploaded.append(self._upload(activation)), started=started)
         activation = uploaded[0]
-        # IO_WAIT -> ready: the KV pages and the activation are on the device (the page-in waited for both).
-        session.last_io_wait_ms = (ready_at - started) * 1e3
         session.breakpoint, session.state = None, SessionState.RUNNING
         try:
             with self._forward_errors():
