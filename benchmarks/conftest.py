@@ -64,13 +64,17 @@ def pytest_addoption(parser):
                     help="exp3: how long each parked session sits idle before its timed restore, in every "
                          "baseline (default: 20; 0 restores right after the offload)")
     group.addoption("--exp3-sessions", type=int, default=None,
-                    help="exp3: sessions of the oversubscription benchmark (default: 50 on a GPU, 6 on a CPU)")
+                    help="exp3: sessions of the oversubscription benchmark (default: on a GPU as many as make the "
+                         "demand --exp3-demand-factor x the device's memory; 6 on a CPU)")
+    group.addoption("--exp3-demand-factor", type=float, default=None,
+                    help="exp3: oversubscription demand (weights + all sessions' KV) over the device's memory "
+                         "(default: 1.2)")
     group.addoption("--exp3-context-tokens", type=int, default=None,
                     help="exp3: prompt tokens per session (default: ~1.3 GB of KV each on a GPU, 96 on a CPU)")
     group.addoption("--exp3-new-tokens", type=int, default=4, help="exp3: tokens each session decodes")
     group.addoption("--exp3-budget-gb", type=float, default=None,
-                    help="exp3: the server's --vram-budget-gb for oversubscription (default: the GPU's memory less "
-                         "6 GiB of headroom; on a CPU, the weights and 40%% of the sessions' KV)")
+                    help="exp3: the oversubscription server's --vram-budget-gb, GiB (default on a GPU: the server's "
+                         "own, what the device has free; on a CPU, the weights and 40%% of the sessions' KV)")
 
 
 def pytest_collection_modifyitems(config, items):

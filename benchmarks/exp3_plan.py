@@ -2,11 +2,15 @@
 
 The `--exp3-*` options (benchmarks/conftest.py) override each default. On a GPU the
 defaults are seed 004's: the llama-2-13b shape, breakpoints [1, 10, 20, 30, 40] of its
-40 layers (0-based: [1, 10, 20, 30, 39]), prompts up to 2048 tokens, 50 sessions of
-~1.3 GB of KV each. On a CPU: the tiny model and sizes that finish in seconds, with a
-budget small enough that paging really happens.
+40 layers (0-based: [1, 10, 20, 30, 39]), prompts up to 2048 tokens, sessions of ~1.3 GB
+of KV each; as many sessions as make the demand (weights + every session's KV) 1.2x the
+device's memory, whatever the card (the seed's 50 fit a 141 GB H200 without paging), and
+the server's own default budget (what the device has free). On a CPU: the tiny model and
+sizes that finish in seconds, with a budget small enough that paging really happens.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers import AutoConfig
@@ -24,12 +28,12 @@ GPU_ROUNDS, CPU_ROUNDS = 9, 3  # a shallow point restores in ~0.5 ms; with 5 rou
 # server always idles a round trip before a resume; a manual restore right after its own sync
 # would compare the GPU's idle state, not the restores.
 IDLE_AT_BREAKPOINT_MS = 20.0
-GPU_SESSIONS, CPU_SESSIONS = 50, 6
+CPU_SESSIONS = 6
 GPU_SESSION_KV_BYTES = 1.3e9  # the seed: 50 x 1.3 GB of KV beside 26 GB of weights, on an 80 GB H100
+# Demand over the device's memory that the oversubscription run sizes itself to (issue 12:
+# >= 1.2x; at 1.0x a run could pass without the device ever being full).
+DEFAULT_DEMAND_FACTOR = 1.2
 CPU_CONTEXT_TOKENS = 96
-# Device memory the oversubscription server leaves outside its budget: both processes'
-# CUDA contexts, prefill activations of a ~1600-token prompt, allocator slack.
-GPU_HEADROOM_BYTES = 6 << 30
 CPU_RESIDENT_KV_FRACTION = 0.4  # on a CPU the budget holds the weights and 40% of the sessions' KV
 
 
@@ -85,8 +89,27 @@ def idle_s(config) -> float:
     return (IDLE_AT_BREAKPOINT_MS if idle_ms is None else idle_ms) / 1e3
 
 
-def sessions(config) -> int:
-    return config.getoption("--exp3-sessions") or (CPU_SESSIONS if on_cpu(config) else GPU_SESSIONS)
+def demand_factor(config) -> float:
+    return config.getoption("--exp3-demand-factor") or DEFAULT_DEMAND_FACTOR
+
+
+def device_capacity_bytes(config) -> int | None:
+    """The device's memory (None on a CPU, which has no device to fill)."""
+    if on_cpu(config):
+        return None
+    _free, total = torch.cuda.mem_get_info(torch.device(device(config)))
+    return total
+
+
+def sessions(config, weight_bytes: int, session_kv_bytes: int) -> int:
+    """Sessions of the oversubscription run: given, or on a GPU as many as make the demand
+    `demand_factor` x the device's memory."""
+    if config.getoption("--exp3-sessions"):
+        return config.getoption("--exp3-sessions")
+    if on_cpu(config):
+        return CPU_SESSIONS
+    target = demand_factor(config) * device_capacity_bytes(config)
+    return max(1, math.ceil((target - weight_bytes) / session_kv_bytes))
 
 
 def context_tokens(config, model_config_, dtype: torch.dtype) -> int:
@@ -97,11 +120,11 @@ def context_tokens(config, model_config_, dtype: torch.dtype) -> int:
     return round(GPU_SESSION_KV_BYTES / models.kv_bytes_per_token(model_config_, dtype))
 
 
-def budget_bytes(config, weight_bytes: int, total_kv_bytes: int) -> int:
-    """The oversubscription server's --vram-budget-gb, in bytes."""
+def budget_bytes(config, weight_bytes: int, total_kv_bytes: int) -> int | None:
+    """The oversubscription server's --vram-budget-gb in bytes; None on a GPU: the server's own default
+    (what the device has free when it starts), so the run tests the budget a user gets."""
     if config.getoption("--exp3-budget-gb"):
         return int(config.getoption("--exp3-budget-gb") * (1 << 30))
     if on_cpu(config):
         return weight_bytes + int(CPU_RESIDENT_KV_FRACTION * total_kv_bytes)
-    _free, total = torch.cuda.mem_get_info(torch.device(device(config)))
-    return total - GPU_HEADROOM_BYTES
+    return None

@@ -11,6 +11,7 @@ import torch
 
 from djinn import models
 from djinn.client import config_dict
+from djinn.server.device_budget import DeviceBudget
 from djinn.server.executor import Executor
 from djinn.server.server import Server, ServerConfig
 from djinn.server.session_store import SessionStore
@@ -28,11 +29,12 @@ def parked(tiny_model, make_prompt):
     state = tiny_model.state_dict()
     fingerprint = models.fingerprint(state)
     budget = 1 << 34
-    sessions = SessionStore(600.0, "test", CPU, swap=False, host_limit_bytes=0)
-    weights = WeightCache(CPU, budget, reserve_bytes=lambda: sessions.kv_bytes)
+    device_budget = DeviceBudget(CPU, budget)
+    sessions = SessionStore(600.0, "test", device_budget, swap=False, host_limit_bytes=0)
+    weights = WeightCache(device_budget)
     weights.register(fingerprint, config_dict(tiny_model), torch.float32,
                      [TensorEntry(n, t.dtype, tuple(t.shape)) for n, t in state.items()])
-    executor = Executor(CPU, weights, sessions, budget)
+    executor = Executor(device_budget, weights, sessions)
     session = sessions.open(weights.receive(fingerprint, state), b"peer")
     executor.run_to_layer(session, make_prompt(tiny_model, 8), PARKED_LAYER)
     return executor, session

@@ -9,6 +9,7 @@ import djinn
 from djinn import models
 from djinn.errors import BadRequest, OutOfMemory
 from djinn.server.process import ServerProcess
+from djinn.server.device_budget import DeviceBudget
 from djinn.server.streamer import find_decoder_layers
 from djinn.server.weight_cache import TensorEntry, WeightCache
 
@@ -105,7 +106,7 @@ def _entries(model) -> list[TensorEntry]:
 
 def test_ring_smaller_than_a_layer_is_refused_at_register_before_any_upload(tiny_model):
     layer = max(_layer_bytes(tiny_model))
-    cache = WeightCache(torch.device("cpu"), budget_bytes=BUDGET_BYTES, ring_bytes=layer // 2)
+    cache = WeightCache(DeviceBudget(torch.device("cpu"), BUDGET_BYTES), ring_bytes=layer // 2)
     with pytest.raises(BadRequest, match="does not fit the .* ring.*--ring-buffer-gb"):
         cache.register("f" * 32, tiny_model.config.to_dict(), torch.float32, _entries(tiny_model))
     assert not cache.models
@@ -113,7 +114,7 @@ def test_ring_smaller_than_a_layer_is_refused_at_register_before_any_upload(tiny
 
 def test_model_too_large_even_streamed_is_refused(tiny_model):
     resident = MODEL_BYTES - sum(_layer_bytes(tiny_model))
-    cache = WeightCache(torch.device("cpu"), budget_bytes=resident, ring_bytes=max(_layer_bytes(tiny_model)))
+    cache = WeightCache(DeviceBudget(torch.device("cpu"), resident), ring_bytes=max(_layer_bytes(tiny_model)))
     with pytest.raises(OutOfMemory, match="does not fit even streamed"):
         cache.register("f" * 32, tiny_model.config.to_dict(), torch.float32, _entries(tiny_model))
     assert not cache.models

@@ -11,11 +11,14 @@ import pytest
 import torch
 
 import djinn
-from djinn import models
+from djinn import host_memory, models
 from djinn.client import config_dict
 from djinn.decoding import greedy
 from djinn.errors import BadRequest, OutOfMemory
+from djinn.server.device_budget import DeviceBudget
 from djinn.server.executor import Executor
+from djinn.server.fault_injection import ENV, InjectedOOM
+from djinn.server.process import ServerProcess
 from djinn.server.session_store import SessionState, SessionStore
 from djinn.server.weight_cache import TensorEntry, WeightCache
 
@@ -41,12 +44,13 @@ def make_executor(tiny_model, fingerprinted):
 
     def make(kv_budget_bytes: int, swap: bool = True, host_limit_bytes: int = 1 << 30):
         budget = sum(t.numel() * t.element_size() for t in state.values()) + kv_budget_bytes
-        sessions = SessionStore(600.0, "test", CPU, swap=swap, host_limit_bytes=host_limit_bytes)
-        weights = WeightCache(CPU, budget, reserve_bytes=lambda: sessions.kv_bytes)
+        device_budget = DeviceBudget(CPU, budget)
+        weights = WeightCache(device_budget)
+        sessions = SessionStore(600.0, "test", device_budget, swap=swap, host_limit_bytes=host_limit_bytes)
         weights.register(fingerprint, config_dict(tiny_model), torch.float32,
                          [TensorEntry(n, t.dtype, tuple(t.shape)) for n, t in state.items()])
         cached = weights.receive(fingerprint, state)
-        return Executor(CPU, weights, sessions, budget), cached
+        return Executor(device_budget, weights, sessions), cached
     return make
 
 
@@ -68,7 +72,7 @@ def _decode_round_robin(executor, sessions, prompts) -> list[torch.Tensor]:
     for _ in range(NEW_TOKENS - 1):
         for s, out in zip(sessions, tokens):
             out.append(_step(executor, s, out[-1]))
-            assert executor.memory_in_use() <= executor.budget_bytes
+            assert executor.budget.in_use() <= executor.budget.limit_bytes
     return [torch.cat([p, *out], dim=1) for p, out in zip(prompts, tokens)]
 
 
@@ -243,3 +247,150 @@ def test_server_pages_idle_sessions_reports_it_and_survives_a_full_host(start_se
         for s in (a, b, c):
             s.close()
         assert client.stats()["memory"]["kv_host_bytes"] == 0, "closing a session frees its host pages"
+
+
+# -- allocation failures inside a step (issue 12): the budget's accounting and the device disagree ----------
+@pytest.fixture
+def inject_oom(make_executor):
+    """inject_oom(executor, **spec) installs a `DJINN_TEST_INJECT_OOM`-style fault; removed after the test."""
+    installed = []
+
+    def install(executor, **spec) -> InjectedOOM:
+        injected = InjectedOOM(**spec)
+        injected.install(executor.budget)
+        installed.append(injected)
+        return injected
+    yield install
+    for injected in installed:
+        injected.remove()
+
+
+def _prefill_all(executor, sessions, prompts) -> list[list[torch.Tensor]]:
+    return [[_step(executor, s, p)] for s, p in zip(sessions, prompts)]
+
+
+@pytest.mark.correctness
+def test_allocation_failure_mid_step_pages_out_and_retries_losing_nothing(make_executor, inject_oom, tiny_model,
+                                                                         prompts):
+    """A device smaller than its budget: every forward fails at layer 3 while more than the weights and
+    1.5 sessions' KV are resident, so a step succeeds only once the retry has paged other sessions out."""
+    session_kv = (PROMPT + NEW_TOKENS) * kv_per_token(tiny_model)
+    executor, cached = make_executor(1 << 30)  # the accounting never asks for paging
+    sessions = [executor.sessions.open(cached, b"peer") for _ in range(4)]
+    tokens = _prefill_all(executor, sessions, prompts[0])
+    injected = inject_oom(executor, layer=3, while_in_use_over=cached.weight_bytes + int(1.5 * session_kv))
+    for _ in range(NEW_TOKENS - 1):
+        for s, out in zip(sessions, tokens):
+            out.append(_step(executor, s, out[-1]))
+    for p, out, ref in zip(prompts[0], tokens, prompts[1]):
+        assert torch.equal(torch.cat([p, *out], dim=1), ref), "a retried step must decode what HF decodes"
+    assert 0 < executor.budget.counters.ooms_recovered <= injected.raised, "steps retried, each raised at least once"
+    assert executor.sessions.paging.page_outs > 0 and executor.sessions.paging.page_ins > 0
+    assert all(s.state is SessionState.IDLE for s in sessions)
+
+
+@pytest.mark.correctness
+def test_allocation_failure_with_nothing_to_free_is_a_clean_error_and_every_session_goes_on(
+        make_executor, inject_oom, tiny_model, prompts):
+    executor, cached = make_executor(1 << 30, swap=False)  # nothing can be paged out
+    a, b = (executor.sessions.open(cached, b"peer") for _ in range(2))
+    (ta,), (tb,) = _prefill_all(executor, (a, b), prompts[0])
+    injected = inject_oom(executor, layer=2)
+    with pytest.raises(OutOfMemory, match=r"ran out of device memory after 1 retry,.*in use of the"):
+        _step(executor, a, ta)  # a decode
+    fresh = executor.sessions.open(cached, b"peer")
+    with pytest.raises(OutOfMemory):
+        _step(executor, fresh, prompts[0][2])  # a prefill
+    assert (a.length, b.length, fresh.length) == (PROMPT, PROMPT, 0), "every failed step is rolled back"
+    assert executor.budget.counters.ooms_failed == 2
+    injected.remove()
+    outputs = [[ta], [tb], [_step(executor, fresh, prompts[0][2])]]
+    for _ in range(NEW_TOKENS - 1):
+        for s, out in zip((a, b, fresh), outputs):
+            out.append(_step(executor, s, out[-1]))
+    for p, out, ref in zip(prompts[0][:3], outputs, prompts[1][:3]):
+        assert torch.equal(torch.cat([p, *out], dim=1), ref)
+
+
+def test_resume_that_runs_out_of_memory_is_retried_bit_identically(make_executor, inject_oom, prompts):
+    executor, cached = make_executor(1 << 30)
+    ids = prompts[0][0]
+    s = executor.sessions.open(cached, b"peer")
+    act = executor.run_to_layer(s, ids, 2).clone()
+    expected = executor.resume(s, act * 0.5)
+    executor.sessions.rollback(s, 0)
+    act_again = executor.run_to_layer(s, ids, 2)
+    assert torch.equal(act_again, act)
+    injected = inject_oom(executor, layer=5, times=1)  # after the breakpoint: the parked forward dies
+    other = executor.sessions.open(cached, b"peer")
+    _step(executor, other, prompts[0][1])  # something to page out, so the retry has memory to gain
+    got = executor.resume(s, act * 0.5)
+    assert injected.raised == 1 and torch.equal(got, expected)
+    assert s.length == PROMPT and s.breakpoint is None and s.state is SessionState.IDLE
+
+
+def test_many_sessions_under_a_tiny_budget_in_random_order_all_complete(make_executor, tiny_model, prompts):
+    session_kv = (PROMPT + NEW_TOKENS) * kv_per_token(tiny_model)
+    executor, cached = make_executor(int(1.3 * session_kv))
+    ids = [prompts[0][i % 4] for i in range(8)]
+    refs = [prompts[1][i % 4] for i in range(8)]
+    sessions = [executor.sessions.open(cached, b"peer") for _ in ids]
+    order = [i for i in range(8) for _ in range(NEW_TOKENS)]
+    torch.manual_seed(7)
+    order = [order[j] for j in torch.randperm(len(order)).tolist()]
+    tokens: list[list[torch.Tensor]] = [[] for _ in ids]
+    for i in order:
+        tokens[i].append(_step(executor, sessions[i], tokens[i][-1] if tokens[i] else ids[i]))
+        assert executor.budget.in_use() <= executor.budget.limit_bytes
+    for p, out, ref in zip(ids, tokens, refs):
+        assert torch.equal(torch.cat([p, *out], dim=1), ref)
+    assert executor.sessions.paging.page_outs > 0 and executor.sessions.paging.page_ins > 0
+
+
+def test_host_memory_running_out_stops_paging_with_a_clear_error(make_executor, tiny_model, prompts, monkeypatch):
+    """The host's own limit (its cgroup's), not only --host-swap-gb: a page-out that would leave the host
+    less than its floor is refused, and nothing is lost."""
+    session_kv = PROMPT * kv_per_token(tiny_model)
+    executor, cached = make_executor(int(1.5 * session_kv), host_limit_bytes=None)
+    first, second = (executor.sessions.open(cached, b"peer") for _ in range(2))
+    token = greedy(executor.session_step(first, prompts[0][0]))
+    floor = executor.sessions.host_floor_bytes()
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: floor + session_kv // 4)
+    with pytest.raises(OutOfMemory, match=r"host memory is full.*to the rest of the host"):
+        executor.session_step(second, prompts[0][1])
+    assert second.length == 0 and 0 < executor.sessions.host_bytes <= session_kv // 4
+    monkeypatch.undo()
+    assert greedy(executor.session_step(first, token)).item() == prompts[1][0][0, PROMPT + 1].item()
+    assert greedy(executor.session_step(second, prompts[0][1])).item() == prompts[1][1][0, PROMPT].item()
+
+
+def test_budget_asks_the_device_when_the_accounting_is_tight(monkeypatch):
+    budget = DeviceBudget(CPU, 10 << 30)
+    budget.hold("weights", lambda: 8 << 30)
+    monkeypatch.setattr(budget, "device_room", lambda: 1 << 30)  # the device has less than the books say
+    assert budget.shortfall(100 << 20) == 0, "plenty of accounted room: the device is not asked"
+    assert budget.counters.reconciles == 0
+    assert budget.shortfall(1536 << 20) == 512 << 20, "tight: the device's real room decides"
+    assert budget.counters.reconciles == 1 and budget.counters.reconciled_shortfall_bytes == 512 << 20
+    assert budget.shortfall(3 << 30) == 2 << 30
+
+
+def test_oom_injection_spec_parses_and_rejects_what_it_does_not_know():
+    assert InjectedOOM.parse("layer=2,times=1") == InjectedOOM(layer=2, times=1)
+    assert InjectedOOM.parse("layer=0,while_in_use_over=1000").while_in_use_over == 1000
+    with pytest.raises(ValueError, match="layer"):
+        InjectedOOM.parse("times=1")
+    with pytest.raises(ValueError, match="expected"):
+        InjectedOOM.parse("layer=1,every=2")
+
+
+def test_server_retries_an_injected_allocation_failure_end_to_end(tmp_path, tiny_model, prompts):
+    """The env hook as the server reads it: a failed forward is retried and the reply is right."""
+    env = {ENV: "layer=1,times=1"}
+    with ServerProcess("--device", "cpu", log_path=tmp_path / "server.log", env=env) as server, \
+            djinn.connect(server.host_port) as client:
+        remote = client.load(tiny_model, mode="full_djinn")
+        out = remote.generate(prompts[0][0], max_new_tokens=NEW_TOKENS)
+        memory = client.stats()["memory"]
+    assert torch.equal(out, prompts[1][0])
+    assert memory["ooms_recovered"] == 1 and memory["ooms_failed"] == 0

@@ -17,6 +17,10 @@ from pathlib import Path
 from djinn.transport.tuning import is_tuned, tuned_environment
 
 READY_LINE = "djinn server listening on {address}"
+# KV caches grow a token per step and move in and out in layer pages: without expandable
+# segments the caching allocator fragments, and the device runs out before the budget does.
+# Set before torch is imported (it is read when the allocator starts); a user's setting wins.
+ALLOC_CONF = ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,15 +29,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=5556, help="TCP port (0: any free port)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
     parser.add_argument("--vram-budget-gb", type=float, default=None,
-                        help="memory the server may use for weights + KV (default: what the device has free)")
+                        help="device memory the server may use for weights, KV, graph slots and the ring, in GiB "
+                             "(default: what the device has free at start; on a CPU, half the host memory the "
+                             "process may use)")
     parser.add_argument("--ring-buffer-gb", type=float, default=None,
                         help="ring through which a model larger than the budget streams its layers, counted in the "
                              "budget, in GiB (default: 2 GiB on a GPU, 16 MiB on a CPU)")
     parser.add_argument("--disable-kv-swap", action="store_true",
                         help="never page KV caches to host memory (isolates weight streaming from KV paging)")
     parser.add_argument("--host-swap-gb", type=float, default=None,
-                        help="host memory for KV paged out of the budget, in GiB; past it a request fails with "
-                             "out_of_memory (default: half the host memory available at start)")
+                        help="cap on host memory for KV paged out of the budget, in GiB; past it, or past what the "
+                             "host (its cgroup included) can still give less a floor, a request fails with "
+                             "out_of_memory (default: no cap beyond the host's own)")
     parser.add_argument("--auth-token-file", type=Path, default=None,
                         help="file holding a shared token that every request must carry")
     parser.add_argument("--session-ttl-s", type=float, default=600.0,
@@ -58,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_malloc_tuning and not is_tuned(os.environ):
         argv = sys.argv[1:] if argv is None else argv
         os.execve(sys.executable, [sys.executable, "-m", "djinn.server", *argv], tuned_environment(os.environ))
+    os.environ.setdefault(*ALLOC_CONF)
     # Imported after the re-exec decision: torch is large, and the tuned process imports it once.
     from djinn.reproducibility import use_deterministic_kernels
     from djinn.server.server import Server, ServerConfig

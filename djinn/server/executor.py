@@ -5,27 +5,24 @@ shipped) and session prefill/decode (KV resident in the session store). Greedy
 tokens are picked here for clients that want only the token. Sessions may also run a
 step to a breakpoint (`run_to_layer`) and `resume` it later.
 
-The memory policy lives here too: before a session step runs, its new KV and its
-paged-out layers must fit the budget beside the weights and every other resident KV;
-what does not fit is paged out from the least recently used sessions (unless KV swap
-is off, when the request fails with `OutOfMemory`), then the session's own pages come
-back. A step that fails half-way is rolled back to its starting length.
+Memory is not decided here: each session step runs inside `SessionStore.step`, which
+makes room for it under the device budget, rolls it back if it fails and retries it if
+the device ran out of memory; a forward here only has to be re-runnable (`attempt`).
 """
 from __future__ import annotations
 
 import json
 import time
 from contextlib import contextmanager
-from typing import Callable
 
 import torch
-from transformers import DynamicCache
 
 from djinn import kv, models
 from djinn.decoding import forward_last
-from djinn.errors import BadRequest, OutOfMemory
+from djinn.errors import BadRequest
 from djinn.server.breakpoints import ParkedForward, check_layer, num_decoder_layers
-from djinn.server.session_store import Breakpoint, Session, SessionState, SessionStore
+from djinn.server.device_budget import DeviceBudget
+from djinn.server.session_store import Breakpoint, Session, SessionStore
 from djinn.server.weight_cache import CachedModel, WeightCache
 from djinn.transport import TensorKind, TensorSpec
 
@@ -36,11 +33,11 @@ KERNEL_ALIGNMENT = 64
 
 
 class Executor:
-    def __init__(self, device: torch.device, weights: WeightCache, sessions: SessionStore, budget_bytes: int):
-        self.device = device
+    def __init__(self, budget: DeviceBudget, weights: WeightCache, sessions: SessionStore):
+        self.device = budget.device
+        self.budget = budget
         self.weights = weights
         self.sessions = sessions
-        self.budget_bytes = budget_bytes
         self._skeletons: dict[str, torch.nn.Module] = {}
 
     def synchronize(self) -> None:
@@ -75,9 +72,6 @@ class Executor:
             return None
         return torch.empty(spec.nbytes, dtype=torch.uint8, pin_memory=True)
 
-    def memory_in_use(self) -> int:
-        return self.weights.resident_bytes + self.sessions.kv_bytes
-
     # -- inputs --------------------------------------------------------------------
     def token_ids(self, ids: torch.Tensor | None, name: str, vocab_size: int, past: int,
                   max_positions: int, batch: int | None = None) -> torch.Tensor:
@@ -104,48 +98,17 @@ class Executor:
             per_token = per_token * layers // cached.num_layers
         return batch * tokens * per_token
 
-    def _admit(self, session: Session, new_bytes: int, while_paging_in: Callable[[], None] | None = None,
-               started: float | None = None) -> None:
-        """Room for `new_bytes` of new KV and the session's paged-out layers, then those layers paged in.
-
-        The time from `started` (the request's, else now) until the pages were on the device
-        (`SessionStore.page_in`) is the request's IO wait, kept in `session.last_io_wait_ms`;
-        `while_paging_in` is host work to overlap with the page-in's copies.
-        """
-        started = time.perf_counter() if started is None else started
-        missing = session.host_bytes
-        over = self.memory_in_use() + missing + new_bytes - self.budget_bytes
-        if over > 0:
-            what = (f"{new_bytes / 1e6:.1f} MB more KV cache" +
-                    (f" and {missing / 1e6:.1f} MB paged back in" if missing else ""))
-            if not self.sessions.swap:
-                raise OutOfMemory(f"{what} would exceed the {self.budget_bytes / 1e9:.2f} GB budget "
-                                  f"({self.memory_in_use() / 1e9:.2f} GB in use; KV swap is disabled)")
-            freed = self.sessions.page_out_lru(over, keep=session)
-            if freed < over:
-                raise OutOfMemory(f"{what} would exceed the {self.budget_bytes / 1e9:.2f} GB budget even with "
-                                  f"the KV of every other session paged to host "
-                                  f"({self.memory_in_use() / 1e9:.2f} GB still in use)")
-        session.last_io_wait_ms = (self.sessions.page_in(session, while_paging_in) - started) * 1e3
-
     def not_parked(self, session: Session) -> None:
         if session.breakpoint is not None:
             raise BadRequest(f"session {session.handle} is parked at decoder layer {session.breakpoint.layer}: "
                              f"resume or cancel it first")
 
     # -- sessions ------------------------------------------------------------------
-    def _begin_step(self, session: Session, ids: torch.Tensor | None) -> tuple[torch.Tensor, int, DynamicCache]:
-        """Checked token ids, the session's length before the step and its cache, with room for the step."""
+    def _step_ids(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor:
         self.not_parked(session)
         cached = session.model
-        ids = self.token_ids(ids, "input_ids", cached.vocab_size, session.length, cached.max_positions,
-                             session.batch)
-        self._admit(session, self._kv_bytes(cached, ids.shape[0], ids.shape[1]))
-        start = session.length
-        if session.cache is None:
-            session.cache = kv.from_pairs([])
-        session.state = SessionState.RUNNING
-        return ids, start, session.cache
+        return self.token_ids(ids, "input_ids", cached.vocab_size, session.length, cached.max_positions,
+                              session.batch)
 
     def session_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor:
         """Prefill (empty session) or decode (later calls): the last position's logits."""
@@ -153,40 +116,31 @@ class Executor:
             logits = self._graph_step(session, ids)
             if logits is not None:
                 return logits
-        ids, start, cache = self._begin_step(session, ids)
-        try:
-            logits = self._run(session.model.model, ids, cache, {})
-        except BaseException:
-            self.sessions.rollback(session, start)
-            raise
-        finally:
-            session.state = SessionState.IDLE
-        session.recount()
-        return logits
+        ids = self._step_ids(session, ids)
+        model = session.model.model
+        return self.sessions.step(session, self._kv_bytes(session.model, ids.shape[0], ids.shape[1]),
+                                  lambda attempt: self._run(model, ids, session.cache, {}))
 
     def _graph_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor | None:
         """A step through the session's graph slot; None when a new session gets no slot."""
         cached = session.model
-        ids = self.token_ids(ids, "input_ids", cached.vocab_size, session.length, cached.max_positions,
-                             session.batch)
+        ids = self._step_ids(session, ids)
         slot = session.decoder
         if slot is None:
             graphs = self.sessions.graphs
-            slot_bytes = self._kv_bytes(cached, ids.shape[0], graphs.max_len)
-            slot = graphs.acquire(cached, ids.shape[0], ids.shape[1], slot_bytes,
-                                  room=self.budget_bytes - self.memory_in_use())
+            slot = graphs.acquire(cached, ids.shape[0], ids.shape[1], self._kv_bytes(cached, ids.shape[0],
+                                                                                        graphs.max_len))
             if slot is None:
                 return None
             session.decoder = slot
-            with self._forward_errors():
-                return slot.prefill(ids)
+            # The slot's static cache holds the KV: the step adds none to the session's own.
+            return self.sessions.step(session, 0, lambda attempt: self._forward(slot.prefill, ids))
         if ids.shape[1] != 1:
             raise BadRequest(f"session {session.handle} decodes through a CUDA graph: one token per decode step")
         if slot.length >= slot.max_len:
             raise BadRequest(f"session {session.handle} filled its graph slot of {slot.max_len} tokens "
                              f"(--graph-max-len)")
-        with self._forward_errors():
-            return slot.step(ids)
+        return self.sessions.step(session, 0, lambda attempt: self._forward(slot.step, ids))
 
     def run_to_layer(self, session: Session, ids: torch.Tensor | None, layer: int) -> torch.Tensor:
         """Run a step (prefill or decode) up to decoder layer `layer` and park it; that layer's output."""
@@ -200,18 +154,16 @@ class Executor:
             raise BadRequest(f"session {session.handle} decodes through a CUDA graph slot: breakpoints need an "
                              f"eagerly decoded session (open one and call run_to_layer before any prefill)")
         check_layer(layer, num_decoder_layers(model))
-        ids, start, cache = self._begin_step(session, ids)
-        try:
-            with self._forward_errors():
-                parked = ParkedForward(model, layer, lambda: forward_last(model, ids, cache))
-        except BaseException:
-            session.state = SessionState.IDLE
-            self.sessions.rollback(session, start)
-            raise
-        session.breakpoint = Breakpoint(parked, layer, start, ids.shape[1], ids.shape[0])
-        session.state = SessionState.PARKED
-        session.recount()
+        ids = self._step_ids(session, ids)
+        start = session.length
+        parked = self.sessions.step(session, self._kv_bytes(session.model, ids.shape[0], ids.shape[1]),
+                                    lambda attempt: self._park(model, layer, ids, session))
+        self.sessions.park(session, Breakpoint(parked, layer, start, ids))
         return parked.activation
+
+    def _park(self, model: torch.nn.Module, layer: int, ids: torch.Tensor, session: Session) -> ParkedForward:
+        with self._forward_errors():
+            return ParkedForward(model, layer, lambda: forward_last(model, ids, session.cache))
 
     def resume(self, session: Session, activation: torch.Tensor | None) -> torch.Tensor:
         """Continue a parked step from layer N+1 with `activation` as layer N's output; the logits."""
@@ -225,26 +177,33 @@ class Executor:
             raise BadRequest(f"the activation is {activation.dtype} {list(activation.shape)}; decoder layer "
                              f"{bp.layer} produced {expected.dtype} {list(expected.shape)}")
         started = time.perf_counter()
-        layers_left = session.model.num_layers - 1 - bp.layer
+        cached = session.model
+        self.sessions.unpark(session)
         # The activation's upload is queued while the KV pages cross PCIe, so getting ready
         # costs about the KV transfer; one that arrived in pageable memory (not landed: a
         # compressed frame) is first copied into pinned memory, also beside the KV copies.
-        uploaded = []
-        # IO_WAIT -> ready: the KV pages and the activation are on the device (the page-in waits for both).
-        self._admit(session, self._kv_bytes(session.model, bp.batch, bp.step_tokens, layers_left),
-                    while_paging_in=lambda: uploaded.append(self._upload(activation)), started=started)
-        activation = uploaded[0]
-        session.breakpoint, session.state = None, SessionState.RUNNING
-        try:
+        uploaded: list[torch.Tensor] = []
+
+        def upload() -> None:
+            if not uploaded:
+                uploaded.append(self._upload(activation))
+
+        def run(attempt: int) -> torch.Tensor:
+            upload()
             with self._forward_errors():
-                logits = bp.forward.resume(activation)
-        except BaseException:
-            self.sessions.rollback(session, bp.start_length)
-            raise
-        finally:
-            session.state = SessionState.IDLE
-        session.recount()
-        return logits
+                if attempt == 0:
+                    return bp.forward.resume(uploaded[0])
+                # The parked forward died with the allocation failure and its KV was rolled back:
+                # layers 0..N run again (the same inputs, the same KV), then the activation replaces
+                # layer N's output as before.
+                return self._park(cached.model, bp.layer, bp.ids, session).resume(uploaded[0])
+
+        layers_left = cached.num_layers - 1 - bp.layer
+        # IO_WAIT -> ready: the KV pages and the activation are on the device (the page-in waits for both).
+        return self.sessions.step(session, self._kv_bytes(cached, bp.batch, bp.step_tokens, layers_left), run,
+                                  start_length=bp.start_length,
+                                  retry_kv_bytes=self._kv_bytes(cached, bp.batch, bp.step_tokens),
+                                  while_paging_in=upload, started=started)
 
     def cancel(self, session: Session) -> None:
         self.sessions.cancel_breakpoint(session)
@@ -262,9 +221,13 @@ class Executor:
         past = pairs[0][0].shape[-2] if pairs else 0
         batch = pairs[0][0].shape[0] if pairs else None
         ids = self.token_ids(ids, "input_ids", vocab, past, models.max_positions(config), batch)
-        cache = kv.from_pairs([(self.on_device(k), self.on_device(v)) for k, v in pairs])
-        logits = self._run(model, ids, cache, {n: self.on_device(t) for n, t in weights.items()})
-        return logits, kv.to_pairs(cache)
+        weights = {n: self.on_device(t) for n, t in weights.items()}
+
+        def run(attempt: int) -> tuple[torch.Tensor, kv.KVPairs]:
+            # A fresh cache each attempt: a forward that failed half-way had extended some layers.
+            cache = kv.from_pairs([(self.on_device(k), self.on_device(v)) for k, v in pairs])
+            return self._run(model, ids, cache, weights), kv.to_pairs(cache)
+        return self.sessions.retrying(run, want_bytes=kv.nbytes(pairs))
 
     def skeleton(self, config_values: dict, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
         """An architecture without weights of its own, for forwards with shipped weights."""
@@ -292,12 +255,18 @@ class Executor:
         with self._forward_errors():
             return forward_last(model, ids, cache, weights)
 
+    def _forward(self, step, ids: torch.Tensor) -> torch.Tensor:
+        with self._forward_errors():
+            return step(ids)
+
     @staticmethod
     @contextmanager
     def _forward_errors():
+        """A forward's failure on bad inputs as `BadRequest`; an allocation failure as itself, for the
+        session store to retry (`torch.OutOfMemoryError` is a RuntimeError: it must pass first)."""
         try:
             yield
-        except torch.OutOfMemoryError as exc:
-            raise OutOfMemory(f"forward ran out of device memory: {exc}") from None
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, ValueError, IndexError) as exc:
             raise BadRequest(f"forward failed on these inputs: {exc}") from None

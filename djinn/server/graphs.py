@@ -91,20 +91,22 @@ class GraphSlots:
     in the budget) decodes eagerly instead, so slots only ever speed sessions up.
     """
 
-    def __init__(self, device: torch.device, max_len: int):
-        self.device = device
+    def __init__(self, budget, max_len: int):
+        self.budget = budget  # djinn.server.device_budget.DeviceBudget: a new slot needs room in it
+        self.device = budget.device
         self.max_len = max_len
         self.slots: dict[tuple[str, int], GraphDecoder] = {}
         self.lent: set[int] = set()
         self.bytes = 0  # KV the slots' static caches take
+        budget.hold("graph_slots", lambda: self.bytes)
 
-    def acquire(self, cached, batch: int, tokens: int, slot_bytes: int, room: int) -> GraphDecoder | None:
+    def acquire(self, cached, batch: int, tokens: int, slot_bytes: int) -> GraphDecoder | None:
         if cached.streamed or tokens >= self.max_len:
             return None
         key = (cached.fingerprint, batch)
         slot = self.slots.get(key)
         if slot is None:
-            if slot_bytes > room:
+            if self.budget.shortfall(slot_bytes):
                 return None
             slot = self.slots[key] = GraphDecoder(cached.model, batch, self.max_len, self.device)
             self.bytes += slot_bytes

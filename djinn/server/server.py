@@ -22,13 +22,16 @@ from djinn.errors import BadRequest, DjinnError
 from djinn.decoding import greedy
 from djinn.modes import SHIPPED_WEIGHT_PREFIX
 from djinn.reproducibility import deterministic_kernels
+from djinn.server.device_budget import DeviceBudget
 from djinn.server.executor import Executor
+from djinn.server.fault_injection import install_from_env
 from djinn.server.graphs import GraphSlots
 from djinn.server.session_store import SessionStore
 from djinn.server.weight_cache import TensorEntry, WeightCache
 from djinn.transport import Codec, CodecPolicy, Incoming, Limits, Message, OutgoingTensor, ServerSocket, TensorKind
 from djinn.transport.tuning import is_tuned
 from djinn.transport.wire import DTYPES
+from djinn.units import GIB
 
 log = logging.getLogger("djinn.server")
 
@@ -41,10 +44,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 5556
     device: str = "cpu"
-    vram_budget_gb: float | None = None
+    vram_budget_gb: float | None = None  # GiB (default: DeviceBudget.default_limit, what the device has free)
     ring_buffer_gb: float | None = None  # ring of models too large for the budget (default: default_ring_bytes)
     disable_kv_swap: bool = False  # keep KV caches on the device: isolates weight streaming from KV paging
-    host_swap_gb: float | None = None  # host memory for paged-out KV (default: default_host_swap_bytes)
+    host_swap_gb: float | None = None  # GiB cap on paged-out KV (default: none, the host's own limit less a floor)
     auth_token: str | None = None
     session_ttl_s: float = 600.0
     ipc_path: str | None = None
@@ -58,22 +61,6 @@ class Reply:
     args: dict
     tensors: dict
     policy: CodecPolicy = CodecPolicy()
-
-
-def default_budget_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return free
-    with open("/proc/meminfo") as meminfo:
-        fields = dict(line.split(":", 1) for line in meminfo)
-    return int(fields["MemAvailable"].split()[0]) * 1024
-
-
-def default_host_swap_bytes() -> int:
-    """Half the host memory available at start: paged KV never starves the process of RAM."""
-    with open("/proc/meminfo") as meminfo:
-        fields = dict(line.split(":", 1) for line in meminfo)
-    return int(fields["MemAvailable"].split()[0]) * 1024 // 2
 
 
 def default_ring_bytes(device: torch.device) -> int:
@@ -98,17 +85,19 @@ class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.device = torch.device(config.device)
-        budget = (int(config.vram_budget_gb * (1 << 30)) if config.vram_budget_gb is not None
-                  else default_budget_bytes(self.device))
-        host_swap = (int(config.host_swap_gb * (1 << 30)) if config.host_swap_gb is not None
-                     else default_host_swap_bytes())
-        graphs = GraphSlots(self.device, config.graph_max_len) if config.decode_graphs else None
-        self.sessions = SessionStore(config.session_ttl_s, f"{config.host}:{config.port}", self.device,
-                                     swap=not config.disable_kv_swap, host_limit_bytes=host_swap, graphs=graphs)
-        ring = (int(config.ring_buffer_gb * (1 << 30)) if config.ring_buffer_gb is not None
+        # The one owner of the device's memory: the weight cache, the sessions' KV and the
+        # graph slots register with it as holders.
+        self.budget = DeviceBudget(self.device, None if config.vram_budget_gb is None
+                                   else int(config.vram_budget_gb * GIB))
+        host_swap = None if config.host_swap_gb is None else int(config.host_swap_gb * GIB)
+        graphs = GraphSlots(self.budget, config.graph_max_len) if config.decode_graphs else None
+        ring = (int(config.ring_buffer_gb * GIB) if config.ring_buffer_gb is not None
                 else default_ring_bytes(self.device))
-        self.weights = WeightCache(self.device, budget, reserve_bytes=lambda: self.sessions.kv_bytes, ring_bytes=ring)
-        self.executor = Executor(self.device, self.weights, self.sessions, budget)
+        self.weights = WeightCache(self.budget, ring_bytes=ring)
+        self.sessions = SessionStore(config.session_ttl_s, f"{config.host}:{config.port}", self.budget,
+                                     swap=not config.disable_kv_swap, host_limit_bytes=host_swap, graphs=graphs)
+        self.executor = Executor(self.budget, self.weights, self.sessions)
+        self.injected_oom = install_from_env(self.budget)  # test-only, None unless DJINN_TEST_INJECT_OOM is set
         self.handlers: dict[str, Callable[[Incoming], Reply]] = {
             "hello": self.hello, "stats": self.stats, "register_model": self.register_model,
             "upload_weights": self.upload_weights, "forward": self.forward, "open_session": self.open_session,
@@ -187,15 +176,11 @@ class Server:
     def hello(self, incoming: Incoming) -> Reply:
         return Reply({"version": SERVER_VERSION, "device": str(self.device), "malloc_tuned": is_tuned(os.environ),
                       "deterministic_kernels": deterministic_kernels(),
-                      "budget_bytes": self.executor.budget_bytes, "ops": sorted(self.handlers)}, {})
+                      "budget_bytes": self.budget.limit_bytes, "ops": sorted(self.handlers)}, {})
 
     def stats(self, incoming: Incoming) -> Reply:
         counters = self.weights.counters
-        memory = {"weights_bytes": self.weights.resident_bytes, "kv_bytes": self.sessions.kv_bytes,
-                  "kv_host_bytes": self.sessions.host_bytes, "budget_bytes": self.executor.budget_bytes}
-        if self.device.type == "cuda":
-            memory["device_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
-            memory["device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        memory = {**self.budget.summary(), "kv_host_bytes": self.sessions.host_bytes}
         return Reply({
             "memory": memory,
             "sessions": len(self.sessions.sessions), "sessions_expired": self.sessions.expired,

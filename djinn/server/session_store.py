@@ -17,6 +17,16 @@ A session may also hold a forward parked at a breakpoint; closing or expiring th
 session cancels it and rolls back the KV that the paused step had added. Sessions idle
 for longer than the TTL (a client that vanished) are closed by `expire`, which the
 request loop calls between requests.
+
+A session's lifecycle lives here, the executor only checks inputs and runs forwards:
+`step` is one request's forward as a transaction. It admits the step (room for its new
+KV and the session's paged-out layers under the device budget, paging other sessions
+out, least recently used first, then the session's own pages in), runs it, and on any
+failure rolls the session back to where it started. An allocation failure inside the
+forward (`torch.OutOfMemoryError`: the budget's accounting and the device disagree)
+is retried after paging out more idle sessions and releasing the allocator's cached
+blocks; only when nothing more can be freed does the request fail with `OutOfMemory`,
+and then too every session, the failing one included, keeps its KV.
 """
 from __future__ import annotations
 
@@ -25,18 +35,30 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from transformers import DynamicCache
 
-from djinn import kv
-from djinn.server.graphs import GraphDecoder, GraphSlots
+from djinn import host_memory, kv
 from djinn.errors import BadRequest, OutOfMemory, SessionNotFound
 from djinn.server.breakpoints import ParkedForward
+from djinn.server.device_budget import DeviceBudget
+from djinn.server.graphs import GraphDecoder, GraphSlots
 from djinn.server.weight_cache import CachedModel
+from djinn.units import gib, human
 
 log = logging.getLogger("djinn.server.sessions")
+
+T = TypeVar("T")
+# Retries of a step whose forward ran out of device memory; each frees twice what the
+# last one did, so a handful covers any shortfall up to every idle session's KV.
+MAX_OOM_RETRIES = 6
+# Host memory that paging leaves to everything else (the process, receive buffers, the
+# client on the same host): below it a page-out is refused with `OutOfMemory` rather
+# than letting the kernel's OOM killer end the server.
+HOST_FLOOR_FRACTION = 0.05
+HOST_FLOOR_MIN_BYTES = 1 << 30
 
 
 class SessionState(str, Enum):
@@ -65,8 +87,15 @@ class Breakpoint:
     forward: ParkedForward
     layer: int
     start_length: int  # tokens in the cache before the paused step
-    step_tokens: int  # tokens the paused step adds (per batch row)
-    batch: int
+    ids: torch.Tensor  # the paused step's token ids, on the device: a retried resume runs layers 0..N again
+
+    @property
+    def step_tokens(self) -> int:  # tokens the paused step adds (per batch row)
+        return self.ids.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.ids.shape[0]
 
 
 @dataclass
@@ -123,23 +152,25 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, ttl_s: float, where: str, device: torch.device, *, swap: bool, host_limit_bytes: int,
-                 graphs: GraphSlots | None = None):
+    def __init__(self, ttl_s: float, where: str, budget: DeviceBudget, *, swap: bool,
+                 host_limit_bytes: int | None = None, graphs: GraphSlots | None = None):
         self.ttl_s = ttl_s
         self.graphs = graphs  # graph-decode slots, whose static caches hold their sessions' KV
         self.where = where  # named in errors: "session 3f2a… unknown or expired on 127.0.0.1:5556"
-        self.device = device
+        self.budget = budget
+        self.device = budget.device
         self.swap = swap
+        # A fixed cap on paged-out KV (--host-swap-gb); None: as much as the host has, less a floor.
         self.host_limit_bytes = host_limit_bytes
         self.sessions: dict[str, Session] = {}
         self.expired = 0
         self.paging = PagingCounters()  # every session's, closed ones included
+        budget.hold("kv", lambda: self.kv_bytes)
 
     @property
     def kv_bytes(self) -> int:
-        """KV on the device: resident session layers and the graph slots' static caches."""
-        slots = self.graphs.bytes if self.graphs is not None else 0
-        return sum(s.kv_bytes for s in self.sessions.values()) + slots
+        """KV of the sessions' resident layers (graph slots' static caches are the slots' own holding)."""
+        return sum(s.kv_bytes for s in self.sessions.values())
 
     @property
     def host_bytes(self) -> int:
@@ -147,6 +178,7 @@ class SessionStore:
 
     def summary(self) -> dict:
         return {"swap_enabled": self.swap, "host_bytes": self.host_bytes, "host_limit_bytes": self.host_limit_bytes,
+                "host_room_bytes": self.host_room(),
                 "sessions_paged": sum(1 for s in self.sessions.values() if s.host), **self.paging.as_dict()}
 
     def open(self, model: CachedModel, owner: bytes) -> Session:
@@ -198,6 +230,123 @@ class SessionStore:
         for handle in list(self.sessions):
             self.close(handle)
 
+    # -- a step, as a transaction --------------------------------------------------
+    def step(self, session: Session, new_kv_bytes: int, run: Callable[[int], T], *,
+             start_length: int | None = None, retry_kv_bytes: int | None = None,
+             while_paging_in: Callable[[], None] | None = None, started: float | None = None) -> T:
+        """`run(attempt)`, a forward adding `new_kv_bytes` of KV to the session, with room made for it.
+
+        On success the session is idle (or parked, if `run` parked it: `park` after this);
+        on any failure it is back at `start_length` tokens (default: its length now) and
+        idle. A forward that runs out of device memory is retried (`attempt` 1, 2, ...)
+        after paging out idle sessions and releasing cached blocks, with `retry_kv_bytes`
+        of new KV (default: the same); `while_paging_in` and `started`: see `admit`.
+        """
+        start = session.length if start_length is None else start_length
+        need = new_kv_bytes
+        for attempt in range(MAX_OOM_RETRIES + 1):
+            try:
+                self.admit(session, need, while_paging_in, started)
+                if session.decoder is None and session.cache is None:
+                    session.cache = kv.from_pairs([])
+                session.state = SessionState.RUNNING
+                with self.budget.measure():
+                    result = run(attempt)
+            except torch.OutOfMemoryError as exc:
+                self.rollback(session, start)
+                session.state = SessionState.IDLE
+                freed = self.relieve(session, self._relief_bytes(session, need) << attempt) \
+                    if attempt < MAX_OOM_RETRIES else 0
+                # The first retry runs even when nothing was freed: a failure from fragmentation or
+                # another process's transient use can pass; a second one with nothing freed would not.
+                if not freed and attempt:
+                    self.budget.counters.ooms_failed += 1
+                    raise OutOfMemory(
+                        f"session {session.handle[:8]}: a step adding {human(need)} of KV ran out of device memory "
+                        f"after {attempt} {'retry' if attempt == 1 else 'retries'}, with every other session's KV paged out and the allocator's "
+                        f"cache released; {self.budget.describe()}: {_first_line(exc)}") from None
+                log.info("session %s: step ran out of device memory (%s); freed %s, retrying",
+                         session.handle[:8], _first_line(exc), human(freed))
+                need = new_kv_bytes if retry_kv_bytes is None else retry_kv_bytes
+                continue
+            except BaseException:
+                self.rollback(session, start)
+                session.state = SessionState.IDLE
+                raise
+            if attempt:
+                self.budget.counters.ooms_recovered += 1
+            session.state = SessionState.IDLE
+            session.recount()
+            return result
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def retrying(self, run: Callable[[int], T], want_bytes: int = 0) -> T:
+        """A forward outside any session (the stateless `forward`), retried as `step` retries one."""
+        for attempt in range(MAX_OOM_RETRIES + 1):
+            try:
+                with self.budget.measure():
+                    return run(attempt)
+            except torch.OutOfMemoryError as exc:
+                freed = self.relieve(None, self._relief_bytes(None, want_bytes) << attempt) \
+                    if attempt < MAX_OOM_RETRIES else 0
+                if not freed and attempt:
+                    self.budget.counters.ooms_failed += 1
+                    raise OutOfMemory(f"forward ran out of device memory with every session's KV paged out; "
+                                      f"{self.budget.describe()}: {_first_line(exc)}") from None
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def admit(self, session: Session, new_bytes: int, while_paging_in: Callable[[], None] | None = None,
+              started: float | None = None) -> None:
+        """Room for `new_bytes` of new KV and the session's paged-out layers, then those layers paged in.
+
+        The time from `started` (the request's, else now) until the pages were on the device
+        (`page_in`) is the request's IO wait, kept in `session.last_io_wait_ms`;
+        `while_paging_in` is host work to overlap with the page-in's copies.
+        """
+        started = time.perf_counter() if started is None else started
+        missing = session.host_bytes
+        over = self.budget.shortfall(missing + new_bytes)
+        if over > 0:
+            what = f"{human(new_bytes)} more KV cache" + (f" and {human(missing)} paged back in" if missing else "")
+            if not self.swap:
+                raise OutOfMemory(f"{what} do not fit: {self.budget.describe()}; KV swap is disabled")
+            freed = self.page_out_lru(over, keep=session)
+            if freed < over:
+                freed += self.budget.release_cached()
+            if freed < over:
+                raise OutOfMemory(f"{what} do not fit even with the KV of every other session paged to host: "
+                                  f"{self.budget.describe()}")
+        session.last_io_wait_ms = (self.page_in(session, while_paging_in) - started) * 1e3
+
+    def relieve(self, keep: Session | None, want_bytes: int) -> int:
+        """After an allocation failure: page out up to `want_bytes` of idle sessions' KV and release the
+        allocator's cached blocks; the bytes freed (0: nothing more can be freed)."""
+        freed = 0
+        if self.swap:
+            try:
+                freed = self.page_out_lru(want_bytes, keep=keep)
+            except OutOfMemory as exc:  # the host is full: what was freed before it still counts
+                log.warning("relieving device memory stopped: %s", exc)
+                freed = 0
+        return freed + self.budget.release_cached()
+
+    def _relief_bytes(self, keep: Session | None, need: int) -> int:
+        """What the first retry after an allocation failure frees: the step's need and the reserve, and at
+        least the largest other session's resident KV. The device lacked an unknown amount, so a retry
+        that freed a few pages of KV would fail again; each later retry frees twice as much."""
+        largest = max((s.kv_bytes for s in self.sessions.values() if s is not keep), default=0)
+        return max(need + self.budget.reserve_bytes, largest)
+
+    def park(self, session: Session, breakpoint: Breakpoint) -> None:
+        session.breakpoint, session.state = breakpoint, SessionState.PARKED
+
+    def unpark(self, session: Session) -> Breakpoint:
+        bp = session.breakpoint
+        if bp is None:
+            raise BadRequest(f"session {session.handle} is not parked at a breakpoint: run_to_layer first")
+        session.breakpoint, session.state = None, SessionState.IDLE
+        return bp
+
     # -- breakpoints -----------------------------------------------------------------
     def cancel_breakpoint(self, session: Session) -> None:
         """Unwind the parked forward and drop the KV its layers 0..N had added."""
@@ -234,6 +383,8 @@ class SessionStore:
         """
         freed = 0
         host_bytes = self.host_bytes - host_credit
+        # The host's own limit, asked once per call (a read of /proc and the cgroup's files).
+        host_room = self.host_room() + host_credit
         started = time.perf_counter()
         try:
             for index, k, v in reversed(session._layers()):
@@ -242,10 +393,15 @@ class SessionStore:
                 size = k.nbytes + v.nbytes
                 if index in session.host or size == 0:
                     continue
-                if host_bytes + size > self.host_limit_bytes:
-                    raise OutOfMemory(f"host swap is full: {host_bytes / 1e9:.2f} GB of the "
-                                      f"{self.host_limit_bytes / 1e9:.2f} GB limit (--host-swap-gb) in use, "
-                                      f"{size / 1e6:.1f} MB more needed to page out session {session.handle[:8]}")
+                if self.host_limit_bytes is not None and host_bytes + size > self.host_limit_bytes:
+                    raise OutOfMemory(f"host swap is full: {gib(host_bytes)} of the {gib(self.host_limit_bytes)} "
+                                      f"limit (--host-swap-gb) in use, {human(size)} more needed to page out "
+                                      f"session {session.handle[:8]}")
+                if freed + size > host_room:
+                    raise OutOfMemory(f"host memory is full: {gib(host_bytes)} of KV paged out, {human(size)} more "
+                                      f"needed to page out session {session.handle[:8]} would leave less than "
+                                      f"{gib(self.host_floor_bytes())} to the rest of the host "
+                                      f"({host_memory.read().describe()})")
                 session.host[index] = (self._to_host(k), self._to_host(v))
                 kv.set_layer(session.cache, index, torch.empty_like(k, device="meta"),
                              torch.empty_like(v, device="meta"))
@@ -258,7 +414,7 @@ class SessionStore:
             if freed:
                 self._time(session, "out", started)
         if freed:
-            log.debug("paged out %.1f MB of session %s", freed / 1e6, session.handle[:8])
+            log.debug("paged out %s of session %s", human(freed), session.handle[:8])
         return freed
 
     def page_in(self, session: Session, while_copying: Callable[[], None] | None = None) -> float:
@@ -291,15 +447,13 @@ class SessionStore:
                 while_copying()
             self._synchronize()
             ready_at = time.perf_counter()
-        except torch.OutOfMemoryError as exc:
-            raise OutOfMemory(f"paging session {session.handle[:8]} back in ran out of device memory: {exc}") from None
-        finally:
+        finally:  # an allocation failure leaves each layer either back or still on the host: `step` retries
             session.state = state
             if moved:
                 self._time(session, "in", started)
         return ready_at
 
-    def page_out_lru(self, want_bytes: int, keep: Session) -> int:
+    def page_out_lru(self, want_bytes: int, keep: Session | None) -> int:
         """Free `want_bytes` of device KV from the least recently used other sessions, to make room
         for `keep` (whose own pages come back next); the bytes freed."""
         freed = 0
@@ -307,8 +461,21 @@ class SessionStore:
             if freed >= want_bytes:
                 break
             if victim is not keep and victim.kv_bytes:
-                freed += self.page_out(victim, want_bytes - freed, host_credit=keep.host_bytes)
+                freed += self.page_out(victim, want_bytes - freed, host_credit=keep.host_bytes if keep else 0)
         return freed
+
+    @staticmethod
+    def host_floor_bytes() -> int:
+        return max(HOST_FLOOR_MIN_BYTES, int(HOST_FLOOR_FRACTION * host_memory.read().mem_available_bytes))
+
+    def host_room(self) -> int:
+        """Bytes of KV the host can still take: what this process may allocate (the cgroup's limit
+        included), plus pinned blocks the host allocator caches for reuse, less a floor."""
+        cached_pinned = 0
+        if self.device.type == "cuda":
+            stats = torch.cuda.host_memory_stats()
+            cached_pinned = max(0, stats.get("reserved_bytes.current", 0) - stats.get("allocated_bytes.current", 0))
+        return host_memory.available_bytes() + cached_pinned - self.host_floor_bytes()
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device.type != "cuda":
@@ -316,7 +483,7 @@ class SessionStore:
         try:
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         except RuntimeError as exc:
-            raise OutOfMemory(f"cannot allocate {tensor.nbytes / 1e6:.1f} MB of pinned host memory: {exc}") from None
+            raise OutOfMemory(f"cannot allocate {human(tensor.nbytes)} of pinned host memory: {exc}") from None
         # Stream-ordered after the kernels that wrote the KV; synchronised before the
         # device copy's memory can be reused by anything off this stream.
         return host.copy_(tensor, non_blocking=True)
@@ -346,3 +513,7 @@ class SessionStore:
                 counters.page_out_ms += elapsed_ms
             else:
                 counters.page_in_ms += elapsed_ms
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

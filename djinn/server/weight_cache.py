@@ -25,8 +25,10 @@ import torch
 
 from djinn import models
 from djinn.errors import BadRequest, ModelNotFound, OutOfMemory, UploadIncomplete
+from djinn.server.device_budget import DeviceBudget
 from djinn.server.streamer import (ALIGNMENT, RingTooSmall, StreamingHandle, find_decoder_layers, fits_in_budget,
                                    stream_model)
+from djinn.units import gib, human
 
 log = logging.getLogger("djinn.server.weights")
 
@@ -110,13 +112,13 @@ class CacheCounters:
 
 
 class WeightCache:
-    def __init__(self, device: torch.device, budget_bytes: int, reserve_bytes=lambda: 0, ring_bytes: int = 0):
-        self.device = device
-        self.budget_bytes = budget_bytes
+    def __init__(self, budget: DeviceBudget, ring_bytes: int = 0):
+        self.budget = budget
+        self.device = budget.device
         self.ring_bytes = ring_bytes  # ring of each model too large for the budget
-        self._reserved = reserve_bytes  # bytes others (the KV sessions) hold within the budget
         self.models: dict[str, CachedModel] = {}
         self.counters = CacheCounters()
+        budget.hold("weights", lambda: self.resident_bytes)
 
     @property
     def resident_bytes(self) -> int:
@@ -138,12 +140,12 @@ class WeightCache:
             raise BadRequest(f"model {fingerprint}: config is not a HuggingFace config: {exc}") from None
         weight_bytes = sum(math.prod(e.shape) * e.dtype.itemsize for e in entries)
         streamed_bytes = 0
-        if fits_in_budget(weight_bytes, self.budget_bytes):
+        if fits_in_budget(weight_bytes, self.budget.limit_bytes):
             self._make_room(weight_bytes, fingerprint)
             try:
                 model = models.build_skeleton(config, dtype, self.device)
             except torch.OutOfMemoryError as exc:
-                raise OutOfMemory(f"model {fingerprint} ({weight_bytes} bytes) does not fit on {self.device}: "
+                raise OutOfMemory(f"model {fingerprint} ({gib(weight_bytes)}) does not fit on {self.device}: "
                                   f"{exc}") from None
         else:
             model, streamed_bytes = self._host_model_to_stream(fingerprint, config, dtype, weight_bytes)
@@ -156,8 +158,7 @@ class WeightCache:
         cached = CachedModel(fingerprint, model, config, dtype, {e.name: e for e in entries}, weight_bytes,
                              streamed_bytes=streamed_bytes, ring_bytes=self.ring_bytes if streamed_bytes else 0)
         self.models[fingerprint] = cached
-        log.info("registered model %s: %d tensors, %.1f MB, awaiting upload",
-                 fingerprint, len(entries), weight_bytes / 1e6)
+        log.info("registered model %s: %d tensors, %s, awaiting upload", fingerprint, len(entries), human(weight_bytes))
         return cached
 
     def receive(self, fingerprint: str, tensors: dict[str, torch.Tensor]) -> CachedModel:
@@ -198,21 +199,19 @@ class WeightCache:
         return cached
 
     def _make_room(self, weight_bytes: int, fingerprint: str) -> None:
-        def used() -> int:
-            return self.resident_bytes + self._reserved()
+        """Evict models no session uses, least recently used first, until `weight_bytes` fit the budget."""
         for victim in sorted(self.models.values(), key=lambda m: m.last_used):
-            if used() + weight_bytes <= self.budget_bytes:
+            if not self.budget.shortfall(weight_bytes):
                 break
             if victim.users == 0:
                 del self.models[victim.fingerprint]
                 victim.release()
                 self.counters.evictions += 1
-                log.warning("evicted model %s (%.1f MB) to make room for %s",
-                            victim.fingerprint, victim.weight_bytes / 1e6, fingerprint)
-        if used() + weight_bytes > self.budget_bytes:
-            raise OutOfMemory(f"model {fingerprint} needs {weight_bytes / 1e9:.2f} GB; the budget is "
-                              f"{self.budget_bytes / 1e9:.2f} GB with {used() / 1e9:.2f} GB held by models in use "
-                              f"and KV caches")
+                log.warning("evicted model %s (%s) to make room for %s", victim.fingerprint,
+                            human(victim.weight_bytes), fingerprint)
+        if self.budget.shortfall(weight_bytes):
+            raise OutOfMemory(f"model {fingerprint} needs {gib(weight_bytes)}, which does not fit beside the models "
+                              f"in use and the KV caches: {self.budget.describe()}")
 
     def _host_model_to_stream(self, fingerprint: str, config, dtype: torch.dtype,
                               weight_bytes: int) -> tuple[torch.nn.Module, int]:
@@ -230,14 +229,13 @@ class WeightCache:
             raise RingTooSmall(f"model {fingerprint}: a decoder layer of {largest / 2**20:.1f} MiB does not fit the "
                                f"{ring / 2**20:.1f} MiB ring; start the server with a larger --ring-buffer-gb")
         device_bytes = weight_bytes - streamed + ring
-        if not fits_in_budget(device_bytes, self.budget_bytes):
+        if not fits_in_budget(device_bytes, self.budget.limit_bytes):
             raise OutOfMemory(f"model {fingerprint} does not fit even streamed: its resident parts "
-                              f"({(weight_bytes - streamed) / 1e9:.2f} GB) and the {ring / 1e9:.2f} GB ring exceed "
-                              f"the {self.budget_bytes / 1e9:.2f} GB budget")
+                              f"({gib(weight_bytes - streamed)}) and the {gib(ring)} ring exceed "
+                              f"the {gib(self.budget.limit_bytes)} budget")
         self._make_room(device_bytes, fingerprint)
-        log.info("model %s (%.2f GB) exceeds the %.2f GB budget: streaming through a %.2f GB ring "
-                 "(%.2f GB of layers stay in host memory)", fingerprint, weight_bytes / 1e9,
-                 self.budget_bytes / 1e9, ring / 1e9, streamed / 1e9)
+        log.info("model %s (%s) exceeds the %s budget: streaming through a %s ring (%s of layers stay in host "
+                 "memory)", fingerprint, gib(weight_bytes), gib(self.budget.limit_bytes), gib(ring), gib(streamed))
         return model, streamed
 
     def _start_streaming(self, cached: CachedModel) -> None:
@@ -248,9 +246,9 @@ class WeightCache:
             if isinstance(exc, RingTooSmall):
                 raise
             raise OutOfMemory(f"model {cached.fingerprint}: its resident parts and the "
-                              f"{cached.ring_bytes / 1e9:.2f} GB ring do not fit on {self.device}: {exc}") from None
-        log.info("model %s streams %d decoder layers (%.2f GB) through a %.2f GB ring on %s", cached.fingerprint,
-                 len(cached.stream.layer_bytes), sum(cached.stream.layer_bytes) / 1e9, cached.ring_bytes / 1e9,
+                              f"{gib(cached.ring_bytes)} ring do not fit on {self.device}: {exc}") from None
+        log.info("model %s streams %d decoder layers (%s) through a %s ring on %s", cached.fingerprint,
+                 len(cached.stream.layer_bytes), gib(sum(cached.stream.layer_bytes)), gib(cached.ring_bytes),
                  self.device)
 
 
