@@ -66,6 +66,7 @@ class Oversubscription:
     budget_bytes: int | None  # None: the server's own default
     device_capacity_bytes: int | None  # None on a CPU
     demand_factor: float
+    vocab_size: int
 
     @property
     def on_cuda(self) -> bool:
@@ -80,8 +81,7 @@ class Oversubscription:
         return self.weight_bytes + self.sessions * self.session_kv_bytes
 
     def prompt(self, index: int) -> torch.Tensor:
-        vocab = self.host_copy.config.vocab_size
-        return torch.randint(0, vocab, (1, self.context_tokens),
+        return torch.randint(0, self.vocab_size, (1, self.context_tokens),
                              generator=torch.Generator().manual_seed(PROMPT_SEED + index))
 
     def release_local(self) -> None:
@@ -123,7 +123,7 @@ def setup(pytestconfig, bench_device) -> Oversubscription:
     budget = exp3_plan.budget_bytes(pytestconfig, weight_bytes, sessions * (context + new_tokens) * kv_per_token)
     setup = Oversubscription(name, bench_device, local, host_copy, weight_bytes, sessions, context, new_tokens,
                              kv_per_token, budget, exp3_plan.device_capacity_bytes(pytestconfig),
-                             exp3_plan.demand_factor(pytestconfig))
+                             exp3_plan.demand_factor(pytestconfig), local.config.vocab_size)
     print(setup.plan())
     return setup
 
