@@ -196,8 +196,7 @@ def test_djinn_oversubscription(setup, benchmark, tmp_path_factory, results_writ
     paging = stats["paging"]
     memory = stats["memory"]
     page_in_gbps = paging["page_in_gbps"]
-    nvml_peak = (max(s.mem_used_bytes for s in telemetry.nvml.samples)
-                 if telemetry.nvml and telemetry.nvml.samples else None)
+    nvml_peak = telemetry.nvml.mem_used_max_bytes if telemetry.nvml else None
     mismatched = [i for i, ref in run.references.items() if not torch.equal(run.tokens[i], ref)]
     data = {
         "experiment": "exp3_oversubscription", **setup.describe(),
@@ -209,8 +208,10 @@ def test_djinn_oversubscription(setup, benchmark, tmp_path_factory, results_writ
         "per_session": per_session, "pcie_peak": asdict(pcie) if pcie else None,
         "page_in_fraction_of_pcie_peak": page_in_gbps / pcie.h2d_pinned_gbps if pcie and page_in_gbps else None,
         # The price of the reserve: device memory no process used at the busiest moment (NVML, physical).
-        "device_unused_at_peak_bytes": (setup.device_capacity_bytes - nvml_peak
-                                        if nvml_peak and setup.device_capacity_bytes else None),
+        "device_unused_at_peak_bytes": telemetry.nvml.mem_total_bytes - nvml_peak if nvml_peak else None,
+        "nvml_total_bytes": telemetry.nvml.mem_total_bytes if telemetry.nvml else None,
+        "tokens": {i: t.tolist() for i, t in run.tokens.items()},
+        "reference_tokens": {i: t.tolist() for i, t in run.references.items()},
         "nvml_peak_used_bytes": nvml_peak,
         "eager": EAGER, "workload_s": run.wall_s, "references_s": run.references_s, "timeline": run.timeline,
         "device_capacity_bytes": setup.device_capacity_bytes,

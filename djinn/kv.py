@@ -42,7 +42,16 @@ def set_layer(cache: DynamicCache, index: int, keys: torch.Tensor, values: torch
 
 
 def truncate(cache: DynamicCache, length: int) -> None:
-    """Drop every layer's tokens past `length` (a step that failed or was cancelled half-way)."""
+    """Drop every layer's tokens past `length` (a step that failed or was cancelled half-way).
+
+    A copy of the first `length` tokens frees the dropped tail. A rollback must never fail,
+    though, and the rollback of a step that ran out of device memory has no room for a copy:
+    then the layer keeps a view, whose tail's bytes go when the next step replaces it."""
     for index, (keys, values) in enumerate(to_pairs(cache)):
         if keys.dim() == 4 and keys.shape[-2] > length:
-            set_layer(cache, index, keys[..., :length, :].clone(), values[..., :length, :].clone())
+            kept_keys, kept_values = keys[..., :length, :], values[..., :length, :]
+            try:
+                kept_keys, kept_values = kept_keys.clone(), kept_values.clone()
+            except torch.OutOfMemoryError:
+                pass
+            set_layer(cache, index, kept_keys, kept_values)

@@ -109,6 +109,7 @@ class Session:
     breakpoint: Breakpoint | None = None
     paging: PagingCounters = field(default_factory=PagingCounters)
     last_io_wait_ms: float = 0.0
+    oom_retries: int = 0  # steps of this session retried after an allocation failure
     last_used: float = field(default_factory=time.monotonic)
     decoder: GraphDecoder | None = None  # a graph slot holds the KV instead of `cache`
     # KV bytes resident on the device, kept current by paging (per layer moved) and by
@@ -148,7 +149,7 @@ class Session:
         return {"state": self.state.value, "length": self.length, "kv_bytes": self.kv_bytes,
                 "host_bytes": self.host_bytes, "layers_paged": len(self.host),
                 "parked_layer": self.breakpoint.layer if self.breakpoint else None,
-                "last_io_wait_ms": self.last_io_wait_ms, **self.paging.as_dict()}
+                "last_io_wait_ms": self.last_io_wait_ms, "oom_retries": self.oom_retries, **self.paging.as_dict()}
 
 
 class SessionStore:
@@ -253,6 +254,10 @@ class SessionStore:
                 with self.budget.measure():
                     result = run(attempt)
             except torch.OutOfMemoryError as exc:
+                # Copies and kernels the failed attempt queued finish before its memory is
+                # rolled back, paged or released.
+                self._synchronize()
+                session.oom_retries += 1
                 self.rollback(session, start)
                 session.state = SessionState.IDLE
                 freed = self.relieve(session, self._relief_bytes(session, need) << attempt) \
@@ -287,6 +292,7 @@ class SessionStore:
                 with self.budget.measure():
                     return run(attempt)
             except torch.OutOfMemoryError as exc:
+                self._synchronize()
                 freed = self.relieve(None, self._relief_bytes(None, want_bytes) << attempt) \
                     if attempt < MAX_OOM_RETRIES else 0
                 if not freed and attempt:

@@ -60,6 +60,7 @@ class NvmlSummary:
     membw_util_mean_pct: float
     membw_util_max_pct: float
     mem_used_max_bytes: int
+    mem_total_bytes: int  # NVML's total, what mem_used is out of (more than cudaMemGetInfo's total)
     power_mean_w: float
     energy_j: float
     energy_source: str  # "counter" (nvmlDeviceGetTotalEnergyConsumption) or "trapezoid"
@@ -136,6 +137,7 @@ class NvmlSampler:
         self._handle = _init(self.device_index)
         try:
             self._name = _text(pynvml.nvmlDeviceGetName(self._handle))
+            self.mem_total_bytes = int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).total)
             self._energy_start_mj = self._energy_mj()
             self._t0 = time.perf_counter()
             self._samples.append(self._sample())
@@ -216,6 +218,7 @@ class NvmlSampler:
             membw_util_mean_pct=sum(s.membw_util_pct for s in samples) / len(samples),
             membw_util_max_pct=max(s.membw_util_pct for s in samples),
             mem_used_max_bytes=max(s.mem_used_bytes for s in samples),
+            mem_total_bytes=self.mem_total_bytes,
             power_mean_w=sum(powers) / len(powers) if powers else math.nan,
             energy_j=energy_j,
             energy_source=source,
