@@ -367,7 +367,7 @@ def test_host_memory_running_out_stops_paging_with_a_clear_error(make_executor, 
 def test_budget_asks_the_device_when_the_accounting_is_tight(monkeypatch):
     budget = DeviceBudget(CPU, 10 << 30)
     budget.hold("weights", lambda: 8 << 30)
-    monkeypatch.setattr(budget, "device_room", lambda: 1 << 30)  # the device has less than the books say
+    monkeypatch.setattr(budget, "device_room", lambda need=0: 1 << 30)  # the device has less than the books say
     assert budget.shortfall(100 << 20) == 0, "plenty of accounted room: the device is not asked"
     assert budget.counters.reconciles == 0
     assert budget.shortfall(1536 << 20) == 512 << 20, "tight: the device's real room decides"
