@@ -360,7 +360,7 @@ class _FakeNvml(types.SimpleNamespace):
 
     def nvmlDeviceGetMemoryInfo(self, h):
         self.reads += 1
-        return types.SimpleNamespace(used=(1 << 30) + self.reads * (1 << 20))
+        return types.SimpleNamespace(used=(1 << 30) + self.reads * (1 << 20), total=80 << 30)
 
     def nvmlDeviceGetPowerUsage(self, h):
         return 200_000  # mW
@@ -387,6 +387,7 @@ def test_nvml_sampler_summary_against_a_fake_gpu(monkeypatch, energy_counter: bo
     assert s.membw_util_mean_pct == 25
     assert s.power_mean_w == 200
     assert s.mem_used_max_bytes == s.samples[-1].mem_used_bytes > s.samples[0].mem_used_bytes
+    assert s.mem_total_bytes == 80 << 30
     assert all(a.t_s < b.t_s for a, b in zip(s.samples, s.samples[1:]))
     assert 0.2 <= s.duration_s < 1.0
     if energy_counter:
