@@ -137,7 +137,6 @@ class NvmlSampler:
         self._handle = _init(self.device_index)
         try:
             self._name = _text(pynvml.nvmlDeviceGetName(self._handle))
-            self.mem_total_bytes = int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).total)
             self._energy_start_mj = self._energy_mj()
             self._t0 = time.perf_counter()
             self._samples.append(self._sample())
@@ -173,6 +172,7 @@ class NvmlSampler:
     def _sample(self) -> NvmlSample:
         util = pynvml.nvmlDeviceGetUtilizationRates(self._handle)
         mem = pynvml.nvmlDeviceGetMemoryInfo(self._handle)
+        self.mem_total_bytes = int(mem.total)
         try:
             power_w = pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0  # mW
         except pynvml.NVMLError:
