@@ -33,7 +33,7 @@ WARMUP_ROUNDS = 2
 
 SITECUSTOMIZE = '''
 import json, os, time
-from djinn.server import executor, session_store
+from djinn.server import device_budget, executor, session_store
 
 _marks = []
 _path = os.environ["DJINN_RESUME_MARKS"]
@@ -59,10 +59,10 @@ def _mark(cls, name, last=False):
     setattr(cls, name, marked)
 
 
-for _name in ("_admit", "memory_in_use", "_upload"):
-    _mark(executor.Executor, _name)
-for _name in ("page_in", "_to_device", "_synchronize"):
+_mark(executor.Executor, "_upload")
+for _name in ("admit", "page_in", "_to_device", "_synchronize"):
     _mark(session_store.SessionStore, _name)
+_mark(device_budget.DeviceBudget, "shortfall")
 _mark(executor.Executor, "resume", last=True)
 _landing = executor.Executor.landing
 
