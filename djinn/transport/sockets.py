@@ -9,6 +9,7 @@ land chosen raw tensor frames straight in memory of its own (`Landing`).
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import time
@@ -20,12 +21,14 @@ import msgpack
 import torch
 import zmq
 
-from djinn.errors import DjinnError, DjinnTimeout, from_wire
+from djinn.errors import DjinnError, DjinnTimeout, FrameMismatch, from_wire, quote
 from djinn.transport.codecs import Codec, CodecPolicy
 from djinn.transport.counters import ByteCounters
 from djinn.transport.wire import (DTYPES, ERROR_OP, REPLY_OP, Header, Landed, Limits, Message, OutgoingTensor,
-                                  TensorSpec, assemble, decode_message, declared_bytes, encode_message,
-                                  frame_byte_counts, read_header)
+                                  TensorSpec, assemble, decode_message, encode_message, header_from, length_byte_counts,
+                                  request_id_of, unpack_header)
+
+log = logging.getLogger("djinn.transport")
 
 DEFAULT_TIMEOUT_S = 120.0
 UNKNOWN_REQUEST_ID = -1  # error replies to a message whose header could not be read
@@ -197,6 +200,30 @@ class Incoming:
     request_id: int = UNKNOWN_REQUEST_ID
 
 
+class _Reading:
+    """The frames of the message being received: their lengths (for the counters) and
+    whether more follow, so that a rejected or failed message is consumed to its end."""
+
+    def __init__(self, routing_frame: zmq.Frame):
+        self.last = routing_frame
+        self.frames: list[int] = []  # lengths of the frames after the routing id
+        self.request_id: int | None = None
+
+    def next(self, sock: zmq.Socket) -> zmq.Frame:
+        self.last = sock.recv(copy=False)
+        self.frames.append(len(self.last))
+        return self.last
+
+    def landed(self, received: int, more: bool) -> None:
+        self.frames.append(received)
+        self.last = _LandedFrame(bool(more))
+
+
+@dataclass(frozen=True)
+class _LandedFrame:
+    more: bool
+
+
 class ServerSocket:
     """The server's ROUTER socket: validated requests in, replies out, counters per peer.
 
@@ -225,59 +252,64 @@ class ServerSocket:
         return self._socket
 
     def receive(self, timeout_ms: int) -> Incoming | None:
-        """The next request, or None when none came within the timeout."""
-        peer = self._receiver.first(timeout_ms)
-        if peer is None:
-            return None
-        if self.landing is not None and peer.more:
-            head = self._socket.recv(copy=False)
-            if head.more:
-                return self._receive_landing(peer.bytes, head)
-            frames = [head]
-        else:
-            frames = self._receiver.rest(peer)
-        now = time.perf_counter()
-        try:
-            message = decode_message(frames, self.known_ops, self.limits, self.auth_token)
-        except DjinnError as err:
-            return self._rejected(peer.bytes, now, frames, err)
-        return self._accepted(peer.bytes, now, message)
+        """The next request, or None when none came within the timeout.
 
-    def _receive_landing(self, peer_id: bytes, head: zmq.Frame) -> Incoming:
-        """The tensor frames after the header frame `head`, landed where the landing says."""
+        Never raises for what a peer sent: a malformed or unauthenticated message becomes
+        an `Incoming` with its error, and a failure of this code itself one with an
+        `internal` error (logged with its traceback); either way every frame of the
+        message is consumed, so the next one starts clean.
+        """
+        first = self._receiver.first(timeout_ms)
+        if first is None:
+            return None
+        reading = _Reading(first)
         try:
-            header = read_header(head.buffer, self.known_ops, self.limits, self.auth_token)
-            targets = self._landing_targets(header)
+            return self._receive_message(first.bytes, reading)
+        except Exception as exc:  # a bug here must not end the request loop
+            log.exception("receiving a request failed")
+            self._discard_rest(reading)
+            error = DjinnError(f"the server failed reading this request: {quote(repr(exc), 200)}")
+            return self._rejected(first.bytes, time.perf_counter(), reading.frames, error, reading.request_id)
+
+    def _receive_message(self, peer_id: bytes, reading: "_Reading") -> Incoming:
+        if not reading.last.more:  # a DEALER never sends an empty message; a raw peer might
+            return self._rejected(peer_id, time.perf_counter(), [], FrameMismatch("empty message"), UNKNOWN_REQUEST_ID)
+        head = reading.next(self._socket)
+        try:
+            raw = unpack_header(head.buffer, self.limits)
+            reading.request_id = request_id_of(raw)
+            # The token first: nothing else of an unauthenticated header is read or answered.
+            header = header_from(raw, self.known_ops, self.limits, self.auth_token)
+            targets = self._landing_targets(header) if self.landing is not None and head.more else []
         except DjinnError as err:
-            frames = [head, *self._receiver.rest(head)]
-            return self._rejected(peer_id, time.perf_counter(), frames, err)
-        bodies, more = [], True
-        while more:  # every frame is received, however many the header declared: the next message starts clean
+            self._discard_rest(reading)
+            return self._rejected(peer_id, time.perf_counter(), reading.frames, err, reading.request_id)
+        bodies = []
+        while reading.last.more:  # every frame is received, however many the header declared
             target = targets[len(bodies)] if len(bodies) < len(targets) else None
             if target is None:
-                frame = self._socket.recv(copy=False)
-                bodies.append(frame.buffer)
-                more = frame.more
+                bodies.append(reading.next(self._socket).buffer)
             else:
                 # A frame of another length is truncated or short here; `assemble` rejects it by its length.
                 received = self._socket.recv_into(target.view(-1).view(torch.uint8).numpy())
+                reading.landed(received, self._socket.getsockopt(zmq.RCVMORE))
                 bodies.append(Landed(target, received))
-                more = self._socket.getsockopt(zmq.RCVMORE)
         now = time.perf_counter()
         try:
-            message = assemble(header, head.buffer, bodies, self.limits)
+            message = assemble(header, head.buffer, bodies)
         except DjinnError as err:
-            return self._rejected(peer_id, now, [head, *bodies], err)
+            return self._rejected(peer_id, now, reading.frames, err, reading.request_id)
         return self._accepted(peer_id, now, message)
+
+    def _discard_rest(self, reading: "_Reading") -> None:
+        while reading.last.more:
+            reading.next(self._socket)
 
     def _landing_targets(self, header: Header) -> list[torch.Tensor | None]:
         """Per tensor frame, the tensor of its dtype and shape to receive it into, or None.
 
-        Compressed frames are decoded from their frame, so only raw ones land; and none in a
-        message over the size limit, since landing allocates before `assemble` checks it.
+        Compressed frames are decoded from their frame, so only raw ones land.
         """
-        if declared_bytes(header) > self.limits.max_message_bytes:
-            return []
         try:
             return [self._land(spec) if spec.codec is Codec.RAW else None for spec in header.tensors]
         except Exception as exc:  # the landing is the server's code: its failure fails the request, not the server
@@ -298,9 +330,12 @@ class ServerSocket:
         self.counters[peer_id].count_received(message.payload_bytes, message.framing_bytes)
         return Incoming(peer_id, received_at, message=message, request_id=message.header.request_id)
 
-    def _rejected(self, peer_id: bytes, received_at: float, frames: list, error: DjinnError) -> Incoming:
-        self.counters[peer_id].count_received(*frame_byte_counts(frames))
-        return Incoming(peer_id, received_at, error=error, request_id=self._salvage_request_id(frames))
+    def _rejected(self, peer_id: bytes, received_at: float, frame_lengths: list[int], error: DjinnError,
+                  request_id: int | None) -> Incoming:
+        payload, framing = length_byte_counts(frame_lengths)
+        self.counters[peer_id].count_received(payload, framing)
+        return Incoming(peer_id, received_at, error=error,
+                        request_id=UNKNOWN_REQUEST_ID if request_id is None else request_id)
 
     def reply(self, peer: bytes, request_id: int, args: Mapping[str, Any] | None = None,
               tensors: Mapping[str, Any] | None = None, policy: CodecPolicy = CodecPolicy()) -> tuple[int, int]:
@@ -317,18 +352,6 @@ class ServerSocket:
         self._socket.send(peer, zmq.SNDMORE)
         _send_frames(self._socket, frames)
         self.counters[peer].count_sent(payload, framing)
-
-    def _salvage_request_id(self, frames: list) -> int:
-        # An error reply is only useful if the client can match it to its request.
-        if not frames or len(frames[0].buffer) > self.limits.max_header_bytes:
-            return UNKNOWN_REQUEST_ID
-        try:
-            raw = msgpack.unpackb(frames[0].buffer, raw=False)
-        except Exception:  # garbage header: nothing to salvage
-            return UNKNOWN_REQUEST_ID
-        request_id = raw.get("id") if isinstance(raw, dict) else None
-        valid = isinstance(request_id, int) and not isinstance(request_id, bool)
-        return request_id if valid else UNKNOWN_REQUEST_ID
 
     def close(self) -> None:
         self._socket.close(linger=0)
