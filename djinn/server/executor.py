@@ -14,6 +14,7 @@ back. A step that fails half-way is rolled back to its starting length.
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import contextmanager
 from typing import Callable
@@ -24,6 +25,7 @@ from transformers import DynamicCache
 from djinn import kv, models
 from djinn.decoding import forward_last
 from djinn.errors import BadRequest, OutOfMemory
+from djinn.server.limits import checked_config, implied_tensors
 from djinn.server.breakpoints import ParkedForward, check_layer, num_decoder_layers
 from djinn.server.session_store import Breakpoint, Session, SessionState, SessionStore
 from djinn.server.weight_cache import CachedModel, WeightCache
@@ -267,15 +269,27 @@ class Executor:
         return logits, kv.to_pairs(cache)
 
     def skeleton(self, config_values: dict, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
-        """An architecture without weights of its own, for forwards with shipped weights."""
+        """An architecture without weights of its own, for forwards with shipped weights.
+
+        Kept for the next forward, the `skeletons` most recently used (each holds a whole
+        model's memory: a cache without bound grew 38 MB per distinct config); a new one is
+        built only when it fits the budget beside what is resident."""
+        limits = self.weights.limits
         key = json.dumps(config_values, sort_keys=True, default=str) + str(dtype)
-        if key not in self._skeletons:
-            try:
-                config = models.config_from_dict(config_values)
-            except Exception as exc:
-                raise BadRequest(f"config is not a HuggingFace config: {exc}") from None
-            self._skeletons[key] = models.build_skeleton(config, dtype, self.device)
-        model = self._skeletons[key]
+        model = self._skeletons.pop(key, None)  # re-inserted last: dict order is the LRU order
+        if model is None:
+            config = checked_config(config_values, limits, "the stateless forward")
+            nbytes = sum(math.prod(shape) * dt.itemsize
+                         for dt, shape in implied_tensors(config, dtype, "the stateless forward").values())
+            while len(self._skeletons) >= limits.skeletons:
+                self._skeletons.pop(next(iter(self._skeletons)))
+            room = self.budget_bytes - self.memory_in_use()
+            if nbytes > room:
+                raise OutOfMemory(f"the stateless forward's model of {nbytes / 1e9:.2f} GB does not fit the "
+                                  f"{room / 1e9:.2f} GB left of the budget")
+            with self._forward_errors():
+                model = models.build_skeleton(config, dtype, self.device)
+        self._skeletons[key] = model
         return model, model.config
 
     def check_kv(self, pairs: kv.KVPairs, config) -> None:

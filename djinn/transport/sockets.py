@@ -20,10 +20,13 @@ from typing import Any, Callable, Iterable, Mapping
 import msgpack
 import torch
 import zmq
+import zmq.utils.monitor
 
-from djinn.errors import DjinnError, DjinnTimeout, FrameMismatch, from_wire, quote
+from djinn.errors import (DjinnError, DjinnTimeout, FrameMismatch, ModelNotFound, ServerLost, ServerRestarted,
+                          SessionNotFound, Unauthenticated, from_wire, quote)
 from djinn.transport.codecs import Codec, CodecPolicy
 from djinn.transport.counters import ByteCounters
+from djinn.transport.security import ClientSecurity, ServerSecurity
 from djinn.transport.wire import (DTYPES, ERROR_OP, REPLY_OP, Header, Landed, Limits, Message, OutgoingTensor,
                                   TensorSpec, assemble, decode_message, encode_message, header_from, length_byte_counts,
                                   request_id_of, unpack_header)
@@ -31,7 +34,12 @@ from djinn.transport.wire import (DTYPES, ERROR_OP, REPLY_OP, Header, Landed, Li
 log = logging.getLogger("djinn.transport")
 
 DEFAULT_TIMEOUT_S = 120.0
+HELLO_TIMEOUT_S = 2.0  # `connect` confirms the server this fast; the long timeout is for requests
+LINK_CHECK_S = 1.0  # a late reply's wait looks at the connection this often (a dead server: ServerLost)
+STALLED_WAIT_S = 2.0  # after a timeout, how long a request waits for any sign of life before failing the same way
+GONE_CODES = (SessionNotFound.code, ModelNotFound.code)  # what a restarted server says of the old one's state
 UNKNOWN_REQUEST_ID = -1  # error replies to a message whose header could not be read
+MAX_ERROR_CHARS = 2000  # of an error reply's message
 SOCKET_BUFFER_BYTES = 8 << 20  # larger kernel buffers lift loopback throughput for big frames
 SPIN_ENV = "DJINN_SPIN_US"  # microseconds a receive polls before it sleeps; overrides the default below
 SPIN_US = 200  # about one loopback round trip: a reply later than that is not worth a core
@@ -59,8 +67,27 @@ def spin_seconds(environ: Mapping[str, str] = os.environ, cores: int | None = No
 
 
 def endpoint(address: str) -> str:
-    """`host:port` becomes `tcp://host:port`; full ZeroMQ endpoints pass through."""
-    return address if "://" in address else f"tcp://{address}"
+    """`host:port` becomes `tcp://host:port`; ZeroMQ endpoints pass through once checked.
+
+    Checked here because libzmq's own answer to a malformed address is an EINVAL without
+    the address, or (for "localhost" without a port) a connect that never completes."""
+    if not isinstance(address, str) or not address:
+        raise ValueError(f"a server address is a non-empty 'host:port' string, got {address!r}")
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "tcp", address
+    if scheme in ("ipc", "inproc"):
+        if not rest:
+            raise ValueError(f"address {address!r} names no {scheme} path")
+        return f"{scheme}://{rest}"
+    if scheme != "tcp":
+        raise ValueError(f"address {address!r}: unsupported transport {scheme!r} (tcp, ipc or inproc)")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"address {address!r} needs a host and a port, as in 'localhost:5556'")
+    if port != "*" and not (port.isdigit() and 0 <= int(port) <= 65535):
+        raise ValueError(f"address {address!r}: port {port!r} is not a number from 0 to 65535")
+    return f"tcp://{rest}"
 
 
 def _tune(sock: zmq.Socket, limits: Limits) -> None:
@@ -136,20 +163,68 @@ class _Receiver:
                     return None
 
 
+class _Link:
+    """What the client socket's monitor said about its connection: up or down, and why a
+    handshake failed. Read only when a reply is late, so a prompt round trip pays nothing."""
+
+    FAILED = {getattr(zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL", 0): "handshake failed",
+              getattr(zmq, "EVENT_HANDSHAKE_FAILED_PROTOCOL", 0): "protocol or mechanism mismatch",
+              getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0): "credentials refused"}
+
+    def __init__(self, sock: zmq.Socket):
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        for event in self.FAILED:
+            events |= event
+        self._monitor = sock.get_monitor_socket(events)
+        self.up = False
+        self.drops = 0  # disconnections after a completed handshake
+        self.refused: str | None = None  # why the last handshake failed, until one succeeds
+
+    def update(self) -> None:
+        while True:
+            try:
+                event = zmq.utils.monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.up, self.refused = True, None
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.drops += self.up
+                self.up = False
+            elif event in self.FAILED:
+                self.up, self.refused = False, self.FAILED[event]
+
+    def close(self) -> None:
+        self._monitor.close(linger=0)
+
+
 class ClientConnection:
-    """One client's connection to a server: request → reply, with counters."""
+    """One client's connection to a server: request → reply, with counters.
+
+    A server that stops answering is reported once: a request whose connection drops
+    (the process exited) fails within about `LINK_CHECK_S` with `ServerLost`, one that
+    gets no reply within its timeout with `DjinnTimeout`; either names the request. Until
+    the server answers again, later requests (a `close_session` on the way out) raise that
+    same error at once (`ServerLost`: while the connection is down) or after
+    `STALLED_WAIT_S` (`DjinnTimeout`), instead of waiting a second full timeout.
+    """
 
     def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, auth_token: str | None = None,
-                 limits: Limits = Limits(), policy: CodecPolicy = CodecPolicy(), context: zmq.Context | None = None):
+                 limits: Limits = Limits(), policy: CodecPolicy = CodecPolicy(), context: zmq.Context | None = None,
+                 security: ClientSecurity | None = None):
         self.address = endpoint(address)
         self.timeout_s = timeout_s
         self.auth_token = auth_token
         self.limits = limits
         self.policy = policy
         self.counters = ByteCounters()
+        self.server_instance: str | None = None  # from `hello`: which server process answered
         self._ids = itertools.count(1)
+        self._failed: DjinnError | None = None  # the error that said the server stopped answering
         self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         _tune(self._socket, limits)
+        (security or ClientSecurity(auth_token)).apply(self._socket)
+        self._link = _Link(self._socket)
         self._socket.connect(self.address)
         self._receiver = _Receiver(self._socket, spin_seconds())
 
@@ -157,30 +232,82 @@ class ClientConnection:
                 tensors: Mapping[str, Any] | None = None, *, timeout_s: float | None = None,
                 policy: CodecPolicy | None = None) -> Message:
         """Send one request and wait for its reply; error replies raise their `DjinnError`."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        failed = self._failed
+        if isinstance(failed, ServerLost):
+            self._link.update()
+            if not self._link.up:
+                raise failed  # the same report, naming the request that found the server gone
         request_id = next(self._ids)
         header = Header(op, request_id, args=dict(args or {}), auth=self.auth_token)
         frames, payload, framing = encode_message(header, tensors, policy or self.policy)
         _send_frames(self._socket, frames)
         self.counters.count_sent(payload, framing)
-        reply = self._receive(op, request_id, self.timeout_s if timeout_s is None else timeout_s)
+        reply = self._receive(op, request_id, timeout_s, stalled=failed if isinstance(failed, DjinnTimeout) else None)
+        self._failed = None
         if reply.op == ERROR_OP:
-            raise from_wire(str(reply.args.get("code")), str(reply.args.get("message")))
+            error = from_wire(str(reply.args.get("code")), str(reply.args.get("message")))
+            if error.code in GONE_CODES and op != "hello":
+                self._check_restart(error)
+            raise error
         return reply
 
-    def _receive(self, op: str, request_id: int, timeout_s: float) -> Message:
-        deadline = time.monotonic() + timeout_s
+    def _receive(self, op: str, request_id: int, timeout_s: float, stalled: DjinnError | None = None) -> Message:
+        """The reply to `request_id` within `timeout_s`; while `stalled` (an earlier request's
+        timeout), within STALLED_WAIT_S of any message arriving, else `stalled` again."""
+        deadline = time.monotonic() + (min(timeout_s, STALLED_WAIT_S) if stalled is not None else timeout_s)
         while True:
-            remaining_ms = math.ceil(max(0.0, deadline - time.monotonic()) * 1000)  # never wake before the deadline
-            frames = self._receiver.within(remaining_ms)
+            remaining_s = max(0.0, deadline - time.monotonic())
+            # never wake before the deadline; wake every LINK_CHECK_S to see whether the link dropped
+            frames = self._receiver.within(math.ceil(min(remaining_s, LINK_CHECK_S) * 1000))
             if frames is None:
-                raise DjinnTimeout(f"no reply to '{op}' from {self.address} within {timeout_s:.1f} s")
+                self._link.update()
+                if self._link.refused:
+                    raise Unauthenticated(f"{self.address} refused this client in the ZeroMQ handshake "
+                                          f"({self._link.refused}): wrong or missing token, or a CURVE key "
+                                          f"it does not allow")
+                if self._link.drops and not self._link.up:
+                    self._failed = ServerLost(f"the connection to {self.address} dropped while '{op}' waited for "
+                                              f"its reply: the server exited or restarted, and its sessions and "
+                                              f"cached models with it")
+                    raise self._failed
+                if remaining_s > LINK_CHECK_S:
+                    continue
+                if stalled is not None:
+                    self._failed = stalled
+                    raise stalled  # the server has not answered since: the first report stands
+                self._failed = DjinnTimeout(f"no reply to '{op}' from {self.address} within {timeout_s:.1f} s")
+                raise self._failed
+            if stalled is not None:  # a reply, late or not: the server answers again, the full timeout applies
+                deadline, stalled = time.monotonic() + timeout_s, None
             reply = decode_message(frames, (REPLY_OP, ERROR_OP), self.limits)
             self.counters.count_received(reply.payload_bytes, reply.framing_bytes)
             if reply.header.request_id in (request_id, UNKNOWN_REQUEST_ID):
                 return reply
             # A late reply to a request that already timed out: not ours to return.
 
+    def hello(self, timeout_s: float) -> dict:
+        """The server's `hello`, within `timeout_s`; remembers which server process answered."""
+        args = dict(self.request("hello", timeout_s=timeout_s).args)
+        self.server_instance = args.get("instance")
+        return args
+
+    def _check_restart(self, error: DjinnError) -> None:
+        """A session or model unknown to a server that restarted since `hello`: say so."""
+        before = self.server_instance
+        if before is None:
+            return
+        try:
+            now = self.hello(HELLO_TIMEOUT_S).get("instance")
+        except DjinnError:
+            return
+        if now != before:
+            raise ServerRestarted(f"the server at {self.address} restarted (instance {before} is now {now}): "
+                                  f"its sessions and cached models are gone ({error}); load the model again "
+                                  f"to register and upload it") from error
+
     def close(self) -> None:
+        self._link.close()
         self._socket.close(linger=0)
 
     def __enter__(self) -> "ClientConnection":
@@ -234,7 +361,8 @@ class ServerSocket:
     """
 
     def __init__(self, address: str, known_ops: Iterable[str], *, limits: Limits = Limits(),
-                 auth_token: str | None = None, context: zmq.Context | None = None, landing: Landing | None = None):
+                 auth_token: str | None = None, context: zmq.Context | None = None, landing: Landing | None = None,
+                 security: ServerSecurity | None = None, queued_replies: int | None = None):
         self.known_ops = frozenset(known_ops)
         self.limits = limits
         self.auth_token = auth_token
@@ -242,6 +370,12 @@ class ServerSocket:
         self.counters: defaultdict[bytes, ByteCounters] = defaultdict(ByteCounters)  # setdefault built a spare per message
         self._socket = (context or zmq.Context.instance()).socket(zmq.ROUTER)
         _tune(self._socket, limits)
+        if queued_replies is not None:
+            # Replies queued for a peer that does not read them: past this many, ROUTER drops
+            # the next ones instead of holding them (+1.5 GB for a client that never read).
+            self._socket.setsockopt(zmq.SNDHWM, queued_replies)
+        if security is not None:
+            security.apply(self._socket)
         self._socket.bind(endpoint(address))
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._receiver = _Receiver(self._socket, spin_seconds())
@@ -344,7 +478,8 @@ class ServerSocket:
         return payload, framing
 
     def reply_error(self, peer: bytes, request_id: int, error: DjinnError) -> None:
-        header = Header(ERROR_OP, request_id, args={"code": error.code, "message": str(error)})
+        # Messages quote what a peer sent only briefly; this bounds one that slipped through.
+        header = Header(ERROR_OP, request_id, args={"code": error.code, "message": str(error)[:MAX_ERROR_CHARS]})
         frames, payload, framing = encode_message(header)
         self._send(peer, frames, payload, framing)
 
