@@ -138,7 +138,7 @@ class Client:
         whether it is another process than before (restarted: sessions and models are gone,
         `load` registers and uploads them again)."""
         before = self.connection.server_instance
-        return self.connection.hello(HELLO_TIMEOUT_S).get("instance") != before
+        return self.connection.reconnect(HELLO_TIMEOUT_S).get("instance") != before
 
     def stats(self) -> dict:
         return dict(self.connection.request("stats").args)

@@ -139,7 +139,7 @@ class WeightCache:
         """
         cached = self.models.get(fingerprint)
         if cached is not None:
-            _same_registration(cached, config_values, dtype)
+            _same_registration(cached, config_values, dtype, entries)
             if cached.complete:
                 self.counters.hits += 1
             cached.last_used = time.monotonic()
@@ -321,11 +321,15 @@ def _config_key(values: dict) -> str:
     return json.dumps({k: v for k, v in values.items() if k != "transformers_version"}, sort_keys=True, default=str)
 
 
-def _same_registration(cached: CachedModel, config_values: object, dtype: torch.dtype) -> None:
+def _same_registration(cached: CachedModel, config_values: object, dtype: torch.dtype,
+                       entries: list[TensorEntry]) -> None:
     if dtype != cached.dtype or not isinstance(config_values, dict) or _config_key(config_values) != cached.config_key:
         raise BadRequest(f"model {cached.fingerprint} is registered here with another config or dtype "
                          f"({cached.dtype}); the same weights under a different config would compute "
                          f"something else")
+    if len(entries) != len(cached.expected) or any(cached.expected.get(e.name) != e for e in entries):
+        raise BadRequest(f"model {cached.fingerprint}: the declared tensors are not the {len(cached.expected)} "
+                         f"the config implies (not declared, or other shapes)")
 
 
 def _expected_entries(config, dtype: torch.dtype, entries: list[TensorEntry], what: str) -> dict[str, TensorEntry]:

@@ -223,7 +223,8 @@ class ClientConnection:
         self._failed: DjinnError | None = None  # the error that said the server stopped answering
         self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         _tune(self._socket, limits)
-        (security or ClientSecurity(auth_token)).apply(self._socket)
+        if security is not None:  # the handshake's credentials; `auth_token` alone goes in headers only
+            security.apply(self._socket)
         self._link = _Link(self._socket)
         self._socket.connect(self.address)
         self._receiver = _Receiver(self._socket, spin_seconds())
@@ -291,6 +292,12 @@ class ClientConnection:
         args = dict(self.request("hello", timeout_s=timeout_s).args)
         self.server_instance = args.get("instance")
         return args
+
+    def reconnect(self, timeout_s: float) -> dict:
+        """`hello` again after the server stopped answering: the failure that made later
+        requests fail at once is forgotten, and the server gets `timeout_s` to answer."""
+        self._failed = None
+        return self.hello(timeout_s)
 
     def _check_restart(self, error: DjinnError) -> None:
         """A session or model unknown to a server that restarted since `hello`: say so."""
