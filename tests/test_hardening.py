@@ -32,6 +32,7 @@ from djinn.server.process import ServerProcess
 from djinn.server.session_store import SessionStore
 from djinn.server.weight_cache import TensorEntry, WeightCache
 from djinn.transport import Header, OutgoingTensor, ServerSocket, TensorKind, encode_message
+from djinn.transport.sockets import STALLED_WAIT_S
 from djinn.transport.wire import parse_header
 
 from fuzzing import rss_bytes
@@ -409,11 +410,12 @@ def test_a_killed_server_is_reported_once_naming_the_decode_and_a_restart_is_nam
             worker.join(timeout=timeout_s + 5)
     error = outcome["error"]
     assert isinstance(error, ServerLost) and "'decode'" in str(error), repr(error)
-    assert outcome["at"] - killed_at < LINK_BOUND_S
+    # Reported by the link check (every LINK_CHECK_S), not by the request timeout running out.
+    assert outcome["at"] - killed_at < timeout_s / 4, outcome["at"] - killed_at
     started = time.monotonic()
     with pytest.raises(ServerLost, match="'decode'"):  # the same report, at once, while the server is gone
         client.connection.request("close_session", {"session": "0" * 32})
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < STALLED_WAIT_S, "it waited for an answer"
     with ServerProcess("--device", "cpu", "--port", str(port), log_path=tmp_path / "second.log"):
         # A client that had nothing in flight learns it from the restarted server's answer.
         with pytest.raises(ServerRestarted, match="restarted"):
@@ -425,5 +427,3 @@ def test_a_killed_server_is_reported_once_naming_the_decode_and_a_restart_is_nam
     client.close()
     spare.close()
 
-
-LINK_BOUND_S = 3.0  # the report comes within the link check's period (1 s) and a round of scheduling
