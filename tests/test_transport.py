@@ -399,15 +399,22 @@ def test_a_huge_field_is_quoted_as_a_short_prefix(served):
     assert_still_serving(served.address)
 
 
-def test_a_failure_of_the_receive_itself_is_an_internal_reply_and_the_socket_serves_on():
-    """Issue 13, item 1: an exception that is no `DjinnError` while receiving (here the
-    landing's check of a target breaks) is answered `internal`, not raised out of `receive`."""
-    def broken_landing(spec):
-        raise AssertionError("a bug in the server's own code")
+def test_a_failure_of_the_receive_itself_is_an_internal_reply_and_the_socket_serves_on(monkeypatch):
+    """Issue 13, item 1: an exception that is no `DjinnError` while receiving (here, a bug in
+    building the message) is answered `internal`, not raised out of `receive`, which had
+    ended `serve_forever`."""
+    from djinn.transport import sockets
 
-    with live_server(landing=broken_landing) as live:
+    def broken(*args):
+        raise RuntimeError("a bug in the server's own code")
+
+    with live_server(landing=land_everything) as live:
+        monkeypatch.setattr(sockets, "assemble", broken)
         op, replied_id, args = raw_exchange(live.address, [header(), bytes(24)])
         assert (op, args["code"], replied_id) == (ERROR_OP, "internal", REQUEST_ID)
+        assert "a bug in the server's own code" in args["message"]
+        monkeypatch.undo()
+        assert_still_serving(live.address)
 
 
 @pytest.mark.parametrize("address", ["localhost", "tcp://localhost", "localhost:http", "localhost:70000",
