@@ -268,7 +268,7 @@ class Server:
         except Exception as exc:  # a bug must not take the server down
             log.exception("%s raised", message.op)
             sock.reply_error(incoming.peer, incoming.request_id,
-                             DjinnError(f"{message.op} failed on the server: {quote(repr(exc), 300)}"))
+                             DjinnError(f"{message.op} failed on the server: {type(exc).__name__} {quote(str(exc), 300)}"))
             return
         self.requests_served += 1
 

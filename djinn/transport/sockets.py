@@ -409,7 +409,7 @@ class ServerSocket:
         except Exception as exc:  # a bug here must not end the request loop
             log.exception("receiving a request failed")
             self._discard_rest(reading)
-            error = DjinnError(f"the server failed reading this request: {quote(repr(exc), 200)}")
+            error = DjinnError(f"the server failed reading this request: {type(exc).__name__} {quote(str(exc), 200)}")
             return self._rejected(first.bytes, time.perf_counter(), reading.frames, error, reading.request_id)
 
     def _receive_message(self, peer_id: bytes, reading: "_Reading") -> Incoming:
