@@ -19,12 +19,19 @@ import torch
 from djinn import kv, models
 from djinn.decoding import forward_last, greedy
 from djinn.modes import SHIPPED_WEIGHT_PREFIX, Mode, resolve
+from djinn.errors import DjinnTimeout
 from djinn.transport import DEFAULT_TIMEOUT_S, ByteCounters, ClientConnection, Codec, OutgoingTensor, TensorKind
+from djinn.transport.security import ClientSecurity
+from djinn.transport.sockets import HELLO_TIMEOUT_S
 from djinn.transport.wire import DTYPE_NAMES
 
 SERVER_ENV = "DJINN_SERVER"
 SERVER_ENV_ALIASES = ("GENIE_SERVER_ADDRESS",)  # the prototype's name
-UPLOAD_CHUNK_BYTES = 256 << 20  # a chunk is one message: bounded memory on both sides, resumable per chunk
+# A chunk is one message: bounded memory on both sides, resumable per chunk. The server
+# copies and digests a chunk between other clients' requests, at ~3.5 ms/MiB on the
+# shared 2-core CI host: 32 MiB stalls a bystander's step ~120 ms (256 MiB had ~1 s; a
+# 652 MB upload 4.5 s). A tensor larger than a chunk still travels, and stalls, whole.
+UPLOAD_CHUNK_BYTES = 32 << 20
 
 
 def server_address(address: str | None = None) -> str:
@@ -35,9 +42,27 @@ def server_address(address: str | None = None) -> str:
 
 
 def connect(address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-            auth_token_file: str | Path | None = None) -> "Client":
+            auth_token_file: str | Path | None = None, curve_server_key_file: str | Path | None = None,
+            curve_client_key_file: str | Path | None = None, hello_timeout_s: float = HELLO_TIMEOUT_S) -> "Client":
+    """A client of the server at `address`, confirmed by a `hello` within `hello_timeout_s`.
+
+    `timeout_s` is each later request's; a server that is not there (or refuses these
+    credentials) fails here, fast, naming the address. CURVE (`--curve-secret-key-file`
+    on the server) needs the server's public key file and this client's secret key file.
+    """
     token = Path(auth_token_file).read_text().strip() if auth_token_file else None
-    return Client(ClientConnection(server_address(address), timeout_s=timeout_s, auth_token=token))
+    security = ClientSecurity.from_files(token, curve_server_key_file, curve_client_key_file)
+    connection = ClientConnection(server_address(address), timeout_s=timeout_s, auth_token=token, security=security)
+    try:
+        connection.hello(hello_timeout_s)
+    except DjinnTimeout:
+        connection.close()
+        raise DjinnTimeout(f"no djinn server answered at {connection.address} within {hello_timeout_s:.1f} s: "
+                           f"is one running there (python -m djinn.server), and reachable?") from None
+    except BaseException:
+        connection.close()
+        raise
+    return Client(connection)
 
 
 def load_local(model: torch.nn.Module) -> "RemoteModel":
@@ -110,7 +135,14 @@ class Client:
         return self.connection.counters
 
     def hello(self) -> dict:
-        return dict(self.connection.request("hello").args)
+        return self.connection.hello(self.connection.timeout_s)
+
+    def reconnect(self) -> bool:
+        """Confirm the server again after it stopped answering (`ServerLost`, `DjinnTimeout`);
+        whether it is another process than before (restarted: sessions and models are gone,
+        `load` registers and uploads them again)."""
+        before = self.connection.server_instance
+        return self.connection.reconnect(HELLO_TIMEOUT_S).get("instance") != before
 
     def stats(self) -> dict:
         return dict(self.connection.request("stats").args)

@@ -60,14 +60,53 @@ class OutOfMemory(DjinnError):
     code = "out_of_memory"
 
 
+class LimitExceeded(DjinnError):
+    """A configured cap on a server resource (sessions, parked breakpoints, uploads in
+    progress, model size) is reached: the request is refused before it allocates."""
+    code = "limit_exceeded"
+
+
 class DjinnTimeout(DjinnError, TimeoutError):
     code = "timeout"
+
+
+class ServerLost(DjinnError, ConnectionError):
+    """The client's connection to the server dropped while a request waited (the process
+    exited or restarted): its sessions and cached models are gone with it."""
+    code = "server_lost"
+
+
+class ServerRestarted(DjinnError):
+    """The server answering now is another process than the one this client connected to."""
+    code = "server_restarted"
 
 
 _BY_CODE = {cls.code: cls for cls in (
     DjinnError, ProtocolError, BadHeader, UnsupportedVersion, UnknownOp, FrameMismatch,
     TooLarge, Unauthenticated, BadRequest, ModelNotFound, SessionNotFound,
-    UploadIncomplete, OutOfMemory, DjinnTimeout)}
+    UploadIncomplete, OutOfMemory, LimitExceeded, DjinnTimeout, ServerLost, ServerRestarted)}
+
+# What an error message may quote of a value a peer sent: enough to recognise it, never
+# enough to turn a 1 MB field into a 1 MB reply and log line.
+QUOTE_CHARS = 48
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """A short, escaped prefix of a peer-supplied value, for error messages and logs.
+
+    Strings and bytes are cut before `repr` (whose cost and length follow the input);
+    containers are named by type and length, not printed."""
+    if isinstance(value, (str, bytes, bytearray)):
+        shown = repr(value[:limit])
+        return shown + (f"... ({len(value)} long)" if len(value) > limit else "")
+    if isinstance(value, (bool, int, float)) or value is None:
+        shown = repr(value)
+        return shown if len(shown) <= limit else shown[:limit] + "..."
+    try:
+        size = f" of {len(value)}"
+    except TypeError:
+        size = ""
+    return f"<{type(value).__name__}{size}>"
 
 
 def from_wire(code: str, message: str) -> DjinnError:

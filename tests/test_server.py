@@ -294,9 +294,11 @@ def test_auth_token_rejects_unauthenticated_peers(start_server, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     server = start_server("--auth-token-file", str(token))
-    with djinn.connect(server.host_port, timeout_s=10) as anonymous:
-        with pytest.raises(Unauthenticated):
-            anonymous.hello()
+    wrong = tmp_path / "wrong"
+    wrong.write_text("guess\n")
+    for credentials in ({}, {"auth_token_file": wrong}):  # refused in the handshake: connect says so at once
+        with pytest.raises(Unauthenticated, match="refused this client in the ZeroMQ handshake"):
+            djinn.connect(server.host_port, timeout_s=10, **credentials)
     with djinn.connect(server.host_port, timeout_s=10, auth_token_file=token) as member:
         assert member.hello()["version"]
 

@@ -42,3 +42,32 @@ def test_a_request_on_either_socket_is_served_without_sitting_out_the_other(two_
     assert replies and replies[0].args["version"], "no reply to hello"
     assert served_after_s < LONG_WAIT_MS / 4e3, f"served after {served_after_s:.1f} s: the loop waited on the idle socket"
     assert server.requests_served == 1
+
+
+def test_a_handler_bug_is_an_internal_reply_and_the_loop_goes_on(two_socket_server, monkeypatch):
+    """Issue 13, item 1: whatever a handler or the loop's housekeeping raises is answered
+    (`internal`, traceback in the log) or logged, and the next request is served."""
+    from djinn.errors import DjinnError
+
+    server, addresses = two_socket_server
+
+    def broken(incoming):
+        raise KeyError("a server bug")
+
+    monkeypatch.setitem(server.handlers, "stats", broken)
+    monkeypatch.setattr(server.sessions, "expire", lambda: 1 / 0)
+    with ClientConnection(addresses["tcp"], timeout_s=LONG_WAIT_MS / 1e3) as client:
+        errors = []
+
+        def ask():
+            try:
+                client.request("stats")
+            except DjinnError as err:
+                errors.append(err)
+            errors.append(client.request("hello"))
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        while asker.is_alive():
+            server.serve_once(100)
+        assert errors[0].code == "internal" and "KeyError" in str(errors[0]) and errors[1].args["version"]

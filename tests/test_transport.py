@@ -328,6 +328,23 @@ MALFORMED = [
     pytest.param(compressed(lz4, "lz4", bytes(8), [4]), "frame_mismatch", REQUEST_ID, id="lz4-less-than-declared"),
     pytest.param(compressed(lambda d: b"\x28\xb5\x2f\xfd garbage", "zstd", b"", [4]), "frame_mismatch",
                  REQUEST_ID, id="corrupt-zstd"),
+    # Issue 13, "Crashes": a dtype, codec or kind of an unhashable type raised TypeError out of
+    # the receive and ended serve_forever (7 of 11 fuzz crashes); [0, 2**63] passed every
+    # size check with 0 elements, then torch.empty raised (the other 4).
+    pytest.param([header(tensors=[["x", ["float32"], [2, 3], "raw", 24, "other"]]), bytes(24)], "bad_header",
+                 REQUEST_ID, id="dtype-a-list"),
+    pytest.param([header(tensors=[["x", {"f": 32}, [2, 3], "raw", 24, "other"]]), bytes(24)], "bad_header",
+                 REQUEST_ID, id="dtype-a-map"),
+    pytest.param([header(tensors=[["x", "float32", [2, 3], ["raw"], 24, "other"]]), bytes(24)], "bad_header",
+                 REQUEST_ID, id="codec-a-list"),
+    pytest.param([header(tensors=[["x", "float32", [2, 3], "raw", 24, {"k": 1}]]), bytes(24)], "bad_header",
+                 REQUEST_ID, id="kind-a-map"),
+    pytest.param([header(tensors=[["x", "float32", [0, 2**63], "raw", 0, "other"]]), b""], "too_large",
+                 REQUEST_ID, id="zero-beside-2**63"),
+    pytest.param([header(tensors=[["x", "float32", [2**62, 0, 2**62], "raw", 0, "other"]]), b""], "too_large",
+                 REQUEST_ID, id="zero-between-huge-dims"),
+    pytest.param([header(tensors=[[["x"], "float32", [2, 3], "raw", 24, "other"]]), bytes(24)], "bad_header",
+                 REQUEST_ID, id="name-a-list"),
 ]
 
 
@@ -360,6 +377,52 @@ def test_unauthenticated_peer_is_rejected_and_an_authenticated_one_served(token,
             with pytest.raises(Unauthenticated, match="auth token"):
                 client.request("echo")
         assert_still_serving(live.address, auth_token=TOKEN)
+
+
+def test_an_unauthenticated_header_is_answered_only_unauthenticated():
+    """Issue 13: `unknown_op` / `unsupported_version` were answered before the token was
+    checked; now nothing of the header but its token is looked at."""
+    with live_server(auth_token=TOKEN) as live:
+        for fields in ({"op": "format_disk"}, {"v": 99}, {"tensors": [["x", ["f"], [2], "raw", 8, "other"]]}):
+            op, _, args = raw_exchange(live.address, [header(auth="wrong", **fields), bytes(24)])
+            assert (op, args["code"]) == (ERROR_OP, "unauthenticated"), fields
+
+
+def test_a_huge_field_is_quoted_as_a_short_prefix(served):
+    """Issue 13: a 1 MB op name came back in a 1 MB reply (and a 1 MB log line)."""
+    for i, fields in enumerate(({"op": "x" * 60_000}, {"op": "x" * 1_000_000},
+                                {"tensors": [["n" * 60_000, "float32", [2, 3], "raw", 24, "other"]]},
+                                {"tensors": [["x", "d" * 60_000, [2, 3], "raw", 24, "other"]]})):
+        # A fresh routing id each time: ROUTER ignores a new peer that reuses a live one's id.
+        op, _, args = raw_exchange(served.address, [header(**fields), bytes(24)], routing_id=b"huge-%d" % i)
+        assert op == ERROR_OP and len(args["message"]) < 400, (args["code"], len(args["message"]))
+    assert_still_serving(served.address)
+
+
+def test_a_failure_of_the_receive_itself_is_an_internal_reply_and_the_socket_serves_on(monkeypatch):
+    """Issue 13, item 1: an exception that is no `DjinnError` while receiving (here, a bug in
+    building the message) is answered `internal`, not raised out of `receive`, which had
+    ended `serve_forever`."""
+    from djinn.transport import sockets
+
+    def broken(*args):
+        raise RuntimeError("a bug in the server's own code")
+
+    with live_server(landing=land_everything) as live:
+        monkeypatch.setattr(sockets, "assemble", broken)
+        op, replied_id, args = raw_exchange(live.address, [header(), bytes(24)])
+        assert (op, args["code"], replied_id) == (ERROR_OP, "internal", REQUEST_ID)
+        assert "a bug in the server's own code" in args["message"]
+        monkeypatch.undo()
+        assert_still_serving(live.address)
+
+
+@pytest.mark.parametrize("address", ["localhost", "tcp://localhost", "localhost:http", "localhost:70000",
+                                     "udp://h:1", "ipc://", ""])
+def test_malformed_addresses_are_refused_before_zeromq_sees_them(address):
+    """Issue 14, item 6: "localhost" without a port connected to nothing and waited out the timeout."""
+    with pytest.raises(ValueError, match="address|port"):
+        ClientConnection(address, timeout_s=1)
 
 
 # --- timeouts ----------------------------------------------------------------------------------

@@ -43,6 +43,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "out_of_memory (default: no cap beyond the host's own)")
     parser.add_argument("--auth-token-file", type=Path, default=None,
                         help="file holding a shared token that every request must carry")
+    parser.add_argument("--curve-secret-key-file", default=None, metavar="PATH",
+                        help="encrypt with ZeroMQ CURVE: this server's certificate with its secret key "
+                             "(zmq.auth.create_certificates); needs --curve-client-keys")
+    parser.add_argument("--curve-client-keys", default=None, metavar="DIR",
+                        help="CURVE: directory of the public key files of the clients allowed to connect")
+    # Caps default to `djinn.server.limits.ServerLimits` (imported after the re-exec: it imports torch).
+    parser.add_argument("--max-sessions", type=int, default=None,
+                        help="open sessions in all; past it open_session fails with limit_exceeded")
+    parser.add_argument("--max-sessions-per-client", type=int, default=None,
+                        help="open sessions of one client connection")
+    parser.add_argument("--max-parked", type=int, default=None,
+                        help="forwards parked at breakpoints at once, each a thread (default: a quarter of the "
+                             "process limit, at most 256)")
+    parser.add_argument("--max-uploads", type=int, default=None, help="models whose upload is in progress at once")
+    parser.add_argument("--upload-ttl-s", type=float, default=None,
+                        help="idle seconds after which a partial upload is abandoned and freed")
     parser.add_argument("--session-ttl-s", type=float, default=600.0,
                         help="idle seconds after which a session of a vanished client is closed")
     parser.add_argument("--ipc", default=None, metavar="PATH", help="also listen on ipc://PATH (same host)")
@@ -58,6 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "fresh buffers: ~5x slower on a VM)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
+
+
+def _caps(args: argparse.Namespace):
+    from djinn.server.limits import ServerLimits
+
+    given = {"max_sessions": args.max_sessions, "max_sessions_per_peer": args.max_sessions_per_client,
+             "max_parked": args.max_parked, "max_uploads": args.max_uploads, "upload_ttl_s": args.upload_ttl_s}
+    return ServerLimits(**{name: value for name, value in given.items() if value is not None})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                                  vram_budget_gb=args.vram_budget_gb, ring_buffer_gb=args.ring_buffer_gb,
                                  disable_kv_swap=args.disable_kv_swap, host_swap_gb=args.host_swap_gb,
                                  auth_token=token, session_ttl_s=args.session_ttl_s, ipc_path=args.ipc,
-                                 decode_graphs=args.decode_graphs, graph_max_len=args.graph_max_len))
+                                 decode_graphs=args.decode_graphs, graph_max_len=args.graph_max_len,
+                                 curve_secret_key_file=args.curve_secret_key_file,
+                                 curve_client_keys=args.curve_client_keys,
+                                 caps=_caps(args)))
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
     print(READY_LINE.format(address=server.address), flush=True)

@@ -31,10 +31,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from djinn.errors import BadRequest
+from djinn.errors import BadRequest, LimitExceeded
 from djinn.server.streamer import find_decoder_layers
 
-__all__ = ["ParkedForward", "check_layer", "num_decoder_layers"]
+__all__ = ["ParkedForward", "check_layer", "limit_parked", "num_decoder_layers", "parked_room"]
 
 
 class _Cancelled(BaseException):
@@ -46,9 +46,18 @@ MAX_IDLE_WORKERS = 8  # idle worker threads kept for reuse; more parked at once 
 
 
 class _Worker:
-    """A daemon thread that runs one forward at a time, then waits, idle, for the next."""
+    """A daemon thread that runs one forward at a time, then waits, idle, for the next.
+
+    Busy workers (a forward running or parked) are capped by `limit` (None: no cap, for
+    user code in benchmarks): each is a thread and its OpenMP pool, and a server that let
+    clients park without bound died creating threads. The server sets its cap
+    (`ServerLimits.max_parked`); a forward past it is refused before it starts.
+    """
 
     _idle: queue.SimpleQueue = queue.SimpleQueue()
+    _lock = threading.Lock()
+    busy = 0
+    limit: int | None = None
 
     def __init__(self):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -57,10 +66,21 @@ class _Worker:
 
     @classmethod
     def take(cls) -> "_Worker":
+        with cls._lock:
+            if cls.limit is not None and cls.busy >= cls.limit:
+                raise LimitExceeded(f"{cls.busy} forwards are parked at breakpoints, the cap is {cls.limit}: "
+                                    f"resume or cancel one first")
+            cls.busy += 1
         try:
             return cls._idle.get_nowait()
         except queue.Empty:
+            pass
+        try:
             return cls()
+        except BaseException:  # no thread could be started: the slot is not taken
+            with cls._lock:
+                cls.busy -= 1
+            raise
 
     def run(self, job: Callable[[], Callable[[], None]]) -> None:
         """Run `job` on this thread; it returns its last hand-off, made once this worker is idle
@@ -70,6 +90,8 @@ class _Worker:
     def _loop(self) -> None:
         while True:
             last_hand_off = self._jobs.get()()
+            with self._lock:
+                _Worker.busy -= 1
             keep = self._idle.qsize() < MAX_IDLE_WORKERS
             if keep:
                 self._idle.put(self)
@@ -77,6 +99,16 @@ class _Worker:
             last_hand_off = None  # holds the outcome (an error's traceback, its frames' tensors) while idle
             if not keep:
                 return
+
+
+def limit_parked(limit: int | None) -> None:
+    """Cap the forwards parked (or running) on worker threads at once in this process."""
+    _Worker.limit = limit
+
+
+def parked_room() -> int | None:
+    """How many more forwards may park now; None without a cap."""
+    return None if _Worker.limit is None else max(0, _Worker.limit - _Worker.busy)
 
 
 def num_decoder_layers(model: nn.Module) -> int:

@@ -12,6 +12,7 @@ the device ran out of memory; a forward here only has to be re-runnable (`attemp
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import contextmanager
 
@@ -19,12 +20,14 @@ import torch
 
 from djinn import kv, models
 from djinn.decoding import forward_last
-from djinn.errors import BadRequest
+from djinn.errors import BadRequest, OutOfMemory
+from djinn.server.limits import checked_config, implied_tensors
 from djinn.server.breakpoints import ParkedForward, check_layer, num_decoder_layers
 from djinn.server.device_budget import DeviceBudget
 from djinn.server.session_store import Breakpoint, Session, SessionStore
 from djinn.server.weight_cache import CachedModel, WeightCache
 from djinn.transport import TensorKind, TensorSpec
+from djinn.units import gib
 
 ID_DTYPES = (torch.int64, torch.int32)
 # CPU GEMM kernels take different code paths for misaligned operands and then differ
@@ -230,15 +233,26 @@ class Executor:
         return self.sessions.retrying(run, want_bytes=kv.nbytes(pairs))
 
     def skeleton(self, config_values: dict, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
-        """An architecture without weights of its own, for forwards with shipped weights."""
+        """An architecture without weights of its own, for forwards with shipped weights.
+
+        Kept for the next forward, the `skeletons` most recently used (each holds a whole
+        model's memory: a cache without bound grew 38 MB per distinct config); a new one is
+        built only when it fits the budget beside what is resident."""
+        limits = self.weights.limits
         key = json.dumps(config_values, sort_keys=True, default=str) + str(dtype)
-        if key not in self._skeletons:
-            try:
-                config = models.config_from_dict(config_values)
-            except Exception as exc:
-                raise BadRequest(f"config is not a HuggingFace config: {exc}") from None
-            self._skeletons[key] = models.build_skeleton(config, dtype, self.device)
-        model = self._skeletons[key]
+        model = self._skeletons.pop(key, None)  # re-inserted last: dict order is the LRU order
+        if model is None:
+            config = checked_config(config_values, limits, "the stateless forward")
+            nbytes = sum(math.prod(shape) * dt.itemsize
+                         for dt, shape in implied_tensors(config, dtype, "the stateless forward").values())
+            while len(self._skeletons) >= limits.skeletons:
+                self._skeletons.pop(next(iter(self._skeletons)))
+            if self.budget.shortfall(nbytes):
+                raise OutOfMemory(f"the stateless forward's model of {gib(nbytes)} does not fit: "
+                                  f"{self.budget.describe()}")
+            with self._forward_errors():
+                model = models.build_skeleton(config, dtype, self.device)
+        self._skeletons[key] = model
         return model, model.config
 
     def check_kv(self, pairs: kv.KVPairs, config) -> None:

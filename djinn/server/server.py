@@ -10,25 +10,31 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import zmq
 
-from djinn import kv
-from djinn.errors import BadRequest, DjinnError
+from djinn import host_memory, kv
+from djinn.errors import BadRequest, DjinnError, LimitExceeded, TooLarge, quote
 from djinn.decoding import greedy
 from djinn.modes import SHIPPED_WEIGHT_PREFIX
 from djinn.reproducibility import deterministic_kernels
+from djinn.server.breakpoints import limit_parked, parked_room
 from djinn.server.device_budget import DeviceBudget
 from djinn.server.executor import Executor
 from djinn.server.fault_injection import install_from_env
+from djinn.server.limits import ServerLimits, host_limits
 from djinn.server.graphs import GraphSlots
 from djinn.server.session_store import SessionStore
 from djinn.server.weight_cache import TensorEntry, WeightCache
 from djinn.transport import Codec, CodecPolicy, Incoming, Limits, Message, OutgoingTensor, ServerSocket, TensorKind
+from djinn.transport.security import ServerSecurity
 from djinn.transport.tuning import is_tuned
 from djinn.transport.wire import DTYPES
 from djinn.units import GIB
@@ -37,6 +43,12 @@ log = logging.getLogger("djinn.server")
 
 SERVER_VERSION = "0.1.0"
 POLL_MS = 200  # how often the loop wakes to expire sessions and check for shutdown
+MAX_LOGGED_CHARS = 500  # of a failed request's error, in the log
+FINGERPRINT = re.compile(r"[0-9a-f]{32}")  # models.fingerprint: a 16-byte blake2b, hex
+
+
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,10 @@ class ServerConfig:
     ipc_path: str | None = None
     decode_graphs: bool = False  # decode through CUDA-graph slots: faster, logits no longer bit-identical to eager
     graph_max_len: int = 1024  # tokens a graph slot holds (prompt + generated)
-    limits: Limits = Limits()
+    limits: Limits | None = None  # what one message may hold (None: `host_limits` of the host memory at start)
+    caps: ServerLimits = ServerLimits()  # sessions, parked forwards, uploads, config sizes
+    curve_secret_key_file: str | None = None  # CURVE: the server's certificate with its secret key
+    curve_client_keys: str | None = None  # CURVE: directory of the allowed clients' public keys
 
 
 @dataclass(frozen=True)
@@ -69,8 +84,8 @@ def default_ring_bytes(device: torch.device) -> int:
 
 
 def _dtype(name: object) -> torch.dtype:
-    if name not in DTYPES:
-        raise BadRequest(f"unknown dtype {name!r}")
+    if not isinstance(name, str) or name not in DTYPES:
+        raise BadRequest(f"unknown dtype {quote(name)}")
     return DTYPES[name]
 
 
@@ -79,6 +94,52 @@ def _arg(message: Message, name: str, kind: type | tuple):
     if isinstance(value, bool) or not isinstance(value, kind):
         raise BadRequest(f"'{message.op}' needs argument '{name}' ({getattr(kind, '__name__', kind)})")
     return value
+
+
+def _fingerprint(message: Message) -> str:
+    """The 'model' argument: a weight fingerprint (`models.fingerprint`, 32 hex digits)."""
+    value = message.args.get("model")
+    if not isinstance(value, str) or not FINGERPRINT.fullmatch(value):
+        raise BadRequest(f"'{message.op}' needs argument 'model', a fingerprint of 32 hex digits, got {quote(value)}")
+    return value
+
+
+def _registered_tensors(message: Message, limits: Limits) -> list[TensorEntry]:
+    entries = _arg(message, "tensors", list)
+    if len(entries) > limits.max_tensors:
+        raise TooLarge(f"{len(entries)} registered tensors exceed the limit of {limits.max_tensors}")
+    parsed = []
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                and isinstance(entry[2], list) and len(entry[2]) <= limits.max_dims
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= limits.max_tensor_bytes
+                        for d in entry[2])):
+            raise BadRequest(f"each registered tensor must be [name, dtype, shape], got {quote(entry)}")
+        parsed.append(TensorEntry(entry[0], _dtype(entry[1]), tuple(entry[2])))
+    return parsed
+
+
+class _RejectionLog:
+    """Warnings for requests refused before they ran, at most `per_second` a second: anyone
+    who reaches the port chooses how many there are (105 MB of log in 0.68 s had been one
+    client's doing)."""
+
+    def __init__(self, per_second: int = 10):
+        self.per_second = per_second
+        self._window = 0.0
+        self._logged = self._suppressed = 0
+
+    def warn(self, error: DjinnError) -> None:
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            if self._suppressed:
+                log.warning("%d more requests rejected before they ran in the last second", self._suppressed)
+            self._window, self._logged, self._suppressed = now, 0, 0
+        if self._logged < self.per_second:
+            self._logged += 1
+            log.warning("rejected a request before it ran (%s): %s", error.code, error)
+        else:
+            self._suppressed += 1
 
 
 class Server:
@@ -98,6 +159,19 @@ class Server:
                                      swap=not config.disable_kv_swap, host_limit_bytes=host_swap, graphs=graphs)
         self.executor = Executor(self.budget, self.weights, self.sessions)
         self.injected_oom = install_from_env(self.budget)  # test-only, None unless DJINN_TEST_INJECT_OOM is set
+        caps = config.caps
+        self.weights.limits = caps
+        self.sessions.max_sessions, self.sessions.max_sessions_per_peer = caps.max_sessions, caps.max_sessions_per_peer
+        limit_parked(caps.parked)
+        # Told apart by `hello`: a client that reconnected knows when the server is another process.
+        self.instance = secrets.token_hex(8)
+        limits = config.limits if config.limits is not None else host_limits(host_memory.available_bytes())
+        security = ServerSecurity(config.auth_token, _path(config.curve_secret_key_file),
+                                  _path(config.curve_client_keys))
+        # The ZAP handler serves one context: a context of this server's own, so that two
+        # servers in one process (tests) each check their own credentials.
+        self._context = zmq.Context()
+        self._authenticator = security.authenticator(self._context)
         self.handlers: dict[str, Callable[[Incoming], Reply]] = {
             "hello": self.hello, "stats": self.stats, "register_model": self.register_model,
             "upload_weights": self.upload_weights, "forward": self.forward, "open_session": self.open_session,
@@ -107,11 +181,10 @@ class Server:
         }
         # Received frames are pageable; on a GPU, activations land in pinned memory instead.
         landing = self.executor.landing if self.device.type == "cuda" else None
-        self.sockets = [ServerSocket(f"tcp://{config.host}:{config.port}", self.handlers, limits=config.limits,
-                                     auth_token=config.auth_token, landing=landing)]
-        if config.ipc_path:
-            self.sockets.append(ServerSocket(f"ipc://{config.ipc_path}", self.handlers, limits=config.limits,
-                                             auth_token=config.auth_token, landing=landing))
+        addresses = [f"tcp://{config.host}:{config.port}", *([f"ipc://{config.ipc_path}"] if config.ipc_path else [])]
+        self.sockets = [ServerSocket(address, self.handlers, limits=limits, auth_token=config.auth_token,
+                                     context=self._context, landing=landing, security=security,
+                                     queued_replies=caps.queued_replies_per_peer) for address in addresses]
         # With tcp and ipc both open, one poll waits on both: waiting on each in turn would
         # leave a request on one socket until the other's wait ran out.
         self._poller = zmq.Poller()
@@ -119,6 +192,7 @@ class Server:
             self._poller.register(sock.zmq_socket, zmq.POLLIN)
         self.requests_served = 0
         self._stopping = False
+        self._rejections = _RejectionLog()
 
     @property
     def address(self) -> str:
@@ -132,12 +206,24 @@ class Server:
             while not self._stopping:
                 self.serve_once(POLL_MS)
         finally:
-            self.sessions.close_all()
-            for sock in self.sockets:
-                sock.close()
+            self.close()
+
+    def close(self) -> None:
+        self.sessions.close_all()
+        for sock in self.sockets:
+            sock.close()
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        self._context.term()
 
     def serve_once(self, timeout_ms: int) -> None:
-        self.sessions.expire()
+        """One turn of the loop. Nothing a request does ends it: every failure below is
+        answered (or, between requests, logged) and the loop goes on."""
+        try:
+            self.sessions.expire()
+            self.weights.expire_uploads()
+        except Exception:
+            log.exception("expiring idle sessions and uploads failed")
         if len(self.sockets) == 1:  # the receive waits itself: no poll call per request
             ready, wait_ms = self.sockets, timeout_ms
         else:
@@ -150,7 +236,7 @@ class Server:
 
     def _handle(self, sock: ServerSocket, incoming: Incoming) -> None:
         if incoming.error is not None:
-            log.warning("rejected a request before it ran (%s): %s", incoming.error.code, incoming.error)
+            self._rejections.warn(incoming.error)
             sock.reply_error(incoming.peer, incoming.request_id, incoming.error)
             return
         message = incoming.message
@@ -158,35 +244,43 @@ class Server:
         try:
             reply = self.handlers[message.op](incoming)
             self.executor.synchronize()
+            finished = time.perf_counter()
+            timings = {"queue_ms": (started - incoming.received_at) * 1e3, "compute_ms": (finished - started) * 1e3,
+                       "request_payload_bytes": message.payload_bytes,
+                       "request_framing_bytes": message.framing_bytes}
+            sock.reply(incoming.peer, incoming.request_id, {**reply.args, "server": timings}, reply.tensors,
+                       reply.policy)
         except DjinnError as err:
-            log.info("%s failed: %s", message.op, err)
+            log.info("%s failed: %s", message.op, str(err)[:MAX_LOGGED_CHARS])
             sock.reply_error(incoming.peer, incoming.request_id, err)
             return
         except Exception as exc:  # a bug must not take the server down
             log.exception("%s raised", message.op)
-            sock.reply_error(incoming.peer, incoming.request_id, DjinnError(f"{message.op} failed on the server: {exc!r}"))
+            sock.reply_error(incoming.peer, incoming.request_id,
+                             DjinnError(f"{message.op} failed on the server: {type(exc).__name__} {quote(str(exc), 300)}"))
             return
-        finished = time.perf_counter()
-        timings = {"queue_ms": (started - incoming.received_at) * 1e3, "compute_ms": (finished - started) * 1e3,
-                   "request_payload_bytes": message.payload_bytes, "request_framing_bytes": message.framing_bytes}
-        sock.reply(incoming.peer, incoming.request_id, {**reply.args, "server": timings}, reply.tensors, reply.policy)
         self.requests_served += 1
 
     # -- ops -----------------------------------------------------------------------
     def hello(self, incoming: Incoming) -> Reply:
-        return Reply({"version": SERVER_VERSION, "device": str(self.device), "malloc_tuned": is_tuned(os.environ),
+        return Reply({"version": SERVER_VERSION, "instance": self.instance, "device": str(self.device),
+                      "malloc_tuned": is_tuned(os.environ),
                       "deterministic_kernels": deterministic_kernels(),
                       "budget_bytes": self.budget.limit_bytes, "ops": sorted(self.handlers)}, {})
 
     def stats(self, incoming: Incoming) -> Reply:
         counters = self.weights.counters
         memory = {**self.budget.summary(), "kv_host_bytes": self.sessions.host_bytes}
+        # A client sees the models it registered and its own sessions; memory, cache and paging
+        # figures are the server's totals (no fingerprint or handle of another client).
+        peer = incoming.peer
         return Reply({
             "memory": memory,
-            "sessions": len(self.sessions.sessions), "sessions_expired": self.sessions.expired,
+            "sessions": self.sessions.owned_by(peer), "sessions_expired": self.sessions.expired,
             "models": [{"fingerprint": m.fingerprint, "bytes": m.weight_bytes, "complete": m.complete,
-                        "sessions": m.users, "streamed": m.streamed, "device_bytes": m.device_bytes,
-                        "ring_bytes": m.ring_bytes, "stream": m.stream_stats()} for m in self.weights.models.values()],
+                        "sessions": m.users - (not m.complete), "streamed": m.streamed,
+                        "device_bytes": m.device_bytes, "ring_bytes": m.ring_bytes, "stream": m.stream_stats()}
+                       for m in self.weights.models.values() if peer in m.peers],
             "cache": {"hits": counters.hits, "misses": counters.misses, "evictions": counters.evictions,
                       "uploaded_bytes": counters.uploaded_bytes},
             "paging": self.sessions.summary(),
@@ -195,20 +289,15 @@ class Server:
 
     def register_model(self, incoming: Incoming) -> Reply:
         message = incoming.message
-        fingerprint = _arg(message, "model", str)
-        entries = []
-        for entry in _arg(message, "tensors", list):
-            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
-                    and isinstance(entry[2], list)):
-                raise BadRequest("each registered tensor must be [name, dtype, shape]")
-            entries.append(TensorEntry(entry[0], _dtype(entry[1]), tuple(entry[2])))
+        fingerprint = _fingerprint(message)
+        entries = _registered_tensors(message, self.sockets[0].limits)
         cached = self.weights.register(fingerprint, _arg(message, "config", dict), _dtype(message.args.get("dtype")),
-                                       entries)
+                                       entries, peer=incoming.peer)
         return Reply({"complete": cached.complete, "missing": cached.missing}, {})
 
     def upload_weights(self, incoming: Incoming) -> Reply:
         message = incoming.message
-        cached = self.weights.receive(_arg(message, "model", str), message.tensors)
+        cached = self.weights.receive(_fingerprint(message), message.tensors)
         return Reply({"complete": cached.complete, "missing_count": len(cached.missing)}, {})
 
     def forward(self, incoming: Incoming) -> Reply:
@@ -219,7 +308,7 @@ class Server:
         if weights:
             model, config = self.executor.skeleton(_arg(message, "config", dict), _dtype(message.args.get("dtype")))
         else:
-            cached = self.weights.get(_arg(message, "model", str))
+            cached = self.weights.get(_fingerprint(message))
             model, config = cached.model, cached.config
         pairs = [(message.tensors[k], message.tensors[v]) for k, v in kv.wire_names(config.num_hidden_layers)
                  if k in message.tensors and v in message.tensors]
@@ -232,7 +321,7 @@ class Server:
         return Reply({}, tensors)
 
     def open_session(self, incoming: Incoming) -> Reply:
-        cached = self.weights.get(_arg(incoming.message, "model", str))
+        cached = self.weights.get(_fingerprint(incoming.message))
         session = self.sessions.open(cached, incoming.peer)
         return Reply({"session": session.handle}, {})
 
@@ -269,8 +358,11 @@ class Server:
     def run_to_layer(self, incoming: Incoming) -> Reply:
         """A step parked after decoder layer N: only its activation comes back; the KV stays."""
         message = incoming.message
-        session = self.sessions.get(message.args.get("session"), message.args.get("model"))
+        session = self.sessions.get(message.args.get("session"), _fingerprint(message))
         layer = _arg(message, "layer", int)
+        if parked_room() == 0:  # refused before the step touches the session
+            raise LimitExceeded(f"{self.config.caps.parked} forwards are parked at breakpoints, the cap: "
+                                f"resume or cancel one first")
         activation = self.executor.run_to_layer(session, message.tensors.get("input_ids"), layer)
         return Reply({"layer": layer, "io_wait_ms": session.last_io_wait_ms},
                      {"activation": OutgoingTensor(activation, TensorKind.ACTIVATION)})
@@ -278,25 +370,25 @@ class Server:
     def resume(self, incoming: Incoming) -> Reply:
         """The parked step continues from layer N+1 with the client's activation; the logits come back."""
         message = incoming.message
-        session = self.sessions.get(message.args.get("session"), message.args.get("model"))
+        session = self.sessions.get(message.args.get("session"), _fingerprint(message))
         logits = self.executor.resume(session, message.tensors.get("activation"))
         return self._logits_reply(message, logits, {"length": session.length, "io_wait_ms": session.last_io_wait_ms})
 
     def cancel(self, incoming: Incoming) -> Reply:
         message = incoming.message
-        session = self.sessions.get(message.args.get("session"), message.args.get("model"))
+        session = self.sessions.get(message.args.get("session"), _fingerprint(message))
         self.executor.cancel(session)
         return Reply({"length": session.length}, {})
 
     def offload(self, incoming: Incoming) -> Reply:
         """Page a session's KV to host now (it comes back on its next request)."""
         message = incoming.message
-        session = self.sessions.get(message.args.get("session"), message.args.get("model"))
+        session = self.sessions.get(message.args.get("session"), _fingerprint(message))
         return Reply({"bytes": self.executor.offload(session)}, {})
 
     def session_stats(self, incoming: Incoming) -> Reply:
         message = incoming.message
-        session = self.sessions.get(message.args.get("session"), message.args.get("model"), touch=False)
+        session = self.sessions.get(message.args.get("session"), _fingerprint(message), touch=False)
         return Reply(session.summary(), {})
 
     def close_session(self, incoming: Incoming) -> Reply:

@@ -30,6 +30,7 @@ and then too every session, the failing one included, keeps its KV.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import secrets
 import time
@@ -41,7 +42,7 @@ import torch
 from transformers import DynamicCache
 
 from djinn import host_memory, kv
-from djinn.errors import BadRequest, OutOfMemory, SessionNotFound
+from djinn.errors import BadRequest, LimitExceeded, OutOfMemory, SessionNotFound
 from djinn.server.breakpoints import ParkedForward
 from djinn.server.device_budget import DeviceBudget
 from djinn.server.graphs import GraphDecoder, GraphSlots
@@ -59,6 +60,7 @@ MAX_OOM_RETRIES = 6
 # than letting the kernel's OOM killer end the server.
 HOST_FLOOR_FRACTION = 0.05
 HOST_FLOOR_MIN_BYTES = 1 << 30
+EXPIRY_SLACK = 64  # stale heap entries tolerated beside the live ones before a rebuild
 
 
 class SessionState(str, Enum):
@@ -153,6 +155,10 @@ class Session:
 
 
 class SessionStore:
+    # Caps on open sessions; the server sets its own (`ServerLimits`).
+    max_sessions: int = 4096
+    max_sessions_per_peer: int = 1024
+
     def __init__(self, ttl_s: float, where: str, budget: DeviceBudget, *, swap: bool,
                  host_limit_bytes: int | None = None, graphs: GraphSlots | None = None):
         self.ttl_s = ttl_s
@@ -166,6 +172,8 @@ class SessionStore:
         self.sessions: dict[str, Session] = {}
         self.expired = 0
         self.paging = PagingCounters()  # every session's, closed ones included
+        self._expiry: list[tuple[float, str]] = []  # (deadline, handle) heap of `expire`
+        self._by_owner: dict[bytes, set[str]] = {}  # handles each peer opened (closed ones pruned at its next open)
         budget.hold("kv", lambda: self.kv_bytes)
 
     @property
@@ -183,10 +191,27 @@ class SessionStore:
                 "sessions_paged": sum(1 for s in self.sessions.values() if s.host), **self.paging.as_dict()}
 
     def open(self, model: CachedModel, owner: bytes) -> Session:
-        session = Session(secrets.token_hex(8), model, owner)
+        """A new session of `model` for the peer `owner`, within the caps on sessions."""
+        if len(self.sessions) >= self.max_sessions:
+            raise LimitExceeded(f"{len(self.sessions)} sessions are open on {self.where}, the cap is "
+                                f"{self.max_sessions}: close some (or wait for idle ones to expire)")
+        mine = self._by_owner.setdefault(owner, set())
+        if len(mine) >= self.max_sessions_per_peer:  # forget the closed ones only now: amortised over the opens
+            mine.difference_update([h for h in mine if h not in self.sessions])
+        if len(mine) >= self.max_sessions_per_peer:
+            raise LimitExceeded(f"this connection holds {len(mine)} sessions on {self.where}, the cap per "
+                                f"connection is {self.max_sessions_per_peer}")
+        # 128 random bits: the handle is the capability that lets its holder use the session.
+        session = Session(secrets.token_hex(16), model, owner)
         self.sessions[session.handle] = session
+        mine.add(session.handle)
+        heapq.heappush(self._expiry, (session.last_used + self.ttl_s, session.handle))
         model.users += 1
         return session
+
+    def owned_by(self, owner: bytes) -> int:
+        """How many open sessions the peer holds."""
+        return len(self._by_owner.get(owner, set()) & self.sessions.keys())
 
     def get(self, handle: object, fingerprint: object, touch: bool = True) -> Session:
         """The session behind a handle; `touch` marks it used (for the TTL and the LRU order)."""
@@ -219,13 +244,35 @@ class SessionStore:
         session.model.users -= 1
 
     def expire(self, now: float | None = None) -> int:
+        """Close the sessions idle for longer than the TTL; how many.
+
+        The request loop calls this before every request, so it must not walk every session:
+        a heap holds one deadline per session (the last use it knew of + TTL). A deadline
+        that passed is checked against the session's real last use, and pushed again if the
+        session was used since; closed sessions' entries drop out as they come up, and the
+        heap is rebuilt when they outnumber the live ones.
+        """
         now = time.monotonic() if now is None else now
-        stale = [h for h, s in self.sessions.items() if now - s.last_used > self.ttl_s]
-        for handle in stale:
-            self.close(handle)
-            log.info("session %s expired after %.0f s idle", handle, self.ttl_s)
-        self.expired += len(stale)
-        return len(stale)
+        expired = 0
+        while self._expiry and self._expiry[0][0] < now:
+            _deadline, handle = heapq.heappop(self._expiry)
+            session = self.sessions.get(handle)
+            if session is None:
+                continue
+            if now - session.last_used > self.ttl_s:
+                self.close(handle)
+                expired += 1
+                log.info("session %s expired after %.0f s idle", handle[:8], self.ttl_s)
+            else:
+                heapq.heappush(self._expiry, (session.last_used + self.ttl_s, handle))
+        if len(self._expiry) > 2 * len(self.sessions) + EXPIRY_SLACK:  # and the per-peer sets likewise
+            self._expiry = [(s.last_used + self.ttl_s, h) for h, s in self.sessions.items()]
+            heapq.heapify(self._expiry)
+            self._by_owner = {}
+            for handle, session in self.sessions.items():
+                self._by_owner.setdefault(session.owner, set()).add(handle)
+        self.expired += expired
+        return expired
 
     def close_all(self) -> None:
         for handle in list(self.sessions):

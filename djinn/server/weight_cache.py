@@ -15,6 +15,7 @@ against the budget.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -24,8 +25,10 @@ from functools import cached_property
 import torch
 
 from djinn import models
-from djinn.errors import BadRequest, ModelNotFound, OutOfMemory, UploadIncomplete
+from djinn import host_memory
+from djinn.errors import BadRequest, LimitExceeded, ModelNotFound, OutOfMemory, UploadIncomplete, quote
 from djinn.server.device_budget import DeviceBudget
+from djinn.server.limits import ServerLimits, checked_config, implied_tensors
 from djinn.server.streamer import (ALIGNMENT, RingTooSmall, StreamingHandle, find_decoder_layers, fits_in_budget,
                                    stream_model)
 from djinn.units import gib, human
@@ -50,10 +53,12 @@ class CachedModel:
     weight_bytes: int
     digests: dict[str, bytes] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
-    users: int = 0  # open sessions
+    users: int = 0  # open sessions, and one while its upload is in progress
     streamed_bytes: int = 0  # weights kept in host memory and streamed through the ring; 0: all resident
     ring_bytes: int = 0  # capacity of the device ring the streamed layers run through
     stream: StreamingHandle | None = None  # installed when a streamed model's upload completes
+    config_key: str = ""  # the registered config, canonical: a re-register must match it
+    peers: set[bytes] = field(default_factory=set)  # connections that registered it: what `stats` shows them
 
     # Read on every session request's admission; a config's attribute lookups cost
     # microseconds each, inside the request's IO wait.
@@ -112,6 +117,8 @@ class CacheCounters:
 
 
 class WeightCache:
+    limits: ServerLimits = ServerLimits()  # the server sets its own
+
     def __init__(self, budget: DeviceBudget, ring_bytes: int = 0):
         self.budget = budget
         self.device = budget.device
@@ -125,20 +132,32 @@ class WeightCache:
         return sum(m.device_bytes for m in self.models.values())
 
     def register(self, fingerprint: str, config_values: dict, dtype: torch.dtype,
-                 entries: list[TensorEntry]) -> CachedModel:
-        """The cached model, or a new empty one awaiting its weights."""
+                 entries: list[TensorEntry], peer: bytes = b"") -> CachedModel:
+        """The cached model, or a new empty one awaiting its weights.
+
+        The declared tensors must be exactly those the config implies (checked on a meta
+        skeleton, before anything is allocated), so a model is complete only when all of
+        them arrived. A fingerprint already here must come with the config and dtype it was
+        registered with: the fingerprint covers the weights, not the config that runs them.
+        """
         cached = self.models.get(fingerprint)
         if cached is not None:
+            _same_registration(cached, config_values, dtype, entries)
             if cached.complete:
                 self.counters.hits += 1
             cached.last_used = time.monotonic()
+            cached.peers.add(peer)
             return cached
+        what = f"model {fingerprint}"
+        config = checked_config(config_values, self.limits, what)
+        expected = _expected_entries(config, dtype, entries, what)
+        in_progress = sum(1 for m in self.models.values() if not m.complete)
+        if in_progress >= self.limits.max_uploads:
+            raise LimitExceeded(f"{what}: {in_progress} uploads are in progress, the cap is "
+                                f"{self.limits.max_uploads}; retry when one completes or expires "
+                                f"({self.limits.upload_ttl_s:.0f} s idle)")
         self.counters.misses += 1
-        try:
-            config = models.config_from_dict(config_values)
-        except Exception as exc:
-            raise BadRequest(f"model {fingerprint}: config is not a HuggingFace config: {exc}") from None
-        weight_bytes = sum(math.prod(e.shape) * e.dtype.itemsize for e in entries)
+        weight_bytes = sum(math.prod(e.shape) * e.dtype.itemsize for e in expected.values())
         streamed_bytes = 0
         if fits_in_budget(weight_bytes, self.budget.limit_bytes):
             self._make_room(weight_bytes, fingerprint)
@@ -148,41 +167,46 @@ class WeightCache:
                 raise OutOfMemory(f"model {fingerprint} ({gib(weight_bytes)}) does not fit on {self.device}: "
                                   f"{exc}") from None
         else:
+            _check_host_memory(weight_bytes, what)
             model, streamed_bytes = self._host_model_to_stream(fingerprint, config, dtype, weight_bytes)
-        state = model.state_dict()
-        for entry in entries:
-            target = state.get(entry.name)
-            if target is None or tuple(target.shape) != entry.shape or target.dtype != entry.dtype:
-                raise BadRequest(f"model {fingerprint}: tensor {entry.name!r} {entry.dtype} {list(entry.shape)} "
-                                 f"does not match the config's architecture")
-        cached = CachedModel(fingerprint, model, config, dtype, {e.name: e for e in entries}, weight_bytes,
-                             streamed_bytes=streamed_bytes, ring_bytes=self.ring_bytes if streamed_bytes else 0)
+        cached = CachedModel(fingerprint, model, config, dtype, expected, weight_bytes,
+                             streamed_bytes=streamed_bytes, ring_bytes=self.ring_bytes if streamed_bytes else 0,
+                             config_key=_config_key(config_values), peers={peer})
+        cached.users += 1  # the upload in progress holds the model: eviction skips it until complete
         self.models[fingerprint] = cached
-        log.info("registered model %s: %d tensors, %s, awaiting upload", fingerprint, len(entries), human(weight_bytes))
+        log.info("registered model %s: %d tensors, %s, awaiting upload", fingerprint, len(expected), human(weight_bytes))
         return cached
 
     def receive(self, fingerprint: str, tensors: dict[str, torch.Tensor]) -> CachedModel:
-        """Copy a chunk of uploaded weights into the model; verify the fingerprint when whole."""
+        """Copy a chunk of uploaded weights into the model; verify the fingerprint when whole.
+
+        Every tensor of the chunk is checked before any is written, and a complete model
+        (which sessions may be decoding with) is never written again."""
         cached = self.models.get(fingerprint)
         if cached is None:
             raise ModelNotFound(f"model {fingerprint} is not registered: register it before uploading")
+        if cached.complete:
+            raise BadRequest(f"model {fingerprint} is complete and immutable: nothing more to upload")
+        for name, tensor in tensors.items():
+            entry = cached.expected.get(name)
+            if entry is None:
+                raise BadRequest(f"model {fingerprint} has no tensor {quote(name)}")
+            if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
+                raise BadRequest(f"tensor {quote(name)}: got {tensor.dtype} {list(tensor.shape)}, "
+                                 f"registered {entry.dtype} {list(entry.shape)}")
         state = cached.model.state_dict()
         with torch.no_grad():
             for name, tensor in tensors.items():
-                entry = cached.expected.get(name)
-                if entry is None:
-                    raise BadRequest(f"model {fingerprint} has no tensor {name!r}")
-                if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
-                    raise BadRequest(f"tensor {name!r}: got {tensor.dtype} {list(tensor.shape)}, "
-                                     f"registered {entry.dtype} {list(entry.shape)}")
                 state[name].copy_(tensor)
                 cached.digests[name] = models.tensor_digest(name, tensor)
                 self.counters.uploaded_bytes += tensor.numel() * tensor.element_size()
+        cached.last_used = time.monotonic()
         if cached.complete:
             actual = models.combine_digests(cached.digests)
             if actual != fingerprint:
-                del self.models[fingerprint]
+                self._drop_upload(cached, "its weights hash to another fingerprint")
                 raise BadRequest(f"uploaded weights hash to {actual}, not the registered fingerprint {fingerprint}")
+            cached.users -= 1  # the upload's hold
             if cached.streamed:
                 self._start_streaming(cached)
             log.info("model %s complete and cached", fingerprint)
@@ -197,6 +221,20 @@ class WeightCache:
                                    f"tensors not uploaded yet")
         cached.last_used = time.monotonic()
         return cached
+
+    def expire_uploads(self, now: float | None = None) -> int:
+        """Free the models whose upload sent nothing for `upload_ttl_s` (a client that gave up); how many."""
+        now = time.monotonic() if now is None else now
+        stale = [m for m in self.models.values()
+                 if not m.complete and now - m.last_used > self.limits.upload_ttl_s]
+        for cached in stale:
+            self._drop_upload(cached, f"its upload sent nothing for {self.limits.upload_ttl_s:.0f} s")
+        return len(stale)
+
+    def _drop_upload(self, cached: CachedModel, why: str) -> None:
+        del self.models[cached.fingerprint]
+        cached.release()
+        log.warning("dropped the partial upload of model %s: %s", cached.fingerprint, why)
 
     def _make_room(self, weight_bytes: int, fingerprint: str) -> None:
         """Evict models no session uses, least recently used first, until `weight_bytes` fit the budget."""
@@ -274,6 +312,50 @@ def _host_skeleton(config, dtype: torch.dtype, device: torch.device) -> torch.nn
                                                                  requires_grad=param.requires_grad)
                 module._parameters[name] = materialised[id(param)]
     return model.eval()
+
+
+def _config_key(values: dict) -> str:
+    # transformers writes its own version into every config: two clients on different
+    # releases still register the same model.
+    return json.dumps({k: v for k, v in values.items() if k != "transformers_version"}, sort_keys=True, default=str)
+
+
+def _same_registration(cached: CachedModel, config_values: object, dtype: torch.dtype,
+                       entries: list[TensorEntry]) -> None:
+    if dtype != cached.dtype or not isinstance(config_values, dict) or _config_key(config_values) != cached.config_key:
+        raise BadRequest(f"model {cached.fingerprint} is registered here with another config or dtype "
+                         f"({cached.dtype}); the same weights under a different config would compute "
+                         f"something else")
+    if len(entries) != len(cached.expected) or any(cached.expected.get(e.name) != e for e in entries):
+        raise BadRequest(f"model {cached.fingerprint}: the declared tensors are not the {len(cached.expected)} "
+                         f"the config implies (not declared, or other shapes)")
+
+
+def _expected_entries(config, dtype: torch.dtype, entries: list[TensorEntry], what: str) -> dict[str, TensorEntry]:
+    """The declared tensors, when they are exactly the config's; a register with fewer
+    (`tensors: []` once completed at once and served zeros) or other ones is refused."""
+    implied = implied_tensors(config, dtype, what)
+    declared = {e.name: e for e in entries}
+    if len(declared) != len(entries):
+        raise BadRequest(f"{what}: a tensor is declared twice")
+    for entry in entries:
+        if implied.get(entry.name) != (entry.dtype, entry.shape):
+            raise BadRequest(f"{what}: tensor {quote(entry.name)} {entry.dtype} {list(entry.shape)} "
+                             f"does not match the config's architecture")
+    missing = [name for name in implied if name not in declared]
+    if missing:
+        raise BadRequest(f"{what}: {len(missing)} tensors the config implies are not declared "
+                         f"(first: {quote(missing[0])}); a register declares every tensor of the model")
+    return declared
+
+
+def _check_host_memory(weight_bytes: int, what: str) -> None:
+    """A streamed model keeps its weights in host memory: refused when they do not fit
+    (a 48.5 GiB model had been accepted on a 23 GiB host)."""
+    available = host_memory.available_bytes()
+    if weight_bytes > available:
+        raise OutOfMemory(f"{what}: its {weight_bytes / 2**30:.2f} GiB of weights stream from host memory, "
+                          f"which has {available / 2**30:.2f} GiB available")
 
 
 def _aligned(nbytes: int) -> int:

@@ -9,6 +9,7 @@ land chosen raw tensor frames straight in memory of its own (`Landing`).
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import time
@@ -19,16 +20,26 @@ from typing import Any, Callable, Iterable, Mapping
 import msgpack
 import torch
 import zmq
+import zmq.utils.monitor
 
-from djinn.errors import DjinnError, DjinnTimeout, from_wire
+from djinn.errors import (DjinnError, DjinnTimeout, FrameMismatch, ModelNotFound, ServerLost, ServerRestarted,
+                          SessionNotFound, Unauthenticated, from_wire, quote)
 from djinn.transport.codecs import Codec, CodecPolicy
 from djinn.transport.counters import ByteCounters
+from djinn.transport.security import ClientSecurity, ServerSecurity
 from djinn.transport.wire import (DTYPES, ERROR_OP, REPLY_OP, Header, Landed, Limits, Message, OutgoingTensor,
-                                  TensorSpec, assemble, decode_message, declared_bytes, encode_message,
-                                  frame_byte_counts, read_header)
+                                  TensorSpec, assemble, decode_message, encode_message, header_from, length_byte_counts,
+                                  request_id_of, unpack_header)
+
+log = logging.getLogger("djinn.transport")
 
 DEFAULT_TIMEOUT_S = 120.0
+HELLO_TIMEOUT_S = 2.0  # `connect` confirms the server this fast; the long timeout is for requests
+LINK_CHECK_S = 1.0  # a late reply's wait looks at the connection this often (a dead server: ServerLost)
+STALLED_WAIT_S = 2.0  # after a timeout, how long a request waits for any sign of life before failing the same way
+GONE_CODES = (SessionNotFound.code, ModelNotFound.code)  # what a restarted server says of the old one's state
 UNKNOWN_REQUEST_ID = -1  # error replies to a message whose header could not be read
+MAX_ERROR_CHARS = 2000  # of an error reply's message
 SOCKET_BUFFER_BYTES = 8 << 20  # larger kernel buffers lift loopback throughput for big frames
 SPIN_ENV = "DJINN_SPIN_US"  # microseconds a receive polls before it sleeps; overrides the default below
 SPIN_US = 200  # about one loopback round trip: a reply later than that is not worth a core
@@ -56,8 +67,27 @@ def spin_seconds(environ: Mapping[str, str] = os.environ, cores: int | None = No
 
 
 def endpoint(address: str) -> str:
-    """`host:port` becomes `tcp://host:port`; full ZeroMQ endpoints pass through."""
-    return address if "://" in address else f"tcp://{address}"
+    """`host:port` becomes `tcp://host:port`; ZeroMQ endpoints pass through once checked.
+
+    Checked here because libzmq's own answer to a malformed address is an EINVAL without
+    the address, or (for "localhost" without a port) a connect that never completes."""
+    if not isinstance(address, str) or not address:
+        raise ValueError(f"a server address is a non-empty 'host:port' string, got {address!r}")
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "tcp", address
+    if scheme in ("ipc", "inproc"):
+        if not rest:
+            raise ValueError(f"address {address!r} names no {scheme} path")
+        return f"{scheme}://{rest}"
+    if scheme != "tcp":
+        raise ValueError(f"address {address!r}: unsupported transport {scheme!r} (tcp, ipc or inproc)")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"address {address!r} needs a host and a port, as in 'localhost:5556'")
+    if port != "*" and not (port.isdigit() and 0 <= int(port) <= 65535):
+        raise ValueError(f"address {address!r}: port {port!r} is not a number from 0 to 65535")
+    return f"tcp://{rest}"
 
 
 def _tune(sock: zmq.Socket, limits: Limits) -> None:
@@ -133,20 +163,69 @@ class _Receiver:
                     return None
 
 
+class _Link:
+    """What the client socket's monitor said about its connection: up or down, and why a
+    handshake failed. Read only when a reply is late, so a prompt round trip pays nothing."""
+
+    FAILED = {getattr(zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL", 0): "handshake failed",
+              getattr(zmq, "EVENT_HANDSHAKE_FAILED_PROTOCOL", 0): "protocol or mechanism mismatch",
+              getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0): "credentials refused"}
+
+    def __init__(self, sock: zmq.Socket):
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        for event in self.FAILED:
+            events |= event
+        self._monitor = sock.get_monitor_socket(events)
+        self.up = False
+        self.drops = 0  # disconnections after a completed handshake
+        self.refused: str | None = None  # why the last handshake failed, until one succeeds
+
+    def update(self) -> None:
+        while True:
+            try:
+                event = zmq.utils.monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.up, self.refused = True, None
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.drops += self.up
+                self.up = False
+            elif event in self.FAILED:
+                self.up, self.refused = False, self.FAILED[event]
+
+    def close(self) -> None:
+        self._monitor.close(linger=0)
+
+
 class ClientConnection:
-    """One client's connection to a server: request → reply, with counters."""
+    """One client's connection to a server: request → reply, with counters.
+
+    A server that stops answering is reported once: a request whose connection drops
+    (the process exited) fails within about `LINK_CHECK_S` with `ServerLost`, one that
+    gets no reply within its timeout with `DjinnTimeout`; either names the request. Until
+    the server answers again, later requests (a `close_session` on the way out) raise that
+    same error at once (`ServerLost`: while the connection is down) or after
+    `STALLED_WAIT_S` (`DjinnTimeout`), instead of waiting a second full timeout.
+    """
 
     def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, auth_token: str | None = None,
-                 limits: Limits = Limits(), policy: CodecPolicy = CodecPolicy(), context: zmq.Context | None = None):
+                 limits: Limits = Limits(), policy: CodecPolicy = CodecPolicy(), context: zmq.Context | None = None,
+                 security: ClientSecurity | None = None):
         self.address = endpoint(address)
         self.timeout_s = timeout_s
         self.auth_token = auth_token
         self.limits = limits
         self.policy = policy
         self.counters = ByteCounters()
+        self.server_instance: str | None = None  # from `hello`: which server process answered
         self._ids = itertools.count(1)
+        self._failed: DjinnError | None = None  # the error that said the server stopped answering
         self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         _tune(self._socket, limits)
+        if security is not None:  # the handshake's credentials; `auth_token` alone goes in headers only
+            security.apply(self._socket)
+        self._link = _Link(self._socket)
         self._socket.connect(self.address)
         self._receiver = _Receiver(self._socket, spin_seconds())
 
@@ -154,30 +233,88 @@ class ClientConnection:
                 tensors: Mapping[str, Any] | None = None, *, timeout_s: float | None = None,
                 policy: CodecPolicy | None = None) -> Message:
         """Send one request and wait for its reply; error replies raise their `DjinnError`."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        failed = self._failed
+        if isinstance(failed, ServerLost):
+            self._link.update()
+            if not self._link.up:
+                raise failed  # the same report, naming the request that found the server gone
         request_id = next(self._ids)
         header = Header(op, request_id, args=dict(args or {}), auth=self.auth_token)
         frames, payload, framing = encode_message(header, tensors, policy or self.policy)
         _send_frames(self._socket, frames)
         self.counters.count_sent(payload, framing)
-        reply = self._receive(op, request_id, self.timeout_s if timeout_s is None else timeout_s)
+        reply = self._receive(op, request_id, timeout_s, stalled=failed if isinstance(failed, DjinnTimeout) else None)
+        self._failed = None
         if reply.op == ERROR_OP:
-            raise from_wire(str(reply.args.get("code")), str(reply.args.get("message")))
+            error = from_wire(str(reply.args.get("code")), str(reply.args.get("message")))
+            if error.code in GONE_CODES and op != "hello":
+                self._check_restart(error)
+            raise error
         return reply
 
-    def _receive(self, op: str, request_id: int, timeout_s: float) -> Message:
-        deadline = time.monotonic() + timeout_s
+    def _receive(self, op: str, request_id: int, timeout_s: float, stalled: DjinnError | None = None) -> Message:
+        """The reply to `request_id` within `timeout_s`; while `stalled` (an earlier request's
+        timeout), within STALLED_WAIT_S of any message arriving, else `stalled` again."""
+        deadline = time.monotonic() + (min(timeout_s, STALLED_WAIT_S) if stalled is not None else timeout_s)
         while True:
-            remaining_ms = math.ceil(max(0.0, deadline - time.monotonic()) * 1000)  # never wake before the deadline
-            frames = self._receiver.within(remaining_ms)
+            remaining_s = max(0.0, deadline - time.monotonic())
+            # never wake before the deadline; wake every LINK_CHECK_S to see whether the link dropped
+            frames = self._receiver.within(math.ceil(min(remaining_s, LINK_CHECK_S) * 1000))
             if frames is None:
-                raise DjinnTimeout(f"no reply to '{op}' from {self.address} within {timeout_s:.1f} s")
+                self._link.update()
+                if self._link.refused:
+                    raise Unauthenticated(f"{self.address} refused this client in the ZeroMQ handshake "
+                                          f"({self._link.refused}): wrong or missing token, or a CURVE key "
+                                          f"it does not allow")
+                if self._link.drops and not self._link.up:
+                    self._failed = ServerLost(f"the connection to {self.address} dropped while '{op}' waited for "
+                                              f"its reply: the server exited or restarted, and its sessions and "
+                                              f"cached models with it")
+                    raise self._failed
+                if remaining_s > LINK_CHECK_S:
+                    continue
+                if stalled is not None:
+                    self._failed = stalled
+                    raise stalled  # the server has not answered since: the first report stands
+                self._failed = DjinnTimeout(f"no reply to '{op}' from {self.address} within {timeout_s:.1f} s")
+                raise self._failed
+            if stalled is not None:  # a reply, late or not: the server answers again, the full timeout applies
+                deadline, stalled = time.monotonic() + timeout_s, None
             reply = decode_message(frames, (REPLY_OP, ERROR_OP), self.limits)
             self.counters.count_received(reply.payload_bytes, reply.framing_bytes)
             if reply.header.request_id in (request_id, UNKNOWN_REQUEST_ID):
                 return reply
             # A late reply to a request that already timed out: not ours to return.
 
+    def hello(self, timeout_s: float) -> dict:
+        """The server's `hello`, within `timeout_s`; remembers which server process answered."""
+        args = dict(self.request("hello", timeout_s=timeout_s).args)
+        self.server_instance = args.get("instance")
+        return args
+
+    def reconnect(self, timeout_s: float) -> dict:
+        """`hello` again after the server stopped answering: the failure that made later
+        requests fail at once is forgotten, and the server gets `timeout_s` to answer."""
+        self._failed = None
+        return self.hello(timeout_s)
+
+    def _check_restart(self, error: DjinnError) -> None:
+        """A session or model unknown to a server that restarted since `hello`: say so."""
+        before = self.server_instance
+        if before is None:
+            return
+        try:
+            now = self.hello(HELLO_TIMEOUT_S).get("instance")
+        except DjinnError:
+            return
+        if now != before:
+            raise ServerRestarted(f"the server at {self.address} restarted (instance {before} is now {now}): "
+                                  f"its sessions and cached models are gone ({error}); load the model again "
+                                  f"to register and upload it") from error
+
     def close(self) -> None:
+        self._link.close()
         self._socket.close(linger=0)
 
     def __enter__(self) -> "ClientConnection":
@@ -197,6 +334,30 @@ class Incoming:
     request_id: int = UNKNOWN_REQUEST_ID
 
 
+class _Reading:
+    """The frames of the message being received: their lengths (for the counters) and
+    whether more follow, so that a rejected or failed message is consumed to its end."""
+
+    def __init__(self, routing_frame: zmq.Frame):
+        self.last = routing_frame
+        self.frames: list[int] = []  # lengths of the frames after the routing id
+        self.request_id: int | None = None
+
+    def next(self, sock: zmq.Socket) -> zmq.Frame:
+        self.last = sock.recv(copy=False)
+        self.frames.append(len(self.last))
+        return self.last
+
+    def landed(self, received: int, more: bool) -> None:
+        self.frames.append(received)
+        self.last = _LandedFrame(bool(more))
+
+
+@dataclass(frozen=True)
+class _LandedFrame:
+    more: bool
+
+
 class ServerSocket:
     """The server's ROUTER socket: validated requests in, replies out, counters per peer.
 
@@ -207,7 +368,8 @@ class ServerSocket:
     """
 
     def __init__(self, address: str, known_ops: Iterable[str], *, limits: Limits = Limits(),
-                 auth_token: str | None = None, context: zmq.Context | None = None, landing: Landing | None = None):
+                 auth_token: str | None = None, context: zmq.Context | None = None, landing: Landing | None = None,
+                 security: ServerSecurity | None = None, queued_replies: int | None = None):
         self.known_ops = frozenset(known_ops)
         self.limits = limits
         self.auth_token = auth_token
@@ -215,6 +377,12 @@ class ServerSocket:
         self.counters: defaultdict[bytes, ByteCounters] = defaultdict(ByteCounters)  # setdefault built a spare per message
         self._socket = (context or zmq.Context.instance()).socket(zmq.ROUTER)
         _tune(self._socket, limits)
+        if queued_replies is not None:
+            # Replies queued for a peer that does not read them: past this many, ROUTER drops
+            # the next ones instead of holding them (+1.5 GB for a client that never read).
+            self._socket.setsockopt(zmq.SNDHWM, queued_replies)
+        if security is not None:
+            security.apply(self._socket)
         self._socket.bind(endpoint(address))
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._receiver = _Receiver(self._socket, spin_seconds())
@@ -225,59 +393,64 @@ class ServerSocket:
         return self._socket
 
     def receive(self, timeout_ms: int) -> Incoming | None:
-        """The next request, or None when none came within the timeout."""
-        peer = self._receiver.first(timeout_ms)
-        if peer is None:
-            return None
-        if self.landing is not None and peer.more:
-            head = self._socket.recv(copy=False)
-            if head.more:
-                return self._receive_landing(peer.bytes, head)
-            frames = [head]
-        else:
-            frames = self._receiver.rest(peer)
-        now = time.perf_counter()
-        try:
-            message = decode_message(frames, self.known_ops, self.limits, self.auth_token)
-        except DjinnError as err:
-            return self._rejected(peer.bytes, now, frames, err)
-        return self._accepted(peer.bytes, now, message)
+        """The next request, or None when none came within the timeout.
 
-    def _receive_landing(self, peer_id: bytes, head: zmq.Frame) -> Incoming:
-        """The tensor frames after the header frame `head`, landed where the landing says."""
+        Never raises for what a peer sent: a malformed or unauthenticated message becomes
+        an `Incoming` with its error, and a failure of this code itself one with an
+        `internal` error (logged with its traceback); either way every frame of the
+        message is consumed, so the next one starts clean.
+        """
+        first = self._receiver.first(timeout_ms)
+        if first is None:
+            return None
+        reading = _Reading(first)
         try:
-            header = read_header(head.buffer, self.known_ops, self.limits, self.auth_token)
-            targets = self._landing_targets(header)
+            return self._receive_message(first.bytes, reading)
+        except Exception as exc:  # a bug here must not end the request loop
+            log.exception("receiving a request failed")
+            self._discard_rest(reading)
+            error = DjinnError(f"the server failed reading this request: {type(exc).__name__} {quote(str(exc), 200)}")
+            return self._rejected(first.bytes, time.perf_counter(), reading.frames, error, reading.request_id)
+
+    def _receive_message(self, peer_id: bytes, reading: "_Reading") -> Incoming:
+        if not reading.last.more:  # a DEALER never sends an empty message; a raw peer might
+            return self._rejected(peer_id, time.perf_counter(), [], FrameMismatch("empty message"), UNKNOWN_REQUEST_ID)
+        head = reading.next(self._socket)
+        try:
+            raw = unpack_header(head.buffer, self.limits)
+            reading.request_id = request_id_of(raw)
+            # The token first: nothing else of an unauthenticated header is read or answered.
+            header = header_from(raw, self.known_ops, self.limits, self.auth_token)
+            targets = self._landing_targets(header) if self.landing is not None and head.more else []
         except DjinnError as err:
-            frames = [head, *self._receiver.rest(head)]
-            return self._rejected(peer_id, time.perf_counter(), frames, err)
-        bodies, more = [], True
-        while more:  # every frame is received, however many the header declared: the next message starts clean
+            self._discard_rest(reading)
+            return self._rejected(peer_id, time.perf_counter(), reading.frames, err, reading.request_id)
+        bodies = []
+        while reading.last.more:  # every frame is received, however many the header declared
             target = targets[len(bodies)] if len(bodies) < len(targets) else None
             if target is None:
-                frame = self._socket.recv(copy=False)
-                bodies.append(frame.buffer)
-                more = frame.more
+                bodies.append(reading.next(self._socket).buffer)
             else:
                 # A frame of another length is truncated or short here; `assemble` rejects it by its length.
                 received = self._socket.recv_into(target.view(-1).view(torch.uint8).numpy())
+                reading.landed(received, self._socket.getsockopt(zmq.RCVMORE))
                 bodies.append(Landed(target, received))
-                more = self._socket.getsockopt(zmq.RCVMORE)
         now = time.perf_counter()
         try:
-            message = assemble(header, head.buffer, bodies, self.limits)
+            message = assemble(header, head.buffer, bodies)
         except DjinnError as err:
-            return self._rejected(peer_id, now, [head, *bodies], err)
+            return self._rejected(peer_id, now, reading.frames, err, reading.request_id)
         return self._accepted(peer_id, now, message)
+
+    def _discard_rest(self, reading: "_Reading") -> None:
+        while reading.last.more:
+            reading.next(self._socket)
 
     def _landing_targets(self, header: Header) -> list[torch.Tensor | None]:
         """Per tensor frame, the tensor of its dtype and shape to receive it into, or None.
 
-        Compressed frames are decoded from their frame, so only raw ones land; and none in a
-        message over the size limit, since landing allocates before `assemble` checks it.
+        Compressed frames are decoded from their frame, so only raw ones land.
         """
-        if declared_bytes(header) > self.limits.max_message_bytes:
-            return []
         try:
             return [self._land(spec) if spec.codec is Codec.RAW else None for spec in header.tensors]
         except Exception as exc:  # the landing is the server's code: its failure fails the request, not the server
@@ -298,9 +471,12 @@ class ServerSocket:
         self.counters[peer_id].count_received(message.payload_bytes, message.framing_bytes)
         return Incoming(peer_id, received_at, message=message, request_id=message.header.request_id)
 
-    def _rejected(self, peer_id: bytes, received_at: float, frames: list, error: DjinnError) -> Incoming:
-        self.counters[peer_id].count_received(*frame_byte_counts(frames))
-        return Incoming(peer_id, received_at, error=error, request_id=self._salvage_request_id(frames))
+    def _rejected(self, peer_id: bytes, received_at: float, frame_lengths: list[int], error: DjinnError,
+                  request_id: int | None) -> Incoming:
+        payload, framing = length_byte_counts(frame_lengths)
+        self.counters[peer_id].count_received(payload, framing)
+        return Incoming(peer_id, received_at, error=error,
+                        request_id=UNKNOWN_REQUEST_ID if request_id is None else request_id)
 
     def reply(self, peer: bytes, request_id: int, args: Mapping[str, Any] | None = None,
               tensors: Mapping[str, Any] | None = None, policy: CodecPolicy = CodecPolicy()) -> tuple[int, int]:
@@ -309,7 +485,8 @@ class ServerSocket:
         return payload, framing
 
     def reply_error(self, peer: bytes, request_id: int, error: DjinnError) -> None:
-        header = Header(ERROR_OP, request_id, args={"code": error.code, "message": str(error)})
+        # Messages quote what a peer sent only briefly; this bounds one that slipped through.
+        header = Header(ERROR_OP, request_id, args={"code": error.code, "message": str(error)[:MAX_ERROR_CHARS]})
         frames, payload, framing = encode_message(header)
         self._send(peer, frames, payload, framing)
 
@@ -317,18 +494,6 @@ class ServerSocket:
         self._socket.send(peer, zmq.SNDMORE)
         _send_frames(self._socket, frames)
         self.counters[peer].count_sent(payload, framing)
-
-    def _salvage_request_id(self, frames: list) -> int:
-        # An error reply is only useful if the client can match it to its request.
-        if not frames or len(frames[0].buffer) > self.limits.max_header_bytes:
-            return UNKNOWN_REQUEST_ID
-        try:
-            raw = msgpack.unpackb(frames[0].buffer, raw=False)
-        except Exception:  # garbage header: nothing to salvage
-            return UNKNOWN_REQUEST_ID
-        request_id = raw.get("id") if isinstance(raw, dict) else None
-        valid = isinstance(request_id, int) and not isinstance(request_id, bool)
-        return request_id if valid else UNKNOWN_REQUEST_ID
 
     def close(self) -> None:
         self._socket.close(linger=0)

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 import msgpack
 import torch
 
-from djinn.errors import BadHeader, FrameMismatch, TooLarge, Unauthenticated, UnknownOp, UnsupportedVersion
+from djinn.errors import BadHeader, FrameMismatch, TooLarge, Unauthenticated, UnknownOp, UnsupportedVersion, quote
 from djinn.transport import codecs
 from djinn.transport.codecs import Codec, CodecPolicy, TensorKind
 
@@ -32,6 +32,12 @@ DTYPES: dict[str, torch.dtype] = {
     "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# Header bounds beside `Limits`: no legitimate header holds a string or byte field over
+# 64 KiB (a config's longest value is a few hundred bytes), a map of more than 4096
+# entries, or a tensor name longer than a module path.
+MAX_STR_BYTES = 64 << 10
+MAX_MAP_LEN = 4096
+MAX_NAME_CHARS = 512
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,11 @@ def encode_message(header: Header, tensors: Mapping[str, torch.Tensor | Outgoing
 
 def frame_byte_counts(frames) -> tuple[int, int]:
     """Payload (tensor frames) and framing (header frame + ZMTP prefixes) bytes of one message."""
-    lengths = [len(f) for f in frames]
+    return length_byte_counts([len(f) for f in frames])
+
+
+def length_byte_counts(lengths: list[int]) -> tuple[int, int]:
+    """`frame_byte_counts` of frames of these lengths, header frame first."""
     return sum(lengths[1:]), sum(lengths[:1]) + sum(zmtp_prefix_bytes(n) for n in lengths)
 
 
@@ -144,28 +154,58 @@ def _field(raw: Mapping, key: str, types, what: str):
 
 
 def _enum(cls, value, what: str):
-    try:
-        return cls(value)
-    except ValueError:
-        raise BadHeader(f"unknown {what} {value!r}; known: {', '.join(m.value for m in cls)}") from None
+    # A list or dict is unhashable: `cls(value)` would raise TypeError, not ValueError.
+    if not isinstance(value, str) or value not in cls._value2member_map_:
+        raise BadHeader(f"unknown {what} {quote(value)}; known: {', '.join(m.value for m in cls)}")
+    return cls(value)
 
 
-def parse_header(frame, known_ops: Iterable[str], limits: Limits) -> Header:
+def unpack_header(frame, limits: Limits) -> dict:
+    """The header frame as a map, unpacked within the limits and nothing else looked at."""
     if len(frame) > limits.max_header_bytes:
         raise TooLarge(f"header of {len(frame)} bytes exceeds the {limits.max_header_bytes}-byte limit")
     try:
-        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True,
-                              max_array_len=limits.max_tensors * 8, max_map_len=4096)
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_array_len=limits.max_tensors * 8,
+                              max_map_len=MAX_MAP_LEN, max_str_len=MAX_STR_BYTES, max_bin_len=MAX_STR_BYTES,
+                              max_ext_len=0)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise BadHeader(f"header frame is not valid msgpack: {exc}") from None
+        raise BadHeader(f"header frame is not valid msgpack: {quote(str(exc))}") from None
     if not isinstance(raw, dict):
         raise BadHeader(f"header must be a map, got {type(raw).__name__}")
+    return raw
+
+
+def request_id_of(raw: Mapping) -> int | None:
+    """The header's request id when it is a valid one: error replies carry it so the client can match them."""
+    value = raw.get("id")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def check_auth(raw: Mapping, auth_token: str | None) -> None:
+    """With a token, the header must carry it: checked before any other field is read."""
+    if auth_token is None:
+        return
+    auth = raw.get("auth")
+    given = auth.encode() if isinstance(auth, str) else b""
+    if not hmac.compare_digest(given, auth_token.encode()):
+        raise Unauthenticated("missing or wrong auth token")
+
+
+def parse_header(frame, known_ops: Iterable[str], limits: Limits, auth_token: str | None = None) -> Header:
+    """A validated (and, with a token, authenticated) header frame; nothing of an
+    unauthenticated one is parsed beyond the map that carries its token."""
+    return header_from(unpack_header(frame, limits), known_ops, limits, auth_token)
+
+
+def header_from(raw: Mapping, known_ops: Iterable[str], limits: Limits, auth_token: str | None = None) -> Header:
+    check_auth(raw, auth_token)
     version = _field(raw, "v", int, "the protocol version")
     if version != PROTOCOL_VERSION:
-        raise UnsupportedVersion(f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")
+        raise UnsupportedVersion(f"protocol version {quote(version)} is not supported "
+                                 f"(this side speaks {PROTOCOL_VERSION})")
     op = _field(raw, "op", str, "the op name")
     if op not in known_ops:
-        raise UnknownOp(f"unknown op {op!r}")
+        raise UnknownOp(f"unknown op {quote(op)}")
     request_id = _field(raw, "id", int, "the request id")
     args = _field(raw, "args", dict, "a map of arguments")
     auth = raw.get("auth")
@@ -177,32 +217,48 @@ def parse_header(frame, known_ops: Iterable[str], limits: Limits) -> Header:
     specs = tuple(_parse_spec(e, limits) for e in entries)
     if len({s.name for s in specs}) != len(specs):  # tensors are keyed by name: a duplicate would drop a frame
         raise BadHeader("tensor names must be unique")
+    # Compressed frames count at their decompressed size, which is what gets allocated;
+    # checked here, before a receiver lands any frame.
+    total = sum(max(s.nbytes, _decoded_bytes(s.dtype, s.shape, s.codec)) for s in specs)
+    if total > limits.max_message_bytes:
+        raise TooLarge(f"message declares {total} bytes, over the {limits.max_message_bytes}-byte limit")
     return Header(op, request_id, specs, args, auth, version)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _parse_spec(entry, limits: Limits) -> TensorSpec:
     if not isinstance(entry, list) or len(entry) != 6:
-        raise BadHeader(f"tensor spec must be [name, dtype, shape, codec, nbytes, kind], got {entry!r}"[:200])
+        raise BadHeader(f"tensor spec must be [name, dtype, shape, codec, nbytes, kind], got {quote(entry)}")
     name, dtype, shape, codec, nbytes, kind = entry
-    if not isinstance(name, str):
-        raise BadHeader("tensor name must be a string")
-    if dtype not in DTYPES:
-        raise BadHeader(f"tensor {name!r}: unknown dtype {dtype!r}")
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+        raise BadHeader(f"tensor name must be a string of 1 to {MAX_NAME_CHARS} characters, got {quote(name)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise BadHeader(f"tensor {quote(name)}: unknown dtype {quote(dtype)}")
     if (not isinstance(shape, list) or len(shape) > limits.max_dims
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise BadHeader(f"tensor {name!r}: shape must be at most {limits.max_dims} non-negative ints, got {shape!r}"[:200])
-    if not isinstance(nbytes, int) or nbytes < 0:
-        raise BadHeader(f"tensor {name!r}: byte length must be a non-negative int")
-    codec = _enum(Codec, codec, f"codec of tensor {name!r}")
-    kind = _enum(TensorKind, kind, f"semantic kind of tensor {name!r}")
+            or not all(_is_int(d) and d >= 0 for d in shape)):
+        raise BadHeader(f"tensor {quote(name)}: shape must be at most {limits.max_dims} non-negative ints, "
+                        f"got {quote(shape)}")
+    if not _is_int(nbytes) or nbytes < 0:
+        raise BadHeader(f"tensor {quote(name)}: byte length must be a non-negative int")
+    codec = _enum(Codec, codec, f"codec of tensor {quote(name)}")
+    kind = _enum(TensorKind, kind, f"semantic kind of tensor {quote(name)}")
     if codec not in codecs.LOSSLESS and not DTYPES[dtype].is_floating_point:
-        raise BadHeader(f"tensor {name!r}: lossy codec {codec.value} applies to floating tensors, not {dtype}")
+        raise BadHeader(f"tensor {quote(name)}: lossy codec {codec.value} applies to floating tensors, not {dtype}")
+    # Each dimension alone within the limit: with a zero beside it, [0, 2**63] has 0
+    # elements and passes a size check, then torch.empty refuses the dimension.
+    itemsize = codecs.wire_itemsize(DTYPES[dtype], codec)
+    if any(d * itemsize > limits.max_tensor_bytes for d in shape):
+        raise TooLarge(f"tensor {quote(name)}: a dimension of {quote(shape)} exceeds the "
+                       f"{limits.max_tensor_bytes}-byte tensor limit")
     decoded = _decoded_bytes(dtype, shape, codec)
     if max(decoded, nbytes) > limits.max_tensor_bytes:
-        raise TooLarge(f"tensor {name!r} declares {max(decoded, nbytes)} bytes, over the "
+        raise TooLarge(f"tensor {quote(name)} declares {max(decoded, nbytes)} bytes, over the "
                        f"{limits.max_tensor_bytes}-byte limit")
     if codec not in (Codec.ZSTD, Codec.LZ4) and nbytes != decoded:
-        raise FrameMismatch(f"tensor {name!r}: {dtype} {shape} is {decoded} bytes as {codec.value}, "
+        raise FrameMismatch(f"tensor {quote(name)}: {dtype} {shape} is {decoded} bytes as {codec.value}, "
                             f"header declares {nbytes}")
     return TensorSpec(name, dtype, tuple(shape), codec, nbytes, kind)
 
@@ -210,20 +266,6 @@ def _parse_spec(entry, limits: Limits) -> TensorSpec:
 def _decoded_bytes(dtype: str, shape, codec: Codec) -> int:
     """Bytes of the frame once decompressed: what the receiver allocates."""
     return math.prod(shape) * codecs.wire_itemsize(DTYPES[dtype], codec)
-
-
-def read_header(head, known_ops: Iterable[str], limits: Limits, auth_token: str | None = None) -> Header:
-    """A validated (and, with a token, authenticated) header frame."""
-    header = parse_header(head, known_ops, limits)
-    if auth_token is not None and not hmac.compare_digest((header.auth or "").encode(), auth_token.encode()):
-        raise Unauthenticated("missing or wrong auth token")
-    return header
-
-
-def declared_bytes(header: Header) -> int:
-    """What the header's tensors take once received; compressed frames count at their
-    decompressed size, which is what gets allocated."""
-    return sum(max(s.nbytes, _decoded_bytes(s.dtype, s.shape, s.codec)) for s in header.tensors)
 
 
 @dataclass(frozen=True)
@@ -245,18 +287,15 @@ def decode_message(frames: list, known_ops: Iterable[str], limits: Limits = Limi
     if not frames:
         raise FrameMismatch("empty message")
     head = _buffer(frames[0])
-    header = read_header(head, known_ops, limits, auth_token)
-    return assemble(header, head, [_buffer(f) for f in frames[1:]], limits)
+    header = parse_header(head, known_ops, limits, auth_token)
+    return assemble(header, head, [_buffer(f) for f in frames[1:]])
 
 
-def assemble(header: Header, head, bodies: list, limits: Limits) -> Message:
+def assemble(header: Header, head, bodies: list) -> Message:
     """The message of a read header and its tensor frames (buffers, or `Landed` frames,
     which become their tensors as they are)."""
     if len(bodies) != len(header.tensors):
         raise FrameMismatch(f"header declares {len(header.tensors)} tensor frames, message has {len(bodies)}")
-    total = declared_bytes(header)
-    if total > limits.max_message_bytes:
-        raise TooLarge(f"message declares {total} bytes, over the {limits.max_message_bytes}-byte limit")
     for spec, buf in zip(header.tensors, bodies):
         if len(buf) != spec.nbytes:
             raise FrameMismatch(f"tensor {spec.name!r}: frame holds {len(buf)} bytes, header declares {spec.nbytes}")
