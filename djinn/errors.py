@@ -44,6 +44,13 @@ class BadRequest(DjinnError):
     code = "bad_request"
 
 
+class UnsupportedArgument(BadRequest, TypeError):
+    """An argument HF's `generate` takes that Djinn does not (yet): named, never ignored.
+
+    A `TypeError` too, as Python raises for an unknown keyword argument."""
+    code = "unsupported_argument"
+
+
 class ModelNotFound(DjinnError):
     code = "model_not_found"
 
@@ -66,7 +73,7 @@ class DjinnTimeout(DjinnError, TimeoutError):
 
 _BY_CODE = {cls.code: cls for cls in (
     DjinnError, ProtocolError, BadHeader, UnsupportedVersion, UnknownOp, FrameMismatch,
-    TooLarge, Unauthenticated, BadRequest, ModelNotFound, SessionNotFound,
+    TooLarge, Unauthenticated, BadRequest, UnsupportedArgument, ModelNotFound, SessionNotFound,
     UploadIncomplete, OutOfMemory, DjinnTimeout)}
 
 

@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from djinn import kv, models
-from djinn.decoding import forward_last
+from djinn.decoding import Padding, forward_last
 from djinn.errors import BadRequest, OutOfMemory
 from djinn.server.breakpoints import ParkedForward, check_layer, num_decoder_layers
 from djinn.server.session_store import Breakpoint, Session, SessionState, SessionStore
@@ -147,15 +147,18 @@ class Executor:
         session.state = SessionState.RUNNING
         return ids, start, session.cache
 
-    def session_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor:
-        """Prefill (empty session) or decode (later calls): the last position's logits."""
-        if self.sessions.graphs is not None and (session.decoder is not None or session.length == 0):
+    def session_step(self, session: Session, ids: torch.Tensor | None, padding: Padding | None = None) -> torch.Tensor:
+        """Prefill (empty session) or decode (later calls): the last position's logits.
+
+        `padding`: a padded batch's mask and positions for this step (graph slots take none)."""
+        if (padding is None and self.sessions.graphs is not None
+                and (session.decoder is not None or session.length == 0)):
             logits = self._graph_step(session, ids)
             if logits is not None:
                 return logits
         ids, start, cache = self._begin_step(session, ids)
         try:
-            logits = self._run(session.model.model, ids, cache, {})
+            logits = self._run(session.model.model, ids, cache, {}, padding)
         except BaseException:
             self.sessions.rollback(session, start)
             raise
@@ -257,13 +260,13 @@ class Executor:
 
     # -- stateless -----------------------------------------------------------------
     def stateless_step(self, model: torch.nn.Module, weights: dict[str, torch.Tensor], config, ids: torch.Tensor | None,
-                       pairs: kv.KVPairs) -> tuple[torch.Tensor, kv.KVPairs]:
+                       pairs: kv.KVPairs, padding: Padding | None = None) -> tuple[torch.Tensor, kv.KVPairs]:
         vocab = model.get_input_embeddings().num_embeddings
         past = pairs[0][0].shape[-2] if pairs else 0
         batch = pairs[0][0].shape[0] if pairs else None
         ids = self.token_ids(ids, "input_ids", vocab, past, models.max_positions(config), batch)
         cache = kv.from_pairs([(self.on_device(k), self.on_device(v)) for k, v in pairs])
-        logits = self._run(model, ids, cache, {n: self.on_device(t) for n, t in weights.items()})
+        logits = self._run(model, ids, cache, {n: self.on_device(t) for n, t in weights.items()}, padding)
         return logits, kv.to_pairs(cache)
 
     def skeleton(self, config_values: dict, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
@@ -288,9 +291,10 @@ class Executor:
                                  f"match [batch, heads, tokens, head_dim] of layer 0")
 
     # -- the forward ---------------------------------------------------------------
-    def _run(self, model: torch.nn.Module, ids: torch.Tensor, cache, weights: dict) -> torch.Tensor:
+    def _run(self, model: torch.nn.Module, ids: torch.Tensor, cache, weights: dict,
+             padding: Padding | None = None) -> torch.Tensor:
         with self._forward_errors():
-            return forward_last(model, ids, cache, weights)
+            return forward_last(model, ids, cache, weights, padding.to(self.device) if padding else None)
 
     @staticmethod
     @contextmanager

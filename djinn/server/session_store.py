@@ -31,6 +31,8 @@ import torch
 from transformers import DynamicCache
 
 from djinn import kv
+from djinn.decoding import Padding
+from djinn.sampling import Sampler
 from djinn.server.graphs import GraphDecoder, GraphSlots
 from djinn.errors import BadRequest, OutOfMemory, SessionNotFound
 from djinn.server.breakpoints import ParkedForward
@@ -86,6 +88,9 @@ class Session:
     # `recount` after a forward or a rollback: every request's admission sums it over all
     # sessions, and walking every layer of 50 sessions' caches took ~1 ms of its IO wait.
     kv_bytes: int = 0
+    # Set by the step that made them current (the server's, after its forward succeeded):
+    padding: Padding | None = None  # a padded batch's mask and positions as of the last step
+    sampler: Sampler | None = None  # picks each next token: HF's processors and the seeded generator
 
     @property
     def length(self) -> int:
