@@ -55,8 +55,16 @@ def forward_last(model: torch.nn.Module, ids: torch.Tensor, cache, weights: dict
     kwargs = {"input_ids": ids, _cache_argument(type(model)): cache, "use_cache": True, "logits_to_keep": 1}
     if padding is not None:
         kwargs.update(attention_mask=padding.mask, position_ids=padding.positions)
-    # tie_weights (functional_call's default): a tied weight shipped once stands for all its names.
-    out = functional_call(model, weights, (), kwargs) if weights else model(**kwargs)
+    if weights:
+        # As the module's own parameters: CPU kernels take another path (and differ in the last
+        # bit) for weights that do not require grad, even under no_grad.
+        params = dict(model.named_parameters())
+        weights = {n: t.detach().requires_grad_(params[n].requires_grad) if n in params else t
+                   for n, t in weights.items()}
+        # tie_weights (functional_call's default): a tied weight shipped once stands for all its names.
+        out = functional_call(model, weights, (), kwargs)
+    else:
+        out = model(**kwargs)
     return out.logits[:, -1]
 
 

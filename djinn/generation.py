@@ -100,8 +100,10 @@ def plan(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.
 def _changed_unsupported_fields(config: GenerationConfig) -> set[str]:
     defaults = GenerationConfig().to_dict()
     defaults.update(config._get_default_generation_params())
+    # None, False and 0 all mean "off" (HF's defaults moved from one to another across releases).
     return {name for name, value in config.to_dict().items()
-            if name not in SUPPORTED_FIELDS and not name.startswith("_") and value != defaults.get(name)}
+            if name not in SUPPORTED_FIELDS and not name.startswith("_") and value != defaults.get(name)
+            and (value or defaults.get(name))}
 
 
 def _seed(config: GenerationConfig, seed: int | None, generator: torch.Generator | None) -> int | None:
