@@ -1,6 +1,6 @@
 """`RemoteModel.generate` against HF's `generate`, in every mode, on four architectures.
 
-tiny-llama and a 2-layer GPT-2 (tied embeddings) from the catalogue, and small Qwen2 and
+tiny-llama and a 1-layer GPT-2 (tied embeddings) from the catalogue, and small Qwen2 and
 Mistral checkpoints written with `save_pretrained`: the Qwen2 one preloaded by the server
 (`--model PATH`, attached by name), the Mistral one loaded by path and uploaded. Each mode
 must give HF's sequences, logits and scores bit for bit for a left-padded batch of 3
@@ -24,7 +24,7 @@ from djinn.server.process import ServerProcess
 from djinn.server.server import ServerConfig
 from djinn.transport import Codec
 
-NEW_TOKENS = 6
+NEW_TOKENS = 5
 PAD = 0
 SEED = 5
 SAMPLING = dict(do_sample=True, top_k=20, top_p=0.9, temperature=0.8, repetition_penalty=1.3)
@@ -62,7 +62,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def subjects(checkpoints, tiny_model):
     """name -> (the HF model that is the reference, what `client.load` is given)."""
-    gpt2 = models.build("gpt2", seed=0, num_layers=2)
+    gpt2 = models.build("gpt2", seed=0, num_layers=1)  # its 50257-token tied embedding is the point
     qwen2, mistral = (AutoModelForCausalLM.from_pretrained(checkpoints[n]).eval() for n in ("qwen2", "mistral"))
     return {"tiny-llama": (tiny_model, tiny_model), "gpt2": (gpt2, gpt2),
             "qwen2": (qwen2, checkpoints["qwen2"]),  # preloaded by the server: attached by name
@@ -114,14 +114,13 @@ def test_seeded_sampling_matches_hf(client, subjects, name, mode):
     _assert_same_output(client.load(target, mode=mode).generate(ids, attention_mask=mask, seed=SEED, **kwargs), ref)
 
 
-@pytest.mark.parametrize("mode", ["remote_cache", "full_djinn"])
-def test_sampling_reproduces_and_its_greedy_limits_are_greedy(client, tiny_model, mode):
-    remote = client.load(tiny_model, mode=mode)
+def test_sampling_reproduces_and_its_greedy_limits_are_greedy(client, tiny_model):
+    remote = client.load(tiny_model, mode="full_djinn")
     ids, mask = _padded_prompt(tiny_model.config.vocab_size)
     run = lambda **kw: remote.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, pad_token_id=PAD, **kw)
     sampled = run(do_sample=True, seed=SEED)
     assert torch.equal(sampled, run(do_sample=True, seed=SEED))
-    assert torch.equal(sampled, run(do_sample=True, generator=torch.Generator().manual_seed(0))) is False
+    assert not torch.equal(sampled, run(do_sample=True, seed=SEED + 1))
     greedy = run()
     assert not torch.equal(sampled, greedy)
     assert torch.equal(run(do_sample=True, top_k=1, seed=SEED), greedy)

@@ -372,7 +372,8 @@ class Server:
         options = StepOptions.parse(message, starts_session=starts)  # before anything runs
         ids = message.tensors.get("input_ids")
         if starts:
-            padding = Padding.of_prompt(options.attention_mask) if options.attention_mask is not None else None
+            mask = options.attention_mask
+            padding = Padding.of_prompt(mask.to(self.device)) if mask is not None else None  # grows on the device
         else:
             padding = session.padding
             if padding is not None and isinstance(ids, torch.Tensor) and ids.dim() == 2:
