@@ -42,7 +42,8 @@ class Padding:
 
 
 @functools.cache
-def _cache_argument(model_class: type) -> str:
+def cache_argument(model_class: type) -> str:
+    """The name under which this model class's forward takes its KV cache."""
     # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name
     # warns and goes in 5.40); 5.17, on the GPU host, knows only the old one.
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
@@ -52,7 +53,7 @@ def _cache_argument(model_class: type) -> str:
 def forward_last(model: torch.nn.Module, ids: torch.Tensor, cache, weights: dict | None = None,
                  padding: Padding | None = None) -> torch.Tensor:
     """Logits of the last position, [batch, vocab]; `cache` is extended in place."""
-    kwargs = {"input_ids": ids, _cache_argument(type(model)): cache, "use_cache": True, "logits_to_keep": 1}
+    kwargs = {"input_ids": ids, cache_argument(type(model)): cache, "use_cache": True, "logits_to_keep": 1}
     if padding is not None:
         kwargs.update(attention_mask=padding.mask, position_ids=padding.positions)
     if weights:

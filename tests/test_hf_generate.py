@@ -231,3 +231,10 @@ def test_remote_cache_logits_stay_raw(client, tiny_model):
     remote = client.load(tiny_model, mode="remote_cache", logits_codec=Codec.ZSTD)
     remote.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=3)
     assert remote.last_stats.decode_payload_received_per_token == tiny_model.config.vocab_size * 4 + 8
+
+
+def test_generate_on_a_parked_session_says_it_is_parked(client, tiny_model):
+    with client.load(tiny_model, mode="full_djinn").session() as s:
+        s.run_to_layer(torch.ones(1, 4, dtype=torch.long), layer=2)
+        with pytest.raises(ValueError, match="parked at decoder layer 2"):
+            s.generate(max_new_tokens=1)

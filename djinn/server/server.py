@@ -25,8 +25,8 @@ from djinn.decoding import Padding
 from djinn.errors import BadRequest, DjinnError
 from djinn.modes import SHIPPED_WEIGHT_PREFIX
 from djinn.reproducibility import deterministic_kernels
-from djinn.server.executor import Executor
 from djinn.sampling import Sampler
+from djinn.server.executor import Executor
 from djinn.server.graphs import GraphSlots
 from djinn.server.session_store import Session, SessionStore
 from djinn.server.step_options import StepOptions, stateless_padding
@@ -44,6 +44,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 def _option(default, help: str, **cli):
     """A field that is also a `djinn-server` option: `help` for --help, `cli` for argparse (flag, metavar, ...)."""
     return field(default=default, metadata={"help": help, **cli})
+
+
+def _flag(f) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
 
 
 @dataclass(frozen=True)
@@ -91,9 +95,8 @@ class ServerConfig:
         for f in fields(cls):
             if "help" not in f.metadata:
                 continue
-            meta = dict(f.metadata)
-            help_text = meta.pop("help")
-            flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
+            meta = {k: v for k, v in f.metadata.items() if k not in ("help", "flag")}
+            help_text = f.metadata["help"]
             if f.default not in (None, False, (), MISSING) and f.type != "bool":
                 help_text += f" (default: {f.default})"
             if f.type == "bool":
@@ -102,7 +105,7 @@ class ServerConfig:
                 meta.update(action="append", default=[])
             else:
                 meta["type"] = {"int": int, "float": float, "float | None": float}.get(f.type, str)
-            parser.add_argument(flag, dest=f.name, help=help_text, **{"default": f.default, **meta})
+            parser.add_argument(_flag(f), dest=f.name, help=help_text, **{"default": f.default, **meta})
         return parser
 
     @classmethod
@@ -117,13 +120,12 @@ class ServerConfig:
             value = getattr(self, f.name)
             if "help" not in f.metadata or value == f.default:
                 continue
-            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
             if f.type == "bool":
-                args.append(flag)
+                args.append(_flag(f))
             elif f.type.startswith("tuple"):
-                args.extend(a for item in value for a in (flag, str(item)))
+                args.extend(a for item in value for a in (_flag(f), str(item)))
             else:
-                args.extend([flag, repr(value) if isinstance(value, float) else str(value)])
+                args.extend([_flag(f), repr(value) if isinstance(value, float) else str(value)])
         return args
 
 
