@@ -31,7 +31,7 @@ from djinn.server.graphs import GraphSlots
 from djinn.server.session_store import Session, SessionStore
 from djinn.server.step_options import StepOptions, stateless_padding
 from djinn.server.weight_cache import TensorEntry, WeightCache
-from djinn.transport import Codec, CodecPolicy, Incoming, Limits, Message, OutgoingTensor, ServerSocket, TensorKind
+from djinn.transport import CodecPolicy, Incoming, Limits, Message, OutgoingTensor, ServerSocket, TensorKind
 from djinn.transport.tuning import is_tuned
 from djinn.transport.wire import DTYPE_NAMES, DTYPES
 
