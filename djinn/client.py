@@ -1,29 +1,36 @@
 """The client side: `connect`, `Client.load`, and `RemoteModel.generate`.
 
-`generate` runs one greedy loop for every mode; a mode only changes the step
-driver underneath (local forward, stateless forward with shipped KV, or a session
-whose KV stays on the server). Each step records its bytes and the server's
-timings, summarised in `RemoteModel.last_stats`. `RemoteModel.session()` drives a
-server-side session one step at a time instead: breakpoints, steering, then decoding.
+`generate` takes HF's arguments and runs one decoding loop for every mode (eos,
+padding of finished rows and the stop as HF's `_sample` does them); a mode only
+changes the step driver underneath (local forward, stateless forward with shipped KV,
+or a session whose KV stays on the server). Where the logits reach the client the
+client's `Sampler` picks the token; in a session the server's does, and only the token
+comes back. Each step records its bytes and the server's timings, summarised in
+`RemoteModel.last_stats`. `RemoteModel.session()` drives a server-side session one
+step at a time instead: breakpoints, steering, then greedy decoding.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
+from transformers.generation import GenerateDecoderOnlyOutput
 
-from djinn import kv, models
-from djinn.decoding import forward_last, greedy
+from djinn import generation, kv, models
+from djinn.decoding import Padding, forward_last, greedy
+from djinn.errors import DjinnTimeout, ModelNotFound
+from djinn.models import config_dict
 from djinn.modes import SHIPPED_WEIGHT_PREFIX, Mode, resolve
-from djinn.errors import DjinnTimeout
+from djinn.sampling import Sampler
 from djinn.transport import DEFAULT_TIMEOUT_S, ByteCounters, ClientConnection, Codec, OutgoingTensor, TensorKind
 from djinn.transport.security import ClientSecurity
 from djinn.transport.sockets import HELLO_TIMEOUT_S
-from djinn.transport.wire import DTYPE_NAMES
+from djinn.transport.wire import DTYPE_NAMES, DTYPES
 
 SERVER_ENV = "DJINN_SERVER"
 SERVER_ENV_ALIASES = ("GENIE_SERVER_ADDRESS",)  # the prototype's name
@@ -97,10 +104,12 @@ class GenerationStats:
     queue_ms: float
     compute_ms: float
     transfer_ms: float  # wall time neither queued nor computing on the server: the wire and (de)serialisation
+    stop_reason: str = "max_new_tokens"  # or "eos" (every row finished), "context_limit" (the model's context)
     steps: tuple[StepRecord, ...] = field(repr=False, default=())
 
     @classmethod
-    def from_steps(cls, mode: str, batch: int, prompt_tokens: int, steps: list[StepRecord]) -> "GenerationStats":
+    def from_steps(cls, mode: str, batch: int, prompt_tokens: int, steps: list[StepRecord],
+                   stop_reason: str = "max_new_tokens") -> "GenerationStats":
         decode = steps[1:]
         n = max(len(decode), 1)
         total = sum(s.wall_ms for s in steps)
@@ -116,14 +125,31 @@ class GenerationStats:
             decode_payload_received_per_token=sum(s.bytes.received_payload for s in decode) / n,
             queue_ms=queue, compute_ms=compute,
             transfer_ms=max(0.0, total - queue - compute) if mode != "native_pytorch" else 0.0,
-            steps=tuple(steps))
+            stop_reason=stop_reason, steps=tuple(steps))
 
 
 @dataclass(frozen=True)
 class Step:
     token: torch.Tensor  # [batch, 1], on the CPU
-    logits: torch.Tensor | None  # [batch, vocab]
+    logits: torch.Tensor | None  # [batch, vocab], raw
+    scores: torch.Tensor | None  # [batch, vocab], after the logits processors
     server: dict
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model the server loaded itself (`djinn-server --model NAME`), as `attach` describes it."""
+    name: str
+    fingerprint: str
+    config: dict
+    dtype: str
+    generation_config: dict
+
+    def skeleton(self) -> torch.nn.Module:
+        """The architecture on the meta device, weightless: its config and HF's generation helpers."""
+        model = models.build_skeleton(models.config_from_dict(self.config), DTYPES[self.dtype], "meta")
+        model.generation_config = GenerationConfig.from_dict(self.generation_config)
+        return model
 
 
 class Client:
@@ -156,14 +182,37 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def load(self, model: torch.nn.Module, mode: str = "full_djinn", *, logits_codec: Codec = Codec.ZSTD,
-             upload_chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> "RemoteModel":
-        """A handle that generates with `model` in `mode`; cached weights are uploaded at most once."""
+    def load(self, model: torch.nn.Module | str | os.PathLike, mode: str = "full_djinn", *,
+             logits_codec: Codec = Codec.ZSTD, upload_chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> "RemoteModel":
+        """A handle that generates with `model` in `mode`; cached weights are uploaded at most once.
+
+        `model` is a module, or a name: one the server loaded itself (`djinn-server --model
+        NAME`), which the cached modes attach to without any weights crossing the wire; else a
+        catalogue name (seeded weights) or a local checkpoint directory, built here and uploaded.
+        A module's fingerprint is taken at every load, so loading it again after its weights
+        changed registers (and uploads) the new weights.
+        """
         resolved = resolve(mode)
+        if isinstance(model, (str, os.PathLike)):
+            name = os.fspath(model)
+            served = self.attach(name) if resolved.weights == "cached" else None
+            if served is not None:
+                return RemoteModel(served.skeleton(), resolved, self, served.fingerprint, logits_codec)
+            model = models.build(name)
         fingerprint = None
         if resolved.weights == "cached":
             fingerprint = self.upload(model, chunk_bytes=upload_chunk_bytes)
         return RemoteModel(model, resolved, self, fingerprint, logits_codec)
+
+    def attach(self, name: str) -> ServedModel | None:
+        """The server's own model of that name; None when it has none and the name builds here."""
+        try:
+            args = self.connection.request("attach", {"name": name}).args
+        except ModelNotFound:
+            if name in models.CATALOGUE or os.path.isdir(name):
+                return None
+            raise
+        return ServedModel(name, args["model"], dict(args["config"]), args["dtype"], dict(args["generation_config"]))
 
     def upload(self, model: torch.nn.Module, *, chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> str:
         """Register the model's weights by fingerprint and send the tensors the server lacks.
@@ -180,11 +229,6 @@ class Client:
             self.connection.request("upload_weights", {"model": fingerprint},
                                     {n: OutgoingTensor(state[n], TensorKind.WEIGHT) for n in chunk})
         return fingerprint
-
-
-def config_dict(model: torch.nn.Module) -> dict:
-    # The JSON form is the one transformers itself writes to disk: plain types only.
-    return json.loads(model.config.to_json_string(use_diff=False))
 
 
 def _weights_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -205,7 +249,7 @@ def _chunks(names: list[str], state: dict[str, torch.Tensor], chunk_bytes: int):
 
 
 class RemoteModel:
-    """A model bound to an execution mode; `generate` matches HF greedy `generate`."""
+    """A model bound to an execution mode; `generate` is HF's `generate`, run in that mode."""
 
     def __init__(self, model: torch.nn.Module, mode: Mode, client: Client | None, fingerprint: str | None,
                  logits_codec: Codec = Codec.ZSTD):
@@ -216,32 +260,66 @@ class RemoteModel:
         self.logits_codec = logits_codec
         self.last_stats: GenerationStats | None = None
         self.last_logits: torch.Tensor | None = None
+        self._loaded_version = _weights_version(model)
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 50, *, return_logits: bool = False) -> torch.Tensor:
-        """Prompt followed by `max_new_tokens` greedy tokens, [batch, prompt + new]."""
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        driver = self._driver(return_logits)
-        steps, tokens, logits = [], [], []
+    def generate(self, input_ids: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, *,
+                 attention_mask: torch.Tensor | None = None, seed: int | None = None,
+                 generator: torch.Generator | None = None, return_logits: bool = False, **kwargs):
+        """HF's `generate` (greedy or sampled; `generate(**tokenizer(texts, padding=True, return_tensors="pt"))`).
+
+        Returns the sequences, [batch, prompt + new], padded as HF pads finished rows; with
+        `return_dict_in_generate=True` a `GenerateDecoderOnlyOutput` (sequences, and the
+        `scores` / `logits` of each step when `output_scores` / `output_logits`). Sampling
+        draws from a generator seeded with `seed` (or one drawn from `generator`, else from
+        torch's global generator). A generation that reaches the model's context stops there
+        and warns (`last_stats.stop_reason == "context_limit"`). `return_logits=True` keeps
+        each step's logits as they crossed the wire in `last_logits`, [batch, new, vocab].
+        """
+        self._warn_if_weights_changed()
+        plan = generation.plan(self.model, input_ids if input_ids is not None else kwargs.pop("inputs", None),
+                               attention_mask, generation_config, seed, generator, kwargs)
+        want_logits = return_logits or (plan.return_dict and plan.output_logits)
+        want_scores = plan.return_dict and plan.output_scores
+        driver = self._driver(plan, want_logits, want_scores)
+        unfinished = torch.ones(plan.input_ids.shape[0], dtype=torch.bool)
+        steps, tokens, logits, scores = [], [], [], []
+        reason = "context_limit" if plan.context_limited else "max_new_tokens"
         try:
-            step_input = input_ids
-            for _ in range(max_new_tokens):
+            feed = plan.input_ids
+            for _ in range(plan.max_new_tokens):
                 before = self._counters()
                 started = time.perf_counter()
-                step = driver.step(step_input)
+                step = driver.step(feed)
                 wall = (time.perf_counter() - started) * 1e3
                 server = step.server
                 steps.append(StepRecord(wall, self._counters().since(before),
                                         server.get("queue_ms", 0.0), server.get("compute_ms", 0.0)))
-                tokens.append(step.token)
-                if step.logits is not None:
+                token = step.token
+                if plan.eos is not None:  # as HF's _sample: a finished row is fed, and padded with, its padding
+                    token = torch.where(unfinished[:, None], token, plan.pad_token_id)
+                    unfinished &= ~torch.isin(token[:, 0], plan.eos)
+                tokens.append(token)
+                if want_logits:
                     logits.append(step.logits)
-                step_input = step.token
+                if want_scores:
+                    scores.append(step.scores)
+                if not unfinished.any():
+                    reason = "eos"
+                    break
+                feed = token
         finally:
             driver.close()
-        self.last_stats = GenerationStats.from_steps(self.mode.name, input_ids.shape[0], input_ids.shape[1], steps)
+        batch, prompt = plan.input_ids.shape
+        self.last_stats = GenerationStats.from_steps(self.mode.name, batch, prompt, steps, reason)
         self.last_logits = torch.stack(logits, dim=1) if return_logits else None
-        return torch.cat([input_ids.cpu(), *tokens], dim=1)
+        sequences = torch.cat([plan.input_ids, *tokens], dim=1)
+        if not plan.return_dict:
+            return sequences
+        # HF returns each step's logits and scores in float32, on the prompt's device.
+        return GenerateDecoderOnlyOutput(
+            sequences=sequences,
+            scores=tuple(s.float().cpu() for s in scores) if plan.output_scores else None,
+            logits=tuple(l.float().cpu() for l in logits) if plan.output_logits else None)
 
     def session(self) -> "RemoteSession":
         """A session on the server driven step by step: breakpoints, steering, then decoding."""
@@ -250,83 +328,140 @@ class RemoteModel:
     def _counters(self) -> ByteCounters:
         return self.client.counters.snapshot() if self.client is not None else ByteCounters()
 
-    def _driver(self, return_logits: bool):
+    def _warn_if_weights_changed(self) -> None:
+        # The server holds the weights of the load; an in-place edit since (load_state_dict,
+        # an optimiser step) would otherwise go unnoticed.
+        if self.fingerprint is not None and _weights_version(self.model) != self._loaded_version:
+            warnings.warn(f"the model's weights changed since client.load(); the server still runs the loaded ones "
+                          f"(fingerprint {self.fingerprint}): load the model again to upload the new weights",
+                          stacklevel=3)
+
+    def _sampler(self, plan: generation.GenerationPlan, device: torch.device) -> Sampler:
+        mask = plan.padding.mask if plan.padding is not None else None
+        return Sampler.build(self.model, plan.sampling, plan.input_ids, mask, device)
+
+    def _driver(self, plan: generation.GenerationPlan, want_logits: bool, want_scores: bool):
         if self.mode.weights == "local":
-            return LocalSteps(self.model)
+            device = next(self.model.parameters()).device
+            return LocalSteps(self.model, self._sampler(plan, device), plan.padding)
         if self.mode.kv == "shipped":
-            return StatelessSteps(self.client.connection, self.model, self.fingerprint)
-        return SessionSteps(self.client.connection, self.fingerprint, self.mode.returns, return_logits,
-                            self.logits_codec)
+            return StatelessSteps(self.client.connection, self.model, self.fingerprint,
+                                  self._sampler(plan, torch.device("cpu")), plan.padding)
+        # remote_cache sends back the full logits, raw, by definition; full_djinn only what was asked.
+        full_logits = self.mode.returns == "logits"
+        returns = ["token", *(["logits"] if full_logits or want_logits else []), *(["scores"] if want_scores else [])]
+        codec = Codec.RAW if full_logits else self.logits_codec
+        return SessionSteps(self.client.connection, self.fingerprint, returns, codec, plan)
 
 
-class LocalSteps:
+def _weights_version(model: torch.nn.Module) -> int:
+    # torch bumps a tensor's version counter on every in-place write.
+    return sum(p._version for p in model.parameters())
+
+
+class ClientPicks:
+    """The drivers whose logits come to the client: the padding advances here and the client's sampler picks."""
+
+    def __init__(self, sampler: Sampler, padding: Padding | None):
+        self.sampler = sampler
+        self.padding = padding  # the prompt's until the first step has run
+        self.started = False
+
+    def _padding_for(self, ids: torch.Tensor) -> Padding | None:
+        if self.padding is not None and self.started:
+            self.padding = self.padding.next(ids.shape[1])
+        self.started = True
+        return self.padding
+
+    def _picked(self, ids: torch.Tensor, logits: torch.Tensor, server: dict) -> Step:
+        token, scores = self.sampler.pick(ids, logits)
+        return Step(token.cpu(), logits.cpu(), scores, server)  # scores stay put unless asked for
+
+
+class LocalSteps(ClientPicks):
     """native_pytorch: the model on its own device; nothing crosses the wire."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, sampler: Sampler, padding: Padding | None):
+        super().__init__(sampler, padding)
         self.model = model
         self.device = next(model.parameters()).device
         self.cache = kv.from_pairs([])
 
     def step(self, ids: torch.Tensor) -> Step:
-        logits = forward_last(self.model, ids.to(self.device), self.cache)
+        padding = self._padding_for(ids)
+        ids = ids.to(self.device)
+        logits = forward_last(self.model, ids, self.cache, padding=padding.to(self.device) if padding else None)
+        step = self._picked(ids, logits, {})
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return Step(greedy(logits).cpu(), logits.cpu(), {})
+        return step
 
     def close(self) -> None:
         self.cache = None
 
 
-class StatelessSteps:
-    """semantic_blind (weights shipped) and partially_aware (weights cached): KV both ways."""
+class StatelessSteps(ClientPicks):
+    """semantic_blind (weights shipped) and partially_aware (weights cached): KV both ways.
 
-    def __init__(self, connection: ClientConnection, model: torch.nn.Module, fingerprint: str | None):
+    A padded batch sends its mask and positions with every step too: the server keeps nothing.
+    """
+
+    def __init__(self, connection: ClientConnection, model: torch.nn.Module, fingerprint: str | None,
+                 sampler: Sampler, padding: Padding | None):
+        super().__init__(sampler, padding)
         self.connection = connection
         self.pairs: kv.KVPairs = []
         if fingerprint is None:
             self.args = {"config": config_dict(model), "dtype": DTYPE_NAMES[_weights_dtype(model)]}
+            # A tied weight (GPT-2's lm_head is its wte) crosses once; the server ties it back.
             self.weights = {SHIPPED_WEIGHT_PREFIX + n: OutgoingTensor(t, TensorKind.WEIGHT)
-                            for n, t in model.state_dict().items()}
+                            for n, t in models.unique_state(model).items()}
         else:
             self.args = {"model": fingerprint}
             self.weights = {}
 
     def step(self, ids: torch.Tensor) -> Step:
         tensors = {"input_ids": OutgoingTensor(ids, TensorKind.TOKEN_IDS), **self.weights}
+        padding = self._padding_for(ids)
+        if padding is not None:
+            tensors["attention_mask"] = OutgoingTensor(padding.mask, TensorKind.TOKEN_IDS)
+            tensors["position_ids"] = OutgoingTensor(padding.positions, TensorKind.TOKEN_IDS)
         for (kname, vname), (k, v) in zip(kv.wire_names(len(self.pairs)), self.pairs):
             tensors[kname] = OutgoingTensor(k, TensorKind.KV)
             tensors[vname] = OutgoingTensor(v, TensorKind.KV)
         reply = self.connection.request("forward", self.args, tensors)
         names = kv.wire_names(sum(1 for n in reply.tensors if n.endswith(".k")))
         self.pairs = [(reply.tensors[k], reply.tensors[v]) for k, v in names]
-        logits = reply.tensors["logits"]
-        return Step(greedy(logits), logits, dict(reply.args.get("server", {})))
+        return self._picked(ids, reply.tensors["logits"], dict(reply.args.get("server", {})))
 
     def close(self) -> None:
         self.pairs = []
 
 
 class SessionSteps:
-    """remote_cache (full logits back) and full_djinn (the token back): KV stays on the server."""
+    """remote_cache and full_djinn: KV, padding and sampler stay on the server, which picks the token."""
 
-    def __init__(self, connection: ClientConnection, fingerprint: str, returns: str, return_logits: bool,
-                 logits_codec: Codec):
+    def __init__(self, connection: ClientConnection, fingerprint: str, returns: list[str], logits_codec: Codec,
+                 plan: generation.GenerationPlan):
         self.connection = connection
         self.fingerprint = fingerprint
-        self.args = {"model": fingerprint, "returns": returns}
-        if returns == "token" and return_logits:
-            self.args.update(with_logits=True, logits_codec=logits_codec.value)
+        self.args = {"model": fingerprint, "returns": returns, "logits_codec": logits_codec.value}
+        self.prefill_args = {"sampling": plan.sampling.as_wire()}
+        self.prompt_mask = plan.padding.mask if plan.padding is not None else None
         self.session = connection.request("open_session", {"model": fingerprint}).args["session"]
         self.started = False
 
     def step(self, ids: torch.Tensor) -> Step:
-        op = "decode" if self.started else "prefill"
-        reply = self.connection.request(op, {**self.args, "session": self.session},
-                                        {"input_ids": OutgoingTensor(ids, TensorKind.TOKEN_IDS)})
+        tensors = {"input_ids": OutgoingTensor(ids, TensorKind.TOKEN_IDS)}
+        args = {**self.args, "session": self.session}
+        if not self.started:
+            args.update(self.prefill_args)
+            if self.prompt_mask is not None:
+                tensors["attention_mask"] = OutgoingTensor(self.prompt_mask, TensorKind.TOKEN_IDS)
+        reply = self.connection.request("decode" if self.started else "prefill", args, tensors)
         self.started = True
-        logits = reply.tensors.get("logits")
-        token = reply.tensors["token"] if "token" in reply.tensors else greedy(logits)
-        return Step(token, logits, dict(reply.args.get("server", {})))
+        return Step(reply.tensors["token"], reply.tensors.get("logits"), reply.tensors.get("scores"),
+                    dict(reply.args.get("server", {})))
 
     def close(self) -> None:
         self.connection.request("close_session", {"session": self.session})
@@ -399,6 +534,9 @@ class RemoteSession:
         """The next `max_new_tokens` greedy tokens, [batch, max_new_tokens], on from the last step."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        if self.parked_layer is not None:
+            raise ValueError(f"the session is parked at decoder layer {self.parked_layer}: resume() or cancel() "
+                             f"it first")
         tokens = []
         if self._pending is not None:
             tokens.append(self._pending)

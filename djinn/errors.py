@@ -44,6 +44,13 @@ class BadRequest(DjinnError):
     code = "bad_request"
 
 
+class UnsupportedArgument(BadRequest, TypeError):
+    """An argument HF's `generate` takes that Djinn does not (yet): named, never ignored.
+
+    A `TypeError` too, as Python raises for an unknown keyword argument."""
+    code = "unsupported_argument"
+
+
 class ModelNotFound(DjinnError):
     code = "model_not_found"
 
@@ -83,7 +90,7 @@ class ServerRestarted(DjinnError):
 
 _BY_CODE = {cls.code: cls for cls in (
     DjinnError, ProtocolError, BadHeader, UnsupportedVersion, UnknownOp, FrameMismatch,
-    TooLarge, Unauthenticated, BadRequest, ModelNotFound, SessionNotFound,
+    TooLarge, Unauthenticated, BadRequest, UnsupportedArgument, ModelNotFound, SessionNotFound,
     UploadIncomplete, OutOfMemory, LimitExceeded, DjinnTimeout, ServerLost, ServerRestarted)}
 
 # What an error message may quote of a value a peer sent: enough to recognise it, never

@@ -9,6 +9,7 @@ key the server uses.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -135,6 +136,26 @@ def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
 def max_positions(config: PretrainedConfig) -> int:
     """The model's context length, under the name its config family uses."""
     return getattr(config, "max_position_embeddings", None) or config.n_positions
+
+
+def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tied tensor once, under its first name (GPT-2's lm_head is its wte).
+
+    A forward with these weights (`torch.func.functional_call`, tie_weights) gives the
+    tied names the same tensor; passing both names is an error there.
+    """
+    seen, unique = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            unique[name] = tensor
+    return unique
+
+
+def config_dict(model: torch.nn.Module) -> dict:
+    # The JSON form is the one transformers itself writes to disk: plain types only.
+    return json.loads(model.config.to_json_string(use_diff=False))
 
 
 def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:

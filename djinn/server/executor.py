@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from djinn import kv, models
-from djinn.decoding import forward_last
+from djinn.decoding import Padding, forward_last
 from djinn.errors import BadRequest, OutOfMemory
 from djinn.server.limits import checked_config, implied_tensors
 from djinn.server.breakpoints import ParkedForward, check_layer, num_decoder_layers
@@ -113,16 +113,19 @@ class Executor:
         return self.token_ids(ids, "input_ids", cached.vocab_size, session.length, cached.max_positions,
                               session.batch)
 
-    def session_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor:
-        """Prefill (empty session) or decode (later calls): the last position's logits."""
-        if self.sessions.graphs is not None and (session.decoder is not None or session.length == 0):
+    def session_step(self, session: Session, ids: torch.Tensor | None, padding: Padding | None = None) -> torch.Tensor:
+        """Prefill (empty session) or decode (later calls): the last position's logits.
+
+        `padding`: a padded batch's mask and positions for this step (graph slots take none)."""
+        if (padding is None and self.sessions.graphs is not None
+                and (session.decoder is not None or session.length == 0)):
             logits = self._graph_step(session, ids)
             if logits is not None:
                 return logits
         ids = self._step_ids(session, ids)
         model = session.model.model
         return self.sessions.step(session, self._kv_bytes(session.model, ids.shape[0], ids.shape[1]),
-                                  lambda attempt: self._run(model, ids, session.cache, {}))
+                                  lambda attempt: self._run(model, ids, session.cache, {}, padding))
 
     def _graph_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor | None:
         """A step through the session's graph slot; None when a new session gets no slot."""
@@ -219,7 +222,7 @@ class Executor:
 
     # -- stateless -----------------------------------------------------------------
     def stateless_step(self, model: torch.nn.Module, weights: dict[str, torch.Tensor], config, ids: torch.Tensor | None,
-                       pairs: kv.KVPairs) -> tuple[torch.Tensor, kv.KVPairs]:
+                       pairs: kv.KVPairs, padding: Padding | None = None) -> tuple[torch.Tensor, kv.KVPairs]:
         vocab = model.get_input_embeddings().num_embeddings
         past = pairs[0][0].shape[-2] if pairs else 0
         batch = pairs[0][0].shape[0] if pairs else None
@@ -229,7 +232,7 @@ class Executor:
         def run(attempt: int) -> tuple[torch.Tensor, kv.KVPairs]:
             # A fresh cache each attempt: a forward that failed half-way had extended some layers.
             cache = kv.from_pairs([(self.on_device(k), self.on_device(v)) for k, v in pairs])
-            return self._run(model, ids, cache, weights), kv.to_pairs(cache)
+            return self._run(model, ids, cache, weights, padding), kv.to_pairs(cache)
         return self.sessions.retrying(run, want_bytes=kv.nbytes(pairs))
 
     def skeleton(self, config_values: dict, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
@@ -265,9 +268,10 @@ class Executor:
                                  f"match [batch, heads, tokens, head_dim] of layer 0")
 
     # -- the forward ---------------------------------------------------------------
-    def _run(self, model: torch.nn.Module, ids: torch.Tensor, cache, weights: dict) -> torch.Tensor:
+    def _run(self, model: torch.nn.Module, ids: torch.Tensor, cache, weights: dict,
+             padding: Padding | None = None) -> torch.Tensor:
         with self._forward_errors():
-            return forward_last(model, ids, cache, weights)
+            return forward_last(model, ids, cache, weights, padding.to(self.device) if padding else None)
 
     def _forward(self, step, ids: torch.Tensor) -> torch.Tensor:
         with self._forward_errors():

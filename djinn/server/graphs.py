@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from transformers import StaticCache
 
+from djinn.decoding import cache_argument
+
 
 class GraphDecoder:
     """A static cache for one batch of sequences and the compiled decode step over it.
@@ -52,7 +54,7 @@ class GraphDecoder:
             self._step = self._forward
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=mask, past_key_values=self.cache,
+        out = self.model(input_ids=ids, attention_mask=mask, **{cache_argument(type(self.model)): self.cache},
                          cache_position=positions, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from djinn.server.server import ServerConfig
+
 READY_PREFIX = "djinn server listening on "
 READY_TIMEOUT_S = 120.0  # building a 7B model on a cold GPU can take a while
 STOP_TIMEOUT_S = 15.0
@@ -41,9 +43,12 @@ def wait_for_ready_line(process: subprocess.Popen, prefix: str, timeout_s: float
 
 
 class ServerProcess:
-    def __init__(self, *args: str, log_path: Path, ready_timeout_s: float = READY_TIMEOUT_S,
-                 env: dict | None = None):
-        self.args = ["--port", "0", *args] if "--port" not in args else list(args)
+    """`djinn-server` with `config`'s options (`ServerConfig.argv`) and then `args`; port 0 unless given."""
+
+    def __init__(self, *args: str, config: ServerConfig | None = None, log_path: Path,
+                 ready_timeout_s: float = READY_TIMEOUT_S, env: dict | None = None):
+        args = [*(config.argv() if config is not None else []), *args]
+        self.args = ["--port", "0", *args] if "--port" not in args else args
         self.log_path = Path(log_path)
         self.ready_timeout_s = ready_timeout_s
         self.env = env

@@ -8,67 +8,180 @@ byte counts so the client can split queue / compute / transfer.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
 import secrets
 import time
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import zmq
 
-from djinn import host_memory, kv
+import djinn
+from djinn import host_memory, kv, models
+from djinn.decoding import Padding
 from djinn.errors import BadRequest, DjinnError, LimitExceeded, TooLarge, quote
-from djinn.decoding import greedy
 from djinn.modes import SHIPPED_WEIGHT_PREFIX
 from djinn.reproducibility import deterministic_kernels
+from djinn.sampling import Sampler
 from djinn.server.breakpoints import limit_parked, parked_room
 from djinn.server.device_budget import DeviceBudget
 from djinn.server.executor import Executor
 from djinn.server.fault_injection import install_from_env
 from djinn.server.limits import ServerLimits, host_limits
 from djinn.server.graphs import GraphSlots
-from djinn.server.session_store import SessionStore
+from djinn.server.session_store import Session, SessionStore
+from djinn.server.step_options import StepOptions, stateless_padding
 from djinn.server.weight_cache import TensorEntry, WeightCache
-from djinn.transport import Codec, CodecPolicy, Incoming, Limits, Message, OutgoingTensor, ServerSocket, TensorKind
+from djinn.transport import CodecPolicy, Incoming, Limits, Message, OutgoingTensor, ServerSocket, TensorKind
 from djinn.transport.security import ServerSecurity
 from djinn.transport.tuning import is_tuned
-from djinn.transport.wire import DTYPES
+from djinn.transport.wire import DTYPE_NAMES, DTYPES
 from djinn.units import GIB
 
 log = logging.getLogger("djinn.server")
 
-SERVER_VERSION = "0.1.0"
 POLL_MS = 200  # how often the loop wakes to expire sessions and check for shutdown
 MAX_LOGGED_CHARS = 500  # of a failed request's error, in the log
 FINGERPRINT = re.compile(r"[0-9a-f]{32}")  # models.fingerprint: a 16-byte blake2b, hex
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
 
 
+def _option(default, help: str, **cli):
+    """A field that is also a `djinn-server` option: `help` for --help, `cli` for argparse (flag, metavar, ...)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def _flag(f) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 5556
-    device: str = "cpu"
-    vram_budget_gb: float | None = None  # GiB (default: DeviceBudget.default_limit, what the device has free)
-    ring_buffer_gb: float | None = None  # ring of models too large for the budget (default: default_ring_bytes)
-    disable_kv_swap: bool = False  # keep KV caches on the device: isolates weight streaming from KV paging
-    host_swap_gb: float | None = None  # GiB cap on paged-out KV (default: none, the host's own limit less a floor)
-    auth_token: str | None = None
-    session_ttl_s: float = 600.0
-    ipc_path: str | None = None
-    decode_graphs: bool = False  # decode through CUDA-graph slots: faster, logits no longer bit-identical to eager
-    graph_max_len: int = 1024  # tokens a graph slot holds (prompt + generated)
+    """The server's configuration, and `djinn-server`'s options: each default is written here once.
+
+    `parser()` builds the CLI from these fields and `argv()` writes a config back as the
+    command line of a child server (`djinn.server.process.ServerProcess`).
+    """
+    host: str = _option("127.0.0.1", "address to listen on")
+    port: int = _option(5556, "TCP port (0: any free port)")
+    device: str = _option("auto", "auto (cuda if this torch sees a GPU, else cpu), cpu, cuda or cuda:N")
+    model: tuple[str, ...] = _option((), "load this model at start (catalogue name or local checkpoint directory; "
+                                         "repeatable): clients attach by name, no weights cross the wire",
+                                     metavar="NAME_OR_PATH")
+    vram_budget_gb: float | None = _option(None, "device memory the server may use for weights, KV, graph slots "
+                                                 "and the ring, in GiB (default: what the device has free at start; "
+                                                 "on a CPU, half the host memory the process may use)")
+    ring_buffer_gb: float | None = _option(None, "ring through which a model larger than the budget streams its "
+                                                 "layers, counted in the budget, in GiB (default: 2 GiB on a GPU, "
+                                                 "16 MiB on a CPU)")
+    disable_kv_swap: bool = _option(False, "never page KV caches to host memory (isolates weight streaming from "
+                                           "KV paging)")
+    host_swap_gb: float | None = _option(None, "cap on host memory for KV paged out of the budget, in GiB; past "
+                                               "it, or past what the host (its cgroup included) can still give "
+                                               "less a floor, a request fails with out_of_memory (default: no cap "
+                                               "beyond the host's own)")
+    auth_token_file: str | None = _option(None, "file holding a shared token that every request must carry",
+                                          metavar="PATH")
+    curve_secret_key_file: str | None = _option(None, "encrypt with ZeroMQ CURVE: this server's certificate with "
+                                                      "its secret key (zmq.auth.create_certificates); needs "
+                                                      "--curve-client-keys", metavar="PATH")
+    curve_client_keys: str | None = _option(None, "CURVE: directory of the public key files of the clients "
+                                                  "allowed to connect", metavar="DIR")
+    # Caps: None takes `djinn.server.limits.ServerLimits`' default (see `caps`).
+    max_sessions: int | None = _option(None, "open sessions in all; past it open_session fails with "
+                                             "limit_exceeded (default: 4096)")
+    max_sessions_per_client: int | None = _option(None, "open sessions of one client connection (default: 1024)")
+    max_parked: int | None = _option(None, "forwards parked at breakpoints at once, each a thread (default: a "
+                                           "quarter of the process limit, at most 256)")
+    max_uploads: int | None = _option(None, "models whose upload is in progress at once (default: 8)")
+    upload_ttl_s: float | None = _option(None, "idle seconds after which a partial upload is abandoned and freed "
+                                               "(default: 300)")
+    session_ttl_s: float = _option(600.0, "idle seconds after which a session of a vanished client is closed")
+    ipc_path: str | None = _option(None, "also listen on ipc://PATH (same host)", flag="--ipc", metavar="PATH")
+    decode_graphs: bool = _option(False, "decode through CUDA-graph slots over a static KV cache (faster; logits "
+                                         "then differ from eager HF in the last bits)")
+    graph_max_len: int = _option(1024, "tokens one graph slot holds (prompt + generated)")
+    deterministic: bool = _option(False, "deterministic kernels only (djinn.reproducibility): runs repeat bit for "
+                                         "bit; the default decode attention kernel of a GPU does not")
+    malloc_tuning: bool = _option(True, "keep glibc's default allocator settings (large receives then page-fault "
+                                        "fresh buffers: ~5x slower on a VM)", flag="--no-malloc-tuning")
+    log_level: str = _option("INFO", "log level", choices=LOG_LEVELS)
+    # Not options: set by code that builds a server in-process.
+    auth_token: str | None = None  # the token itself (the CLI reads it from auth_token_file)
     limits: Limits | None = None  # what one message may hold (None: `host_limits` of the host memory at start)
-    caps: ServerLimits = ServerLimits()  # sessions, parked forwards, uploads, config sizes
-    curve_secret_key_file: str | None = None  # CURVE: the server's certificate with its secret key
-    curve_client_keys: str | None = None  # CURVE: directory of the allowed clients' public keys
+
+    @property
+    def caps(self) -> ServerLimits:
+        """Sessions, parked forwards and uploads: the options given, ServerLimits' defaults for the rest."""
+        given = {"max_sessions": self.max_sessions, "max_sessions_per_peer": self.max_sessions_per_client,
+                 "max_parked": self.max_parked, "max_uploads": self.max_uploads, "upload_ttl_s": self.upload_ttl_s}
+        return ServerLimits(**{name: value for name, value in given.items() if value is not None})
+
+    @classmethod
+    def parser(cls, **kwargs) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(**kwargs)
+        for f in fields(cls):
+            if "help" not in f.metadata:
+                continue
+            meta = {k: v for k, v in f.metadata.items() if k not in ("help", "flag")}
+            help_text = f.metadata["help"]
+            if f.default not in (None, False, (), MISSING) and f.type != "bool":
+                help_text += f" (default: {f.default})"
+            if f.type == "bool":
+                meta["action"] = "store_false" if f.default else "store_true"
+            elif f.type.startswith("tuple"):
+                meta.update(action="append", default=[])
+            else:
+                meta["type"] = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
+            parser.add_argument(_flag(f), dest=f.name, help=help_text, **{"default": f.default, **meta})
+        return parser
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if "help" in f.metadata}
+        return cls(**{**values, "model": tuple(values["model"])})
+
+    def argv(self) -> list[str]:
+        """This config as `djinn-server` options: only what differs from the defaults."""
+        args = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if "help" not in f.metadata or value == f.default:
+                continue
+            if f.type == "bool":
+                args.append(_flag(f))
+            elif f.type.startswith("tuple"):
+                args.extend(a for item in value for a in (_flag(f), str(item)))
+            else:
+                args.extend([_flag(f), repr(value) if isinstance(value, float) else str(value)])
+        return args
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, checked against this torch and machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 @dataclass(frozen=True)
@@ -145,7 +258,12 @@ class _RejectionLog:
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
+        auth_token = config.auth_token
+        if auth_token is None and config.auth_token_file is not None:
+            auth_token = Path(config.auth_token_file).read_text().strip()
+            if not auth_token:
+                raise ValueError(f"auth token file {config.auth_token_file} is empty")
         # The one owner of the device's memory: the weight cache, the sessions' KV and the
         # graph slots register with it as holders.
         self.budget = DeviceBudget(self.device, None if config.vram_budget_gb is None
@@ -166,7 +284,7 @@ class Server:
         # Told apart by `hello`: a client that reconnected knows when the server is another process.
         self.instance = secrets.token_hex(8)
         limits = config.limits if config.limits is not None else host_limits(host_memory.available_bytes())
-        security = ServerSecurity(config.auth_token, _path(config.curve_secret_key_file),
+        security = ServerSecurity(auth_token, _path(config.curve_secret_key_file),
                                   _path(config.curve_client_keys))
         # The ZAP handler serves one context: a context of this server's own, so that two
         # servers in one process (tests) each check their own credentials.
@@ -177,12 +295,14 @@ class Server:
             "upload_weights": self.upload_weights, "forward": self.forward, "open_session": self.open_session,
             "prefill": self.step, "decode": self.step, "close_session": self.close_session,
             "run_to_layer": self.run_to_layer, "resume": self.resume, "cancel": self.cancel,
-            "offload": self.offload, "session_stats": self.session_stats,
+            "offload": self.offload, "session_stats": self.session_stats, "attach": self.attach,
         }
+        for name in config.model:  # before the socket binds: a client never finds it half-loaded
+            self.weights.preload(name, models.build(name, device=self.device))
         # Received frames are pageable; on a GPU, activations land in pinned memory instead.
         landing = self.executor.landing if self.device.type == "cuda" else None
         addresses = [f"tcp://{config.host}:{config.port}", *([f"ipc://{config.ipc_path}"] if config.ipc_path else [])]
-        self.sockets = [ServerSocket(address, self.handlers, limits=limits, auth_token=config.auth_token,
+        self.sockets = [ServerSocket(address, self.handlers, limits=limits, auth_token=auth_token,
                                      context=self._context, landing=landing, security=security,
                                      queued_replies=caps.queued_replies_per_peer) for address in addresses]
         # With tcp and ipc both open, one poll waits on both: waiting on each in turn would
@@ -263,10 +383,18 @@ class Server:
 
     # -- ops -----------------------------------------------------------------------
     def hello(self, incoming: Incoming) -> Reply:
-        return Reply({"version": SERVER_VERSION, "instance": self.instance, "device": str(self.device),
-                      "malloc_tuned": is_tuned(os.environ),
-                      "deterministic_kernels": deterministic_kernels(),
-                      "budget_bytes": self.budget.limit_bytes, "ops": sorted(self.handlers)}, {})
+        return Reply({"version": djinn.__version__, "instance": self.instance, "device": str(self.device),
+                      "malloc_tuned": is_tuned(os.environ), "deterministic_kernels": deterministic_kernels(),
+                      "budget_bytes": self.budget.limit_bytes, "ops": sorted(self.handlers),
+                      "models": [{"name": name, "fingerprint": fp} for name, fp in self.weights.names.items()]}, {})
+
+    def attach(self, incoming: Incoming) -> Reply:
+        """A model the server loaded itself, by name: what a client needs to drive it, never its weights."""
+        cached = self.weights.named(_arg(incoming.message, "name", str))
+        cached.peers.add(incoming.peer)  # its `stats` show the model it attached to
+        model = cached.model
+        return Reply({"model": cached.fingerprint, "config": models.config_dict(model),
+                      "dtype": DTYPE_NAMES[cached.dtype], "generation_config": model.generation_config.to_dict()}, {})
 
     def stats(self, incoming: Incoming) -> Reply:
         counters = self.weights.counters
@@ -313,7 +441,9 @@ class Server:
         pairs = [(message.tensors[k], message.tensors[v]) for k, v in kv.wire_names(config.num_hidden_layers)
                  if k in message.tensors and v in message.tensors]
         self.executor.check_kv(pairs, config)
-        logits, pairs = self.executor.stateless_step(model, weights, config, message.tensors.get("input_ids"), pairs)
+        padding = stateless_padding(message, pairs[0][0].shape[-2] if pairs else 0, models.max_positions(config))
+        logits, pairs = self.executor.stateless_step(model, weights, config, message.tensors.get("input_ids"), pairs,
+                                                     padding)
         tensors = {"logits": OutgoingTensor(logits, TensorKind.LOGITS)}
         for (kname, vname), (k, v) in zip(kv.wire_names(len(pairs)), pairs):
             tensors[kname] = OutgoingTensor(k, TensorKind.KV)
@@ -326,33 +456,45 @@ class Server:
         return Reply({"session": session.handle}, {})
 
     def step(self, incoming: Incoming) -> Reply:
-        """prefill and decode: the KV stays in the session; the token or the logits come back."""
+        """prefill and decode: the KV, padding and sampler stay in the session; the token (or logits) come back."""
         message = incoming.message
-        session = self.sessions.get(message.args.get("session"), message.args.get("model"))
+        session = self.sessions.get(message.args.get("session"), _fingerprint(message))
         self.executor.not_parked(session)
-        if (message.op == "prefill") != (session.length == 0):
+        starts = message.op == "prefill"
+        if starts != (session.length == 0):
             raise BadRequest(f"'{message.op}' on session {session.handle} holding {session.length} tokens: "
                              f"prefill starts a session, decode continues it")
-        logits = self.executor.session_step(session, message.tensors.get("input_ids"))
-        return self._logits_reply(message, logits, {"length": session.length,
-                                                    "io_wait_ms": session.last_io_wait_ms})
-
-    def _logits_reply(self, message: Message, logits: torch.Tensor, args: dict) -> Reply:
-        returns = message.args.get("returns", "logits")
-        if returns == "token":
-            tensors = {"token": OutgoingTensor(greedy(logits), TensorKind.TOKEN_IDS)}
-            if message.args.get("with_logits"):
-                tensors["logits"] = OutgoingTensor(logits, TensorKind.LOGITS)
-        elif returns == "logits":
-            tensors = {"logits": OutgoingTensor(logits, TensorKind.LOGITS)}
+        options = StepOptions.parse(message, starts_session=starts)  # before anything runs
+        ids = message.tensors.get("input_ids")
+        if starts:
+            mask = options.attention_mask
+            padding = Padding.of_prompt(mask.to(self.device)) if mask is not None else None  # grows on the device
         else:
-            raise BadRequest(f"'returns' must be 'token' or 'logits', got {returns!r}")
-        codec = message.args.get("logits_codec", Codec.RAW.value)
-        try:
-            policy = CodecPolicy({TensorKind.LOGITS: Codec(codec)})
-        except ValueError:
-            raise BadRequest(f"unknown logits codec {codec!r}") from None
-        return Reply(args, tensors, policy)
+            padding = session.padding
+            if padding is not None and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+                padding = padding.next(ids.shape[1])  # other ids: the executor says what is wrong with them
+        logits = self.executor.session_step(session, ids, padding)
+        if starts:
+            session.sampler = Sampler.build(session.model.model, options.sampling, ids, options.attention_mask,
+                                            self.device)
+        session.padding = padding
+        token, scores = self._sampler(session).pick(ids, logits)
+        return self._logits_reply(options, token, logits, scores,
+                                  {"length": session.length, "io_wait_ms": session.last_io_wait_ms})
+
+    @staticmethod
+    def _sampler(session: Session) -> Sampler:
+        if session.sampler is None:  # a session that began with run_to_layer: greedy
+            session.sampler = Sampler.greedy()
+        return session.sampler
+
+    @staticmethod
+    def _logits_reply(options: StepOptions, token: torch.Tensor, logits: torch.Tensor, scores: torch.Tensor,
+                      args: dict) -> Reply:
+        picked = {"token": (token, TensorKind.TOKEN_IDS), "logits": (logits, TensorKind.LOGITS),
+                  "scores": (scores, TensorKind.LOGITS)}
+        tensors = {name: OutgoingTensor(*picked[name]) for name in options.returns}
+        return Reply(args, tensors, CodecPolicy({TensorKind.LOGITS: options.logits_codec}))
 
     # -- breakpoints and paging ------------------------------------------------------
     def run_to_layer(self, incoming: Incoming) -> Reply:
@@ -371,8 +513,17 @@ class Server:
         """The parked step continues from layer N+1 with the client's activation; the logits come back."""
         message = incoming.message
         session = self.sessions.get(message.args.get("session"), _fingerprint(message))
+        options = StepOptions.parse(message, starts_session=False)  # before the parked step goes on
+        sampler = self._sampler(session)
+        if sampler.history is not None and options.returns & {"token", "scores"}:
+            # The parked step's tokens never reached the sampler, whose processors read every token.
+            raise BadRequest(f"session {session.handle} samples with logits processors: a resumed step can "
+                             f"return only its logits")
         logits = self.executor.resume(session, message.tensors.get("activation"))
-        return self._logits_reply(message, logits, {"length": session.length, "io_wait_ms": session.last_io_wait_ms})
+        token, scores = (sampler.pick(None, logits) if sampler.history is None
+                         else (None, None))
+        return self._logits_reply(options, token, logits, scores,
+                                  {"length": session.length, "io_wait_ms": session.last_io_wait_ms})
 
     def cancel(self, incoming: Incoming) -> Reply:
         message = incoming.message

@@ -42,7 +42,9 @@ import torch
 from transformers import DynamicCache
 
 from djinn import host_memory, kv
+from djinn.decoding import Padding
 from djinn.errors import BadRequest, LimitExceeded, OutOfMemory, SessionNotFound
+from djinn.sampling import Sampler
 from djinn.server.breakpoints import ParkedForward
 from djinn.server.device_budget import DeviceBudget
 from djinn.server.graphs import GraphDecoder, GraphSlots
@@ -118,6 +120,9 @@ class Session:
     # `recount` after a forward or a rollback: every request's admission sums it over all
     # sessions, and walking every layer of 50 sessions' caches took ~1 ms of its IO wait.
     kv_bytes: int = 0
+    # Set by the step that made them current (the server's, after its forward succeeded):
+    padding: Padding | None = None  # a padded batch's mask and positions as of the last step
+    sampler: Sampler | None = None  # picks each next token: HF's processors and the seeded generator
 
     @property
     def length(self) -> int:

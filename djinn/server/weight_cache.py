@@ -59,6 +59,7 @@ class CachedModel:
     stream: StreamingHandle | None = None  # installed when a streamed model's upload completes
     config_key: str = ""  # the registered config, canonical: a re-register must match it
     peers: set[bytes] = field(default_factory=set)  # connections that registered it: what `stats` shows them
+    name: str | None = None  # a model the server loaded itself (--model NAME): never evicted
 
     # Read on every session request's admission; a config's attribute lookups cost
     # microseconds each, inside the request's IO wait.
@@ -124,6 +125,7 @@ class WeightCache:
         self.device = budget.device
         self.ring_bytes = ring_bytes  # ring of each model too large for the budget
         self.models: dict[str, CachedModel] = {}
+        self.names: dict[str, str] = {}  # name -> fingerprint of the models the server loaded itself
         self.counters = CacheCounters()
         budget.hold("weights", lambda: self.resident_bytes)
 
@@ -212,6 +214,29 @@ class WeightCache:
             log.info("model %s complete and cached", fingerprint)
         return cached
 
+    def preload(self, name: str, model: torch.nn.Module) -> CachedModel:
+        """A model built on the server (`--model NAME`): complete, cached under its fingerprint and its name."""
+        state = model.state_dict()
+        unique = models.unique_state(model)
+        weight_bytes = sum(t.numel() * t.element_size() for t in unique.values())
+        self._make_room(weight_bytes, name)
+        digests = {n: models.tensor_digest(n, t) for n, t in state.items()}
+        fingerprint = models.combine_digests(digests)
+        cached = CachedModel(fingerprint, model, model.config, next(model.parameters()).dtype,
+                             {n: TensorEntry(n, t.dtype, tuple(t.shape)) for n, t in state.items()}, weight_bytes,
+                             digests=digests, name=name)
+        self.models[fingerprint] = cached
+        self.names[name] = fingerprint
+        log.info("loaded model %s (%s): %s", name, fingerprint, human(weight_bytes))
+        return cached
+
+    def named(self, name: str) -> CachedModel:
+        fingerprint = self.names.get(name)
+        if fingerprint is None:
+            raise ModelNotFound(f"no model named {name!r} on this server (loaded: {sorted(self.names) or 'none'}; "
+                                f"start it with --model {name})")
+        return self.get(fingerprint)
+
     def get(self, fingerprint: str) -> CachedModel:
         cached = self.models.get(fingerprint)
         if cached is None:
@@ -241,7 +266,7 @@ class WeightCache:
         for victim in sorted(self.models.values(), key=lambda m: m.last_used):
             if not self.budget.shortfall(weight_bytes):
                 break
-            if victim.users == 0:
+            if victim.users == 0 and victim.name is None:
                 del self.models[victim.fingerprint]
                 victim.release()
                 self.counters.evictions += 1
