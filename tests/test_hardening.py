@@ -376,7 +376,9 @@ def test_connect_to_no_server_fails_fast_naming_the_address():
         port = placeholder.bind_to_random_port("tcp://127.0.0.1")
         placeholder.close()
         started = time.monotonic()
-        with pytest.raises(DjinnTimeout, match=f"127.0.0.1:{port}"):
+        # A refused connection may be seen as a drop (ServerLost) or as no reply (DjinnTimeout):
+        # either way, fast and naming the address.
+        with pytest.raises((DjinnTimeout, ServerLost), match=f"127.0.0.1:{port}"):
             djinn.connect(f"127.0.0.1:{port}", hello_timeout_s=0.5)
         assert time.monotonic() - started < 0.5 + 1.0
 
