@@ -19,7 +19,6 @@ import torch
 from djinn import kv, models
 from djinn.decoding import forward_last, greedy
 from djinn.modes import SHIPPED_WEIGHT_PREFIX, Mode, resolve
-from djinn.errors import DjinnTimeout
 from djinn.transport import DEFAULT_TIMEOUT_S, ByteCounters, ClientConnection, Codec, OutgoingTensor, TensorKind
 from djinn.transport.security import ClientSecurity
 from djinn.transport.sockets import HELLO_TIMEOUT_S
@@ -44,9 +43,10 @@ def server_address(address: str | None = None) -> str:
 def connect(address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
             auth_token_file: str | Path | None = None, curve_server_key_file: str | Path | None = None,
             curve_client_key_file: str | Path | None = None, hello_timeout_s: float = HELLO_TIMEOUT_S) -> "Client":
-    """A client of the server at `address`, confirmed by a `hello` within `hello_timeout_s`.
+    """A client of the server at `address`, confirmed by a ZeroMQ handshake within
+    `hello_timeout_s` and then a `hello`.
 
-    `timeout_s` is each later request's; a server that is not there (or refuses these
+    `timeout_s` is each request's; a server that is not there (or refuses these
     credentials) fails here, fast, naming the address. CURVE (`--curve-secret-key-file`
     on the server) needs the server's public key file and this client's secret key file.
     """
@@ -54,11 +54,7 @@ def connect(address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
     security = ClientSecurity.from_files(token, curve_server_key_file, curve_client_key_file)
     connection = ClientConnection(server_address(address), timeout_s=timeout_s, auth_token=token, security=security)
     try:
-        connection.hello(hello_timeout_s)
-    except DjinnTimeout:
-        connection.close()
-        raise DjinnTimeout(f"no djinn server answered at {connection.address} within {hello_timeout_s:.1f} s: "
-                           f"is one running there (python -m djinn.server), and reachable?") from None
+        connection.confirm(hello_timeout_s)
     except BaseException:
         connection.close()
         raise
