@@ -129,6 +129,7 @@ class SessionStore:
     # Caps on open sessions; the server sets its own (`ServerLimits`).
     max_sessions: int = 4096
     max_sessions_per_peer: int = 1024
+
     def __init__(self, ttl_s: float, where: str, device: torch.device, *, swap: bool, host_limit_bytes: int,
                  graphs: GraphSlots | None = None):
         self.ttl_s = ttl_s
