@@ -29,7 +29,7 @@ SERVER_ENV_ALIASES = ("GENIE_SERVER_ADDRESS",)  # the prototype's name
 # A chunk is one message: bounded memory on both sides, resumable per chunk. The server
 # copies and digests a chunk between other clients' requests, at ~3.5 ms/MiB on the
 # shared 2-core CI host: 32 MiB stalls a bystander's step ~120 ms (256 MiB had ~1 s; a
-# 652 MB upload 4.5 s). A tensor larger than a chunk still travels, and stalls, whole.
+# 652 MB upload 4.5 s). A tensor larger than a chunk goes in slices of its rows.
 UPLOAD_CHUNK_BYTES = 32 << 20
 
 
@@ -172,9 +172,9 @@ class Client:
             "model": fingerprint, "config": config_dict(model), "dtype": DTYPE_NAMES[_weights_dtype(model)],
             "tensors": [[n, DTYPE_NAMES[t.dtype], list(t.shape)] for n, t in state.items()]})
         missing = list(reply.args["missing"])
-        for chunk in _chunks(missing, state, chunk_bytes):
-            self.connection.request("upload_weights", {"model": fingerprint},
-                                    {n: OutgoingTensor(state[n], TensorKind.WEIGHT) for n in chunk})
+        for tensors, slices in _chunks(missing, state, chunk_bytes):
+            self.connection.request("upload_weights", {"model": fingerprint, **({"slices": slices} if slices else {})},
+                                    {n: OutgoingTensor(t, TensorKind.WEIGHT) for n, t in tensors.items()})
         return fingerprint
 
 
@@ -188,16 +188,27 @@ def _weights_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def _chunks(names: list[str], state: dict[str, torch.Tensor], chunk_bytes: int):
-    chunk, size = [], 0
+    """The tensors in messages of at most `chunk_bytes` (each: tensors, and the first row of
+    those that are row slices); a tensor larger than a chunk goes in slices of its rows."""
+    chunk, size = {}, 0
     for name in names:
-        nbytes = state[name].numel() * state[name].element_size()
+        tensor = state[name]
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > chunk_bytes and tensor.dim() and tensor.shape[0] > 1:
+            if chunk:
+                yield chunk, {}
+                chunk, size = {}, 0
+            rows = max(1, chunk_bytes // (nbytes // tensor.shape[0]))
+            for start in range(0, tensor.shape[0], rows):
+                yield {name: tensor[start:start + rows]}, {name: start}
+            continue
         if chunk and size + nbytes > chunk_bytes:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(name)
+            yield chunk, {}
+            chunk, size = {}, 0
+        chunk[name] = tensor
         size += nbytes
     if chunk:
-        yield chunk
+        yield chunk, {}
 
 
 class RemoteModel:
