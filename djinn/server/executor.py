@@ -25,8 +25,8 @@ from transformers import DynamicCache
 from djinn import kv, models
 from djinn.decoding import forward_last
 from djinn.errors import BadRequest, OutOfMemory
-from djinn.server.limits import checked_config, implied_tensors
 from djinn.server.breakpoints import ParkedForward, check_layer, num_decoder_layers
+from djinn.server.limits import checked_config, implied_tensors
 from djinn.server.session_store import Breakpoint, Session, SessionState, SessionStore
 from djinn.server.weight_cache import CachedModel, WeightCache
 from djinn.transport import TensorKind, TensorSpec

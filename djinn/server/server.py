@@ -13,8 +13,8 @@ import os
 import re
 import secrets
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,8 +27,8 @@ from djinn.modes import SHIPPED_WEIGHT_PREFIX
 from djinn.reproducibility import deterministic_kernels
 from djinn.server.breakpoints import limit_parked, parked_room
 from djinn.server.executor import Executor
-from djinn.server.limits import ServerLimits, host_limits
 from djinn.server.graphs import GraphSlots
+from djinn.server.limits import ServerLimits, host_limits
 from djinn.server.session_store import SessionStore
 from djinn.server.weight_cache import TensorEntry, WeightCache
 from djinn.transport import Codec, CodecPolicy, Incoming, Limits, Message, OutgoingTensor, ServerSocket, TensorKind

@@ -17,7 +17,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-import msgpack
 import torch
 import zmq
 import zmq.utils.monitor
