@@ -23,7 +23,7 @@ from transformers.generation import GenerateDecoderOnlyOutput
 
 from djinn import generation, kv, models
 from djinn.decoding import Padding, forward_last, greedy
-from djinn.errors import DjinnTimeout, ModelNotFound
+from djinn.errors import ModelNotFound
 from djinn.models import config_dict
 from djinn.modes import SHIPPED_WEIGHT_PREFIX, Mode, resolve
 from djinn.sampling import Sampler
@@ -37,7 +37,7 @@ SERVER_ENV_ALIASES = ("GENIE_SERVER_ADDRESS",)  # the prototype's name
 # A chunk is one message: bounded memory on both sides, resumable per chunk. The server
 # copies and digests a chunk between other clients' requests, at ~3.5 ms/MiB on the
 # shared 2-core CI host: 32 MiB stalls a bystander's step ~120 ms (256 MiB had ~1 s; a
-# 652 MB upload 4.5 s). A tensor larger than a chunk still travels, and stalls, whole.
+# 652 MB upload 4.5 s). A tensor larger than a chunk goes in slices of its rows.
 UPLOAD_CHUNK_BYTES = 32 << 20
 
 
@@ -51,9 +51,10 @@ def server_address(address: str | None = None) -> str:
 def connect(address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
             auth_token_file: str | Path | None = None, curve_server_key_file: str | Path | None = None,
             curve_client_key_file: str | Path | None = None, hello_timeout_s: float = HELLO_TIMEOUT_S) -> "Client":
-    """A client of the server at `address`, confirmed by a `hello` within `hello_timeout_s`.
+    """A client of the server at `address`, confirmed by a ZeroMQ handshake within
+    `hello_timeout_s` and then a `hello`.
 
-    `timeout_s` is each later request's; a server that is not there (or refuses these
+    `timeout_s` is each request's; a server that is not there (or refuses these
     credentials) fails here, fast, naming the address. CURVE (`--curve-secret-key-file`
     on the server) needs the server's public key file and this client's secret key file.
     """
@@ -61,11 +62,7 @@ def connect(address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
     security = ClientSecurity.from_files(token, curve_server_key_file, curve_client_key_file)
     connection = ClientConnection(server_address(address), timeout_s=timeout_s, auth_token=token, security=security)
     try:
-        connection.hello(hello_timeout_s)
-    except DjinnTimeout:
-        connection.close()
-        raise DjinnTimeout(f"no djinn server answered at {connection.address} within {hello_timeout_s:.1f} s: "
-                           f"is one running there (python -m djinn.server), and reachable?") from None
+        connection.confirm(hello_timeout_s)
     except BaseException:
         connection.close()
         raise
@@ -225,9 +222,9 @@ class Client:
             "model": fingerprint, "config": config_dict(model), "dtype": DTYPE_NAMES[_weights_dtype(model)],
             "tensors": [[n, DTYPE_NAMES[t.dtype], list(t.shape)] for n, t in state.items()]})
         missing = list(reply.args["missing"])
-        for chunk in _chunks(missing, state, chunk_bytes):
-            self.connection.request("upload_weights", {"model": fingerprint},
-                                    {n: OutgoingTensor(state[n], TensorKind.WEIGHT) for n in chunk})
+        for tensors, slices in _chunks(missing, state, chunk_bytes):
+            self.connection.request("upload_weights", {"model": fingerprint, **({"slices": slices} if slices else {})},
+                                    {n: OutgoingTensor(t, TensorKind.WEIGHT) for n, t in tensors.items()})
         return fingerprint
 
 
@@ -236,16 +233,27 @@ def _weights_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def _chunks(names: list[str], state: dict[str, torch.Tensor], chunk_bytes: int):
-    chunk, size = [], 0
+    """The tensors in messages of at most `chunk_bytes` (each: tensors, and the first row of
+    those that are row slices); a tensor larger than a chunk goes in slices of its rows."""
+    chunk, size = {}, 0
     for name in names:
-        nbytes = state[name].numel() * state[name].element_size()
+        tensor = state[name]
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > chunk_bytes and tensor.dim() and tensor.shape[0] > 1:
+            if chunk:
+                yield chunk, {}
+                chunk, size = {}, 0
+            rows = max(1, chunk_bytes // (nbytes // tensor.shape[0]))
+            for start in range(0, tensor.shape[0], rows):
+                yield {name: tensor[start:start + rows]}, {name: start}
+            continue
         if chunk and size + nbytes > chunk_bytes:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(name)
+            yield chunk, {}
+            chunk, size = {}, 0
+        chunk[name] = tensor
         size += nbytes
     if chunk:
-        yield chunk
+        yield chunk, {}
 
 
 class RemoteModel:

@@ -158,12 +158,23 @@ def config_dict(model: torch.nn.Module) -> dict:
     return json.loads(model.config.to_json_string(use_diff=False))
 
 
+def tensor_digester(name: str, dtype: torch.dtype, shape: tuple[int, ...]):
+    """The hash of one tensor's share of a fingerprint, before its bytes: fed them in
+    order (all at once, or row slices as a server receives them), `digest()` is
+    `tensor_digest`."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{name}|{dtype}|{tuple(shape)}|".encode())
+    return h
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
     """One tensor's share of a fingerprint; the server digests uploads as they arrive."""
-    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    h.update(memoryview(data))
+    h = tensor_digester(name, tensor.dtype, tuple(tensor.shape))
+    h.update(tensor_bytes(tensor))
     return h.digest()
 
 

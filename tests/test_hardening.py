@@ -319,6 +319,30 @@ def test_another_client_can_neither_poison_nor_see_a_model(shared_server, tiny_m
         assert remote.fingerprint in {m["fingerprint"] for m in a.stats()["models"]}
 
 
+def test_a_tensor_larger_than_a_chunk_travels_in_row_slices(shared_server, hf_greedy, make_prompt):
+    """A 652 MB upload stalled another client's decode step up to 4.5 s: no message of an
+    upload is larger than a chunk now, a tensor larger than one goes in slices of its rows."""
+    model = models.build(models.TINY_MODEL, seed=31)
+    lm_head = model.state_dict()["lm_head.weight"]
+    ids = make_prompt(model, 8)
+    with djinn.connect(shared_server.host_port) as c:
+        before = c.counters.messages_sent
+        remote = c.load(model, mode="full_djinn", upload_chunk_bytes=lm_head.nbytes // 5)
+        assert c.counters.messages_sent - before > 10, "the large tensors went in several messages"
+        assert torch.equal(remote.generate(ids, max_new_tokens=4), hf_greedy(model, ids, 4)[0])
+        fingerprint = models.fingerprint(models.build(models.TINY_MODEL, seed=32))
+        state = models.build(models.TINY_MODEL, seed=32).state_dict()
+        c.connection.request("register_model", {"model": fingerprint, "config": config_dict(model),
+                                                "dtype": "float32",
+                                                "tensors": [[n, "float32", list(t.shape)] for n, t in state.items()]})
+        head = state["lm_head.weight"]
+        c.connection.request("upload_weights", {"model": fingerprint, "slices": {"lm_head.weight": 0}},
+                             {"lm_head.weight": OutgoingTensor(head[:100], TensorKind.WEIGHT)})
+        with pytest.raises(BadRequest, match="start at row 0 or at row 100"):
+            c.connection.request("upload_weights", {"model": fingerprint, "slices": {"lm_head.weight": 200}},
+                                 {"lm_head.weight": OutgoingTensor(head[200:300], TensorKind.WEIGHT)})
+
+
 def test_an_unauthenticated_peer_cannot_make_the_server_buffer_a_message(start_server, tmp_path):
     """An unauthenticated 1 GB message was buffered whole before refusal (RSS 434 -> 1,458 MB)."""
     token = tmp_path / "token"

@@ -21,9 +21,9 @@ import torch
 from djinn import kv, models
 from djinn.decoding import Padding, forward_last
 from djinn.errors import BadRequest, OutOfMemory
-from djinn.server.limits import checked_config, implied_tensors
 from djinn.server.breakpoints import ParkedForward, check_layer, num_decoder_layers
 from djinn.server.device_budget import DeviceBudget
+from djinn.server.limits import checked_config, implied_tensors
 from djinn.server.session_store import Breakpoint, Session, SessionStore
 from djinn.server.weight_cache import CachedModel, WeightCache
 from djinn.transport import TensorKind, TensorSpec

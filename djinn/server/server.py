@@ -425,7 +425,10 @@ class Server:
 
     def upload_weights(self, incoming: Incoming) -> Reply:
         message = incoming.message
-        cached = self.weights.receive(_fingerprint(message), message.tensors)
+        slices = message.args.get("slices", {})
+        if not isinstance(slices, dict) or not all(isinstance(n, str) and n in message.tensors for n in slices):
+            raise BadRequest("'slices' must map names of this message's tensors to their first row")
+        cached = self.weights.receive(_fingerprint(message), message.tensors, slices)
         return Reply({"complete": cached.complete, "missing_count": len(cached.missing)}, {})
 
     def forward(self, incoming: Incoming) -> Reply:

@@ -60,6 +60,7 @@ class CachedModel:
     config_key: str = ""  # the registered config, canonical: a re-register must match it
     peers: set[bytes] = field(default_factory=set)  # connections that registered it: what `stats` shows them
     name: str | None = None  # a model the server loaded itself (--model NAME): never evicted
+    partial: dict[str, "_Partial"] = field(default_factory=dict)  # tensors arriving in row slices
 
     # Read on every session request's admission; a config's attribute lookups cost
     # microseconds each, inside the request's IO wait.
@@ -179,11 +180,17 @@ class WeightCache:
         log.info("registered model %s: %d tensors, %s, awaiting upload", fingerprint, len(expected), human(weight_bytes))
         return cached
 
-    def receive(self, fingerprint: str, tensors: dict[str, torch.Tensor]) -> CachedModel:
+    def receive(self, fingerprint: str, tensors: dict[str, torch.Tensor],
+                slices: dict[str, int] | None = None) -> CachedModel:
         """Copy a chunk of uploaded weights into the model; verify the fingerprint when whole.
 
-        Every tensor of the chunk is checked before any is written, and a complete model
-        (which sessions may be decoding with) is never written again."""
+        A tensor named in `slices` is a slice of rows starting at that row: a tensor larger
+        than a chunk travels in several messages, in order, so that no one message stalls
+        the loop for longer than a chunk takes (its digest is fed slice by slice; a slice
+        from row 0 starts the tensor over). Every tensor of the chunk is checked before any
+        is written, and a complete model (which sessions may be decoding with) is never
+        written again."""
+        slices = slices or {}
         cached = self.models.get(fingerprint)
         if cached is None:
             raise ModelNotFound(f"model {fingerprint} is not registered: register it before uploading")
@@ -193,15 +200,30 @@ class WeightCache:
             entry = cached.expected.get(name)
             if entry is None:
                 raise BadRequest(f"model {fingerprint} has no tensor {quote(name)}")
-            if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
+            if name in slices:
+                _check_slice(cached, entry, tensor, slices[name])
+            elif tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
                 raise BadRequest(f"tensor {quote(name)}: got {tensor.dtype} {list(tensor.shape)}, "
                                  f"registered {entry.dtype} {list(entry.shape)}")
         state = cached.model.state_dict()
         with torch.no_grad():
             for name, tensor in tensors.items():
-                state[name].copy_(tensor)
-                cached.digests[name] = models.tensor_digest(name, tensor)
                 self.counters.uploaded_bytes += tensor.numel() * tensor.element_size()
+                if name not in slices:
+                    state[name].copy_(tensor)
+                    cached.partial.pop(name, None)
+                    cached.digests[name] = models.tensor_digest(name, tensor)
+                    continue
+                start, entry = slices[name], cached.expected[name]
+                if start == 0:
+                    cached.digests.pop(name, None)
+                    cached.partial[name] = _Partial(models.tensor_digester(name, entry.dtype, entry.shape))
+                partial = cached.partial[name]
+                state[name][start:start + tensor.shape[0]].copy_(tensor)
+                partial.digester.update(models.tensor_bytes(tensor))
+                partial.rows += tensor.shape[0]
+                if partial.rows == entry.shape[0]:
+                    cached.digests[name] = cached.partial.pop(name).digester.digest()
         cached.last_used = time.monotonic()
         if cached.complete:
             actual = models.combine_digests(cached.digests)
@@ -337,6 +359,25 @@ def _host_skeleton(config, dtype: torch.dtype, device: torch.device) -> torch.nn
                                                                  requires_grad=param.requires_grad)
                 module._parameters[name] = materialised[id(param)]
     return model.eval()
+
+
+@dataclass
+class _Partial:
+    """A tensor received in row slices so far: its digest's state, and the rows it has."""
+    digester: object
+    rows: int = 0
+
+
+def _check_slice(cached: CachedModel, entry: TensorEntry, tensor: torch.Tensor, start: object) -> None:
+    name = entry.name
+    expected = cached.partial[name].rows if name in cached.partial else 0
+    if not isinstance(start, int) or isinstance(start, bool) or start not in (0, expected):
+        raise BadRequest(f"tensor {quote(name)}: a slice must start at row 0 or at row {expected}, where the "
+                         f"last one ended; got {quote(start)}")
+    if (tensor.dtype != entry.dtype or tensor.dim() != len(entry.shape) or not entry.shape
+            or tuple(tensor.shape[1:]) != entry.shape[1:] or start + tensor.shape[0] > entry.shape[0]):
+        raise BadRequest(f"tensor {quote(name)}: a slice of {tensor.dtype} {list(tensor.shape)} from row {start} "
+                         f"does not fit the registered {entry.dtype} {list(entry.shape)}")
 
 
 def _config_key(values: dict) -> str:

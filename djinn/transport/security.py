@@ -41,7 +41,7 @@ class ServerSecurity:
             raise ValueError("CURVE needs both the server's secret key file and the directory of allowed "
                              "client public keys")
         if self.curve_secret_key_file is not None:
-            public, secret = zmq.auth.load_certificate(self.curve_secret_key_file)
+            _public, secret = zmq.auth.load_certificate(self.curve_secret_key_file)
             if secret is None:
                 raise ValueError(f"{self.curve_secret_key_file} holds no secret key: pass the server's "
                                  f".key_secret file")

@@ -17,7 +17,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-import msgpack
 import torch
 import zmq
 import zmq.utils.monitor
@@ -180,6 +179,16 @@ class _Link:
         self.drops = 0  # disconnections after a completed handshake
         self.refused: str | None = None  # why the last handshake failed, until one succeeds
 
+    def wait_up(self, timeout_s: float) -> bool:
+        """Whether a handshake completes within `timeout_s` (False: refused, or none yet)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.update()
+            remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
+            if self.up or self.refused or remaining_ms <= 0:
+                return self.up
+            self._monitor.poll(remaining_ms)
+
     def update(self) -> None:
         while True:
             try:
@@ -286,6 +295,21 @@ class ClientConnection:
             if reply.header.request_id in (request_id, UNKNOWN_REQUEST_ID):
                 return reply
             # A late reply to a request that already timed out: not ours to return.
+
+    def confirm(self, handshake_timeout_s: float) -> dict:
+        """The server's `hello`, once a ZeroMQ handshake with it completed within
+        `handshake_timeout_s`. The handshake is libzmq's, answered by the server's I/O
+        thread however busy its request loop is: no server, or refused credentials, fail
+        fast here, while a server busy with another client's long request gets the
+        request timeout to answer."""
+        if not self._link.wait_up(handshake_timeout_s):
+            if self._link.refused:
+                raise Unauthenticated(f"{self.address} refused this client in the ZeroMQ handshake "
+                                      f"({self._link.refused}): wrong or missing token, or a CURVE key it does "
+                                      f"not allow")
+            raise DjinnTimeout(f"no djinn server answered at {self.address} within {handshake_timeout_s:.1f} s: "
+                               f"is one running there (python -m djinn.server), and reachable?")
+        return self.hello(self.timeout_s)
 
     def hello(self, timeout_s: float) -> dict:
         """The server's `hello`, within `timeout_s`; remembers which server process answered."""
