@@ -17,7 +17,7 @@ from djinn.server.server import ServerConfig
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
-def _server(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+def _server(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:  # torch imports slowly on a loaded host
     return subprocess.run([sys.executable, "-m", "djinn.server", "--no-malloc-tuning", *args],
                           capture_output=True, text=True, timeout=timeout_s)
 

@@ -40,6 +40,7 @@ class GraphDecoder:
         # `backend` compiles without CUDA graphs (any device): the tests' view of the traced step.
         self.compiled = compiled and (device.type == "cuda" or backend is not None)
         self.cudagraphs = self.compiled and backend is None
+        self.cache_argument = cache_argument(type(model))  # looked up here: the compiled forward only reads it
         if self.compiled:
             # Every tensor the graph reads is a static input: the graph reads it in place
             # at a fixed address. The StaticCache tensors HF marks itself when it allocates
@@ -54,7 +55,7 @@ class GraphDecoder:
             self._step = self._forward
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=mask, **{cache_argument(type(self.model)): self.cache},
+        out = self.model(input_ids=ids, attention_mask=mask, **{self.cache_argument: self.cache},
                          cache_position=positions, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
