@@ -27,6 +27,6 @@ def run_plan(mode: str, weight_bytes: int, config, *, new_tokens: int, runs: int
     if mode not in BLIND_MODES:
         return RunPlan(new_tokens, runs, warmup)
     large = weight_bytes > LARGE_MODEL_BYTES
-    tokens = config.getoption("--blind-tokens") or (min(BLIND_TOKENS_LARGE, new_tokens) if large else new_tokens)
-    blind_runs = config.getoption("--blind-runs") or (min(BLIND_RUNS_LARGE, runs) if large else runs)
+    tokens = config.getoption("--djinn-blind-tokens") or (min(BLIND_TOKENS_LARGE, new_tokens) if large else new_tokens)
+    blind_runs = config.getoption("--djinn-blind-runs") or (min(BLIND_RUNS_LARGE, runs) if large else runs)
     return RunPlan(min(tokens, new_tokens), blind_runs, min(BLIND_WARMUP_LARGE, warmup) if large else warmup)

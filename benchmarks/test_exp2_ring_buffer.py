@@ -213,12 +213,12 @@ def _free_device(pinned: bool = False) -> None:
 @pytest.fixture(scope="module")
 def ring_setup(pytestconfig, bench_device) -> RingSetup:
     option = pytestconfig.getoption
-    name = option("--ring-model")
+    name = option("--djinn-ring-model")
     if name == "auto":
         name = models.TINY_MODEL if bench_device == "cpu" else "llama-2-13b"
     if name not in models.CATALOGUE:
         raise pytest.UsageError(f"--ring-model {name!r}: one of {', '.join(models.CATALOGUE)}")
-    num_layers = option("--ring-num-layers")
+    num_layers = option("--djinn-ring-num-layers")
     dtype = models.default_dtype(bench_device)
     config = models.CATALOGUE[name].config(num_layers)
     with torch.device("meta"):
@@ -227,11 +227,11 @@ def ring_setup(pytestconfig, bench_device) -> RingSetup:
     layer_bytes = tuple(sum(p.numel() * p.element_size() for p in layer.parameters())
                         for layer in find_decoder_layers(meta))
     resident = weight_bytes - sum(layer_bytes)
-    new_tokens = option("--ring-new-tokens")
+    new_tokens = option("--djinn-ring-new-tokens")
     kv_bytes = models.kv_bytes_per_token(config, dtype) * (PROMPT_TOKENS + new_tokens)
     on_cuda = bench_device.startswith("cuda")
     headroom = GPU_HEADROOM_BYTES if on_cuda else 0
-    budget_gb = option("--ring-budget-gb")
+    budget_gb = option("--djinn-ring-budget-gb")
     if budget_gb is not None:
         budget = int(budget_gb * GIB)
         ring = (budget - resident - kv_bytes - headroom) // MIB * MIB
@@ -248,7 +248,7 @@ def ring_setup(pytestconfig, bench_device) -> RingSetup:
         raise pytest.UsageError(f"a {budget / GIB:.2f} GiB budget leaves {ring / MIB:.0f} MiB for the ring after "
                                 f"the resident parts ({resident / MIB:.0f} MiB), the KV cache and headroom; one "
                                 f"{name} layer needs {max(layer_bytes) / MIB:.0f} MiB")
-    runs, warmup = option("--runs"), option("--warmup-runs")
+    runs, warmup = option("--djinn-runs"), option("--djinn-warmup-runs")
     if weight_bytes > LARGE_MODEL_BYTES:
         runs, warmup = min(runs, LARGE_RUNS), min(warmup, LARGE_WARMUP)
     prompt = torch.randint(0, config.vocab_size, (1, PROMPT_TOKENS),

@@ -41,7 +41,7 @@ def test_gap(phase, mode, benchmark, bench_model, djinn_client, prompt_ids, coll
     remote = bench_model.load(mode, djinn_client)
     new_tokens, trials, warmup = astuple(run_plan(
         mode, bench_model.weight_bytes, pytestconfig, new_tokens=PHASES[phase],
-        runs=pytestconfig.getoption("--gap-trials"), warmup=1))
+        runs=pytestconfig.getoption("--djinn-gap-trials"), warmup=1))
     outputs = []
 
     def trial():

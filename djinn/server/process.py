@@ -42,11 +42,14 @@ def wait_for_ready_line(process: subprocess.Popen, prefix: str, timeout_s: float
 
 class ServerProcess:
     def __init__(self, *args: str, log_path: Path, ready_timeout_s: float = READY_TIMEOUT_S,
-                 env: dict | None = None):
+                 env: dict | None = None, inherit_env: bool = True):
         self.args = ["--port", "0", *args] if "--port" not in args else list(args)
         self.log_path = Path(log_path)
         self.ready_timeout_s = ready_timeout_s
+        # inherit_env=False: `env` is the child's whole environment, so a launcher can keep
+        # variables of this process (cuBLAS's workspace, thread counts) out of it.
         self.env = env
+        self.inherit_env = inherit_env
         self.process: subprocess.Popen | None = None
         self.address: str | None = None
 
@@ -61,11 +64,14 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    def _environment(self) -> dict:
+        return {**os.environ, **(self.env or {})} if self.inherit_env else dict(self.env or {})
+
     def start(self) -> "ServerProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
         self.process = subprocess.Popen([sys.executable, "-m", "djinn.server", *self.args], stdout=subprocess.PIPE,
-                                        stderr=log, text=True, env={**os.environ, **(self.env or {})})
+                                        stderr=log, text=True, env=self._environment())
         log.close()
         try:
             self.address = wait_for_ready_line(self.process, READY_PREFIX, self.ready_timeout_s, "djinn server")

@@ -34,6 +34,10 @@ log = logging.getLogger("djinn.server")
 
 SERVER_VERSION = "0.1.0"
 POLL_MS = 200  # how often the loop wakes to expire sessions and check for shutdown
+# Test-only: a planted slowdown of every session step (prefill, decode), in ms, read once at
+# import. It exists to show that djinn-compare catches a regression (benchmarks/compare.py);
+# unset, it costs one comparison per step.
+TEST_STEP_SLEEP_S = float(os.environ.get("DJINN_TEST_STEP_SLEEP_MS", "0")) / 1e3
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,8 @@ class Server:
             raise BadRequest(f"'{message.op}' on session {session.handle} holding {session.length} tokens: "
                              f"prefill starts a session, decode continues it")
         logits = self.executor.session_step(session, message.tensors.get("input_ids"))
+        if TEST_STEP_SLEEP_S:
+            time.sleep(TEST_STEP_SLEEP_S)
         return self._logits_reply(message, logits, {"length": session.length,
                                                     "io_wait_ms": session.last_io_wait_ms})
 
