@@ -128,10 +128,13 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 @pytest.fixture(autouse=True)
 def _kernels_in_extra_info(request, server_launcher):
-    """Both sides' kernel configuration beside every timing: this process's and each server's."""
+    """Both sides' kernel configuration beside every timing: this process's and each server's
+    (written after the test, when the servers it started are known; the dict is the one
+    pytest-benchmark serialises at the end of the session)."""
+    extra_info = request.getfixturevalue("benchmark").extra_info if "benchmark" in request.fixturenames else None
     yield
-    if "benchmark" in request.fixturenames:
-        request.getfixturevalue("benchmark").extra_info["kernels"] = {
+    if extra_info is not None:
+        extra_info["kernels"] = {
             "pytest": current_kernel_config().as_dict(),
             "servers": {s["name"]: s["kernels"] for s in server_launcher.describe()}}
 
