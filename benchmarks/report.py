@@ -39,7 +39,7 @@ DPI = 130
 
 EXP2_1 = "exp2_1"
 GAP = "gap"
-EXP2_1_SPLIT = ("queue_ms", "compute_ms", "transfer_ms")
+EXP2_1_SPLIT = ("queue_ms_per_run_mean", "compute_ms_per_run_mean", "transfer_ms_per_run_mean")
 SPLIT_COLORS = ("#c9c9c9", "#4c72b0", "#dd8452")
 
 # The seeds' table (001, 002): its row order and the names it prints.
@@ -48,11 +48,12 @@ GAP_MODES = {"local": "LOCAL", "naive": "NAÏVE-REMOTE", "remote_cache": "REMOTE
              "sys_simulated": "SYS (SIMULATED)"}
 # "New tokens" is beyond the seed's columns: semantic_blind's decode runs fewer tokens on
 # multi-GB models (benchmarks/plans.py), and the row must say so.
-GAP_COLUMNS = ("Phase", "Mode", "New tokens", "Latency (s) mean ± std", "Network Bytes mean ± std",
-               "Avg GPU Util (%)")
+GAP_COLUMNS = ("Phase", "Mode", "New tokens", "Latency (s) median [IQR]", "Network Bytes median [IQR]",
+               "GPU Util (%) median [IQR]")
 GAP_WIRE_COLUMN = "Wire Bytes (capture)"
-GAP_RAW = ("phase", "mode", "trials", "new_tokens", "latency_s_mean", "latency_s_std", "network_bytes_mean", "network_bytes_std",
-           "wire_capture_bytes_mean", "gpu_sm_util_pct_mean", "gpu_sm_util_pct_std")
+GAP_RAW = ("phase", "mode", "trials", "new_tokens", "latency_s_median", "latency_s_q1", "latency_s_q3",
+           "network_bytes_median", "network_bytes_q1", "network_bytes_q3", "wire_capture_bytes_mean",
+           "gpu_sm_util_pct_median", "gpu_sm_util_pct_q1", "gpu_sm_util_pct_q3")
 
 
 class GapRow(TypedDict, total=False):
@@ -61,13 +62,17 @@ class GapRow(TypedDict, total=False):
     phase: str  # prefill | decode
     mode: str  # local | naive | remote_cache | sys_simulated
     trials: int
-    latency_s_mean: float
-    latency_s_std: float
-    network_bytes_mean: float  # transport counters
-    network_bytes_std: float
+    new_tokens: int
+    latency_s_median: float
+    latency_s_q1: float
+    latency_s_q3: float
+    network_bytes_median: float  # transport counters
+    network_bytes_q1: float
+    network_bytes_q3: float
     wire_capture_bytes_mean: float | None  # None without a capture
-    gpu_sm_util_pct_mean: float | None  # None on the CPU
-    gpu_sm_util_pct_std: float | None
+    gpu_sm_util_pct_median: float | None  # None on the CPU
+    gpu_sm_util_pct_q1: float | None
+    gpu_sm_util_pct_q3: float | None
 
 
 @dataclass(frozen=True)
@@ -149,17 +154,14 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _pm(mean: float | None, std: float | None, max_decimals: int = 6) -> str:
-    """mean ± std, both rounded to the std's second significant digit (mean's third if std is 0)."""
-    if mean is None:
+def _median_iqr(median: float | None, q1: float | None, q3: float | None) -> str:
+    """median [q1, q3], three significant digits each; the median alone when the spread is
+    unknown or nil (one sample), never a made-up "± 0"."""
+    if median is None:
         return "n/a"
-    if std is None:
-        return _sig(mean)
-    scale = std if std > 0 else abs(mean)
-    if scale == 0:
-        return "0 ± 0"
-    decimals = min(max_decimals, max(0, (1 if std > 0 else 2) - math.floor(math.log10(scale))))
-    return f"{mean:,.{decimals}f} ± {std:,.{decimals}f}"
+    if q1 is None or q3 is None or q1 == q3:
+        return _sig(median)
+    return f"{_sig(median)} [{_sig(q1)}, {_sig(q3)}]"
 
 
 def _bytes(value: float) -> str:
@@ -229,7 +231,7 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict]) -> Path
 
 
 # -- the gap table -------------------------------------------------------------------------
-REQUIRED_GAP_KEYS = ("phase", "mode", "latency_s_mean", "network_bytes_mean")
+REQUIRED_GAP_KEYS = ("phase", "mode", "latency_s_median", "network_bytes_median")
 
 
 def _gap_sorted(rows: Sequence[GapRow]) -> list[GapRow]:
@@ -249,14 +251,14 @@ def gap_display_rows(rows: Sequence[GapRow]) -> list[dict]:
     """The seed's columns, formatted, followed by the raw numbers."""
     out = []
     for row in _gap_sorted(rows):
-        util, wire = row.get("gpu_sm_util_pct_mean"), row.get("wire_capture_bytes_mean")
+        wire = row.get("wire_capture_bytes_mean")
         out.append({
             "Phase": row["phase"].capitalize(),
             "Mode": GAP_MODES.get(row["mode"], row["mode"].upper()),
             "New tokens": "n/a" if row.get("new_tokens") is None else str(row["new_tokens"]),
-            "Latency (s) mean ± std": _pm(row["latency_s_mean"], row.get("latency_s_std")),
-            "Network Bytes mean ± std": _pm(row["network_bytes_mean"], row.get("network_bytes_std"), max_decimals=0),
-            "Avg GPU Util (%)": "n/a" if util is None else _pm(util, row.get("gpu_sm_util_pct_std")),
+            "Latency (s) median [IQR]": _median_iqr(*(row.get(f"latency_s_{k}") for k in ("median", "q1", "q3"))),
+            "Network Bytes median [IQR]": _median_iqr(*(row.get(f"network_bytes_{k}") for k in ("median", "q1", "q3"))),
+            "GPU Util (%) median [IQR]": _median_iqr(*(row.get(f"gpu_sm_util_pct_{k}") for k in ("median", "q1", "q3"))),
             GAP_WIRE_COLUMN: "n/a" if wire is None else f"{wire:,.0f}",
             **{k: row.get(k) for k in GAP_RAW},
         })
@@ -271,11 +273,11 @@ def gap_markdown(rows: Sequence[GapRow]) -> str:
     notes = ["Network Bytes: the transport's byte counters (payload and framing, both directions)."]
     if has_wire:
         notes.append(f"{GAP_WIRE_COLUMN}: packets on the server's port, counted by the wire capture.")
-    if any(r["gpu_sm_util_pct_mean"] is None for r in display):
-        notes.append(f"Avg GPU Util n/a: {NO_GPU_NOTE}.")
+    if any(r["gpu_sm_util_pct_median"] is None for r in display):
+        notes.append(f"GPU Util n/a: {NO_GPU_NOTE}.")
     trials = sorted({r["trials"] for r in display if r["trials"] is not None})
     if trials:
-        notes.append(f"mean ± std over {', '.join(map(str, trials))} trials.")
+        notes.append(f"median [first, third quartile] over {', '.join(map(str, trials))} trials.")
     return table + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
@@ -347,26 +349,25 @@ def _exp2_1_context(runs: Sequence[Benchmark]) -> str:
     return f"{model}, batch {batch}" + (f", {prompt}-token prompt" if prompt else "")
 
 
-def _per_token_std_ms(b: Benchmark) -> float | None:
-    """Run-to-run spread per token: extra_info's own if the benchmark gives it, else stddev(run) / tokens."""
-    for key in ("per_token_ms_std", "per_token_ms_stddev"):
-        if isinstance(b.extra.get(key), (int, float)):
-            return b.extra[key]
-    std, tokens = b.stat_ms("stddev"), b.extra.get("new_tokens")
-    return std / tokens if std is not None and tokens else None
+def _iqr_whiskers(extra: dict, prefix: str) -> tuple[float, float]:
+    """(below, above) the median: the distance to the first and third quartile, 0 where unknown."""
+    median, q1, q3 = (extra.get(f"{prefix}_{k}") for k in ("median", "q1", "q3"))
+    if median is None or q1 is None or q3 is None:
+        return 0.0, 0.0
+    return max(0.0, median - q1), max(0.0, q3 - median)
 
 
 def plot_exp2_1_latency(runs: Sequence[Benchmark], path: Path) -> Path:
     labels = [b.label for b in runs]
-    values = [b.extra.get("per_token_ms") or 0.0 for b in runs]
-    errs = [_per_token_std_ms(b) or 0.0 for b in runs]
+    values = [b.extra.get("per_token_ms_median") or 0.0 for b in runs]
+    below, above = zip(*(_iqr_whiskers(b.extra, "per_token_ms") for b in runs)) if runs else ((), ())
     log = needs_log(values)
     fig = Figure(figsize=(max(6.5, 1.6 * len(runs) + 2), 4.8))
     ax = fig.add_subplot()
     xs = range(len(runs))
-    ax.bar(xs, values, color=_colors(labels), yerr=[_lower_err(values, errs, log), errs], capsize=4,
+    ax.bar(xs, values, color=_colors(labels), yerr=[_lower_err(values, list(below), log), list(above)], capsize=4,
            error_kw={"elinewidth": 1, "ecolor": "#333333"})
-    _value_axis(ax, [v + e for v, e in zip(values, errs)] + values, log=log)
+    _value_axis(ax, [v + e for v, e in zip(values, above)] + values, log=log)
     for x, v in zip(xs, values):  # beside the whisker, not across it
         ax.annotate(f"{_sig(v)} ms" if v else "n/a", (x, v if v else 0.01), xytext=(4, 2), textcoords="offset points",
                     xycoords="data" if v else ax.get_xaxis_transform(), ha="left", va="bottom", fontsize=8)
@@ -374,8 +375,8 @@ def plot_exp2_1_latency(runs: Sequence[Benchmark], path: Path) -> Path:
     ax.set_ylabel("per-token latency (ms" + (", log scale)" if log else ")"))
     ax.set_title(f"Fig. 6a: decode latency per token — {_exp2_1_context(runs)}")
     tokens = ", ".join(sorted({f"{b.extra.get('new_tokens')} tokens × {b.extra.get('runs')} runs" for b in runs}))
-    return _save(fig, path, f"bars: median per-token latency ({tokens}); whiskers: ±1 std of a run's time / "
-                            "its new tokens")
+    return _save(fig, path, f"bars: median per-token latency ({tokens}); whiskers: first and third quartile "
+                            "of the runs")
 
 
 def plot_exp2_1_bytes(runs: Sequence[Benchmark], path: Path) -> Path:
@@ -480,13 +481,15 @@ def plot_gap(rows: Sequence[GapRow], path: Path) -> Path:
         everything = []
         for j, (mode, color) in enumerate(zip(modes, _colors(modes))):
             xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(phases))]
-            values = [by_key.get((p, mode), {}).get(f"{key}_mean") or 0.0 for p in phases]
-            errs = [by_key.get((p, mode), {}).get(f"{key}_std") or 0.0 for p in phases]
+            cells = [by_key.get((p, mode), {}) for p in phases]
+            values = [c.get(f"{key}_median") or 0.0 for c in cells]
+            below, above = zip(*(_iqr_whiskers(c, key) for c in cells))
             ax.bar(xs, values, width, color=color, label=GAP_MODES.get(mode, mode.upper()),
-                   yerr=[_lower_err(values, errs, True), errs], capsize=3, error_kw={"elinewidth": 1})
-            _label_bars(ax, xs, [v + e if v else 0.0 for v, e in zip(values, errs)],
-                        [fmt(v) if v else "0" for v in values])
-            everything += values + [v + e for v, e in zip(values, errs)]
+                   yerr=[_lower_err(values, list(below), True), list(above)], capsize=3, error_kw={"elinewidth": 1})
+            # Each bar names its token count: naive decodes 3 tokens of a multi-GB model, not 50.
+            _label_bars(ax, xs, [v + e if v else 0.0 for v, e in zip(values, above)],
+                        [(fmt(v) if v else "0") + f"\n{c.get('new_tokens', '?')} tok" for v, c in zip(values, cells)])
+            everything += values + [v + e for v, e in zip(values, above)]
         _value_axis(ax, everything, log=True)
         ax.set_xticks(range(len(phases)), [p.capitalize() for p in phases])
         ax.set_ylabel(ylabel)
@@ -495,8 +498,9 @@ def plot_gap(rows: Sequence[GapRow], path: Path) -> Path:
     panels[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.suptitle("Semantic translation gap: local vs remote modes (seeds 001/002)")
     trials = sorted({r.get("trials") for r in rows if r.get("trials")})
-    return _save(fig, path, f"mean ± std over {', '.join(map(str, trials)) or '?'} trials; network bytes from the "
-                            "transport counters; 0: nothing crossed the network")
+    return _save(fig, path, f"median, whiskers first and third quartile, over {', '.join(map(str, trials)) or '?'} "
+                            "trials; tok: new tokens per trial; network bytes from the transport counters; 0: nothing "
+                            "crossed the network")
 
 
 def plot_group_times(runs: Sequence[Benchmark], path: Path) -> Path:
@@ -552,15 +556,16 @@ def plot_group_bandwidth(runs: Sequence[Benchmark], path: Path) -> Path:
 EXP2_1_COLUMNS: tuple[tuple[str, Callable[[Benchmark], object]], ...] = (
     ("Baseline", lambda b: b.label),
     ("Tokens × runs", lambda b: f"{b.extra.get('new_tokens')} × {b.extra.get('runs')}"),
-    ("Per-token (ms, median)", lambda b: b.extra.get("per_token_ms")),
-    ("Total (ms, median)", lambda b: b.extra.get("total_ms")),
+    ("Per-token (ms, median [IQR])",
+     lambda b: _median_iqr(*(b.extra.get(f"per_token_ms_{k}") for k in ("median", "q1", "q3")))),
+    ("Total (ms, median)", lambda b: b.extra.get("total_ms_median")),
     ("Sent (B/token)", lambda b: b.extra.get("bytes_per_token_sent")),
     ("Received (B/token)", lambda b: b.extra.get("bytes_per_token_received")),
     ("Queue / compute / transfer (ms/run)",
      lambda b: " / ".join(_cell(b.extra.get(k)) for k in EXP2_1_SPLIT)),
     ("GPU SM (%)", lambda b: b.extra.get("gpu_sm_util_pct")),
     ("GPU mem-BW (%)", lambda b: b.extra.get("gpu_membw_util_pct")),
-    ("Energy (J/token)", lambda b: b.extra.get("energy_per_token_j")),
+    ("Energy (J/token, mean)", lambda b: b.extra.get("energy_j_per_token_mean")),
 )
 
 
@@ -581,8 +586,8 @@ def _exp2_1_markdown(runs: Sequence[Benchmark]) -> str:
 def _generic_markdown(runs: Sequence[Benchmark]) -> str:
     keys = [k for b in runs for k in _flatten(b.extra) if not k.endswith(REASON_SUFFIX)]
     keys = list(dict.fromkeys(keys))
-    header = ["Benchmark", "Median (ms)", "Mean ± std (ms)", "Rounds", *keys]
-    rows = ([b.name, _cell(b.stat_ms("median")), _pm(b.stat_ms("mean"), b.stat_ms("stddev")),
+    header = ["Benchmark", "Median [IQR] (ms)", "Rounds", *keys]
+    rows = ([b.name, _median_iqr(b.stat_ms("median"), b.stat_ms("q1"), b.stat_ms("q3")),
              _cell(b.stats.get("rounds")), *(_cell(_flatten(b.extra).get(k)) for k in keys)] for b in runs)
     return "\n".join([_markdown_table(header, rows), "", *_reason_notes(runs)]).rstrip()
 

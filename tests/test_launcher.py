@@ -1,0 +1,55 @@
+"""The benchmarks' server launcher: one argv builder, the child's whole environment, thread pins."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import djinn
+from djinn.reproducibility import deterministic_region
+
+from benchmarks.launcher import ServerLauncher, ServerSpec, server_argv, server_environment
+from benchmarks.threads import ThreadPlan, plan_threads
+
+
+def test_thread_plan_uses_the_cores_once_between_client_and_server():
+    assert plan_threads(2) == ThreadPlan(2, 1, 1)
+    assert plan_threads(16) == ThreadPlan(16, 8, 8)
+    assert plan_threads(3) == ThreadPlan(3, 1, 2)
+    assert plan_threads(1) == ThreadPlan(1, 1, 1), "one core: each process still gets a thread"
+
+
+def test_server_argv_writes_each_option_once():
+    assert server_argv(ServerSpec("cpu")) == ["--device", "cpu", "--log-level", "INFO", "--deterministic"]
+    argv = server_argv(ServerSpec("cuda:0", deterministic=False, decode_graphs=True, vram_budget_gb=10.0,
+                                  ring_buffer_gb=2.0, disable_kv_swap=True))
+    assert argv == ["--device", "cuda:0", "--log-level", "INFO", "--decode-graphs", "--vram-budget-gb", "10.0",
+                    "--ring-buffer-gb", "2.0", "--disable-kv-swap"]
+
+
+def test_server_environment_pins_threads_and_sets_only_the_servers_kernels():
+    threads = ThreadPlan(2, 1, 1)
+    base = {"PATH": "/bin", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "OMP_NUM_THREADS": "8"}
+    env = server_environment(ServerSpec("cpu", deterministic=False), threads, base)
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert server_environment(ServerSpec("cpu"), threads, {})["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().split("=", 1) for entry in raw if b"=" in entry)
+
+
+def test_nothing_this_process_set_reaches_a_server(tmp_path):
+    """A server started inside this process's deterministic region without --deterministic runs
+    without cuBLAS's fixed workspace, and with the pinned thread count."""
+    launcher = ServerLauncher(tmp_path, ThreadPlan(2, 1, 1))
+    with deterministic_region():
+        server = launcher.start("plain", ServerSpec("cpu", deterministic=False))
+    try:
+        env = _environ(server.process.pid)
+        assert "CUBLAS_WORKSPACE_CONFIG" not in env and env["OMP_NUM_THREADS"] == "1"
+        with djinn.connect(server.host_port) as client:
+            assert client.hello()["deterministic_kernels"] is False
+        assert launcher.started_by("(session)")[0].process is server
+        assert launcher.describe()[0]["kernels"] == {"deterministic": False, "CUBLAS_WORKSPACE_CONFIG": None}
+    finally:
+        launcher.stop_all()
