@@ -166,7 +166,7 @@ def main() -> int:
     peak_gbps = None
     if on_cuda:
         log("pinned PCIe peak ...")
-        peak_gbps = measure_pcie_peak(size_mb=1024, repeats=10, device=device).h2d_pinned_gbps
+        peak_gbps = measure_pcie_peak(device=device).h2d_pinned_gbps
     report["pcie_h2d_pinned_gbps"] = peak_gbps
     log("bandwidth sweep ...")
     bandwidth = measure_bandwidth(args.model, device, int(args.ring_gib * 2**30), args.chunks_mb, prompt,

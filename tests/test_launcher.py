@@ -53,3 +53,26 @@ def test_nothing_this_process_set_reaches_a_server(tmp_path):
         assert launcher.describe()[0]["kernels"] == {"deterministic": False, "CUBLAS_WORKSPACE_CONFIG": None}
     finally:
         launcher.stop_all()
+
+
+def test_a_server_dies_with_the_process_that_started_it(tmp_path):
+    """A pytest killed mid-run must not leave its servers computing on the cores."""
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys; from pathlib import Path; from djinn.server.process import ServerProcess; "
+              f"s = ServerProcess('--device', 'cpu', log_path=Path({str(tmp_path / 'log')!r})).start(); "
+              "print(s.process.pid, flush=True); import time; time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    server_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and Path(f"/proc/{server_pid}").exists():
+        status = Path(f"/proc/{server_pid}/status").read_text() if Path(f"/proc/{server_pid}").exists() else ""
+        if "State:\tZ" in status:
+            break
+        time.sleep(0.1)
+    alive = Path(f"/proc/{server_pid}").exists() and "State:\tZ" not in Path(f"/proc/{server_pid}/status").read_text()
+    assert not alive, f"server {server_pid} outlived its parent"

@@ -6,8 +6,10 @@ does not go.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import time
@@ -18,8 +20,18 @@ READY_TIMEOUT_S = 120.0  # building a 7B model on a cold GPU can take a while
 STOP_TIMEOUT_S = 15.0
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 class ServerStartError(RuntimeError):
     pass
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies, so a killed pytest leaves no
+    server computing on its cores (the setting survives the server's own re-exec)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_for_ready_line(process: subprocess.Popen, prefix: str, timeout_s: float, what: str) -> str | None:
@@ -71,7 +83,8 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
         self.process = subprocess.Popen([sys.executable, "-m", "djinn.server", *self.args], stdout=subprocess.PIPE,
-                                        stderr=log, text=True, env=self._environment())
+                                        stderr=log, text=True, env=self._environment(),
+                                        preexec_fn=_die_with_parent)
         log.close()
         try:
             self.address = wait_for_ready_line(self.process, READY_PREFIX, self.ready_timeout_s, "djinn server")
