@@ -633,7 +633,7 @@ def test_chunk_sweep(chunk_mb, benchmark, ring_lab, results_writer, progress, le
         after = handle.stats
     finally:
         handle.chunk_bytes = DEFAULT_CHUNK_BYTES
-    # As in scripts/gpu_streamer_check.py: loads issued before the window had finished by its
+    # Loads issued before the window had finished by its
     # first forward's end, those issued in it (the next pass's prefetch included) by its last.
     copied = after.bytes_copied - before.bytes_copied
     streamed = after.bytes_streamed - before.bytes_streamed
