@@ -1,6 +1,8 @@
 """Fixtures shared by tests/ and benchmarks/: servers in child processes, models, tokens."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,6 +10,15 @@ from djinn import models
 from djinn.server.process import ServerProcess
 
 PROMPT_SEED = 1
+TESTS = Path(__file__).parent / "tests"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`correctness` is what CI gates on (.ci/run runs `-m correctness`): every test in tests/
+    that needs no GPU. Marked here, by one rule, rather than test by test."""
+    for item in items:
+        if TESTS in item.path.parents and item.get_closest_marker("gpu") is None:
+            item.add_marker(pytest.mark.correctness)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 
 LOG_SPAN = 30.0  # max/min beyond which a value axis goes logarithmic
 STAT_KEYS = ("mean", "median", "stddev", "min", "max")  # pytest-benchmark keeps seconds; we write ms
-BANDWIDTH_KEYS = ("bandwidth_gbps", "gbps")  # ring buffer / transport name it differently
+BANDWIDTH_KEYS = ("bandwidth_gbps", "gbps_median")  # ring buffer / transport name it differently
 SERIES_KEYS = ("baseline", "peer", "mode")  # what a bar of a generic group is called, first found
 REASON_SUFFIX = "_unavailable"  # extra_info keys that say why a collector did not run
 NO_GPU_NOTE = "no GPU telemetry (CPU run)"

@@ -28,7 +28,6 @@ def reference(tiny_model, hf_greedy):
     return (ids, *hf_greedy(tiny_model, ids, NEW_TOKENS))
 
 
-@pytest.mark.correctness
 def test_graph_slot_decoding_matches_hf_tokens(graph_server, tiny_model, reference):
     ids, ref_tokens, ref_logits = reference
     with djinn.connect(graph_server.host_port) as client:

@@ -188,7 +188,6 @@ def listener():
 
 
 @pytest.mark.transport
-@pytest.mark.correctness
 @needs_capture
 @pytest.mark.parametrize("workload", [_bulk, _small_messages], ids=["bulk_256MiB", "small_messages"])
 def test_capture_counts_exactly_the_application_bytes(listener, workload) -> None:
