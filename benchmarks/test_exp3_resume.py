@@ -266,6 +266,7 @@ def test_crossover(exp3, results_writer, progress, ledger):
     verdict = exp3_resume_criteria(identity[1] if identity else None, [p for _, p in held.values()],
                                    exp3.device.startswith("cuda"))
     data["verdict"] = verdict.as_dict()
+    data["environment"] = results_writer.environment()  # the figure names the device
     path = results_writer.write(f"exp3/{results_writer.stamp}-resume.json", data)
     figure = plot_resume_crossover(data, path.with_suffix(".png")) if points else None
     progress(f"wrote {path}" + (f" and {figure}" if figure else ""))

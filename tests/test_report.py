@@ -9,7 +9,8 @@ import math
 import pytest
 
 from benchmarks import report
-from benchmarks.report import GAP_COLUMNS, ReportPaths, build_report, write_gap_table
+from benchmarks.report import ReportPaths, build_report, write_gap_table
+from benchmarks.report.gap import GAP_COLUMNS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BASELINES = ("native_pytorch", "semantic_blind", "partially_aware", "full_djinn")
@@ -212,3 +213,14 @@ def test_no_gpu_note_says_cpu_run_or_the_nvml_reason():
     broken = report.Benchmark.from_json({**_exp2_1("full_djinn", 9.9, 167.0, 184.0, gpu=False),
                                          "extra_info": {"nvml_unavailable": "NVML: driver not loaded"}})
     assert report.no_gpu_note([broken]) == "no GPU telemetry\n(NVML: driver not loaded)"
+
+
+def test_djinn_report_redraws_an_exp3_figure_from_its_json(tmp_path, capsys):
+    points = [{"baseline": b, "seq_len": 64, "layer": layer, "ready_ms": 1.0 + layer, "total_ms": 2.0 + layer}
+              for b in ("recompute", "manual_offload", "djinn_resume") for layer in (1, 6)]
+    path = tmp_path / "20260101T000000-resume.json"
+    path.write_text(json.dumps({"experiment": "exp3_resume", "model": "tiny-llama", "points": points,
+                                "environment": {"device_name": "CPU"}}))
+    assert report.main([str(path), "--out-dir", str(tmp_path / "out")]) == 0
+    figure = tmp_path / "out" / "20260101T000000-resume.png"
+    assert figure.stat().st_size > 0 and str(figure) in capsys.readouterr().out
