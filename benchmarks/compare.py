@@ -7,7 +7,7 @@ a benchmark regressed only when that whole interval lies above 1 + tolerance.
 
 Two runs on a shared host differ by more than any regression worth catching (+46% on
 identical code on the 2-core machine), so a benchmark that was interleaved with a reference
-(`extra_info["paired_reference"]`, the reference's rounds in `reference_round_s`) is judged on
+(`extra_info["paired_reference"]`, each round's median decode step of both sides) is judged on
 its per-round ratio to that reference, which the host's drift cancels from, with a tight
 tolerance; every other timing is judged on its absolute rounds with a loose one. Runs whose
 thread pin or kernel configuration differ are not comparable, and the gate says so.
@@ -26,11 +26,12 @@ import numpy as np
 
 from benchmarks.stats import RatioEstimate, unpaired_ratio
 
-# Tolerances, as fractions of A's median. The paired one is what a 25% regression must clear
-# with room for the ratio's own run-to-run spread (a few percent on the 2-core machine); the
-# absolute one is above the between-run drift of a shared host.
-PAIRED_TOLERANCE = 0.10
-ABSOLUTE_TOLERANCE = 0.50
+# Tolerances, as fractions of A's median. The paired one leaves a 25% regression room to clear
+# the ratio's own spread between runs of the same code; the absolute one is above the drift of
+# the shared 2-core machine between two runs of the same code: native_pytorch's rounds moved by
+# 1.76x [1.54, 2.17] from one run to the next there (and by +46% in the issue's report).
+PAIRED_TOLERANCE = 0.05
+ABSOLUTE_TOLERANCE = 1.0
 
 
 class Finding(str, Enum):
@@ -58,12 +59,13 @@ def _rounds(bench: dict) -> list[float] | None:
 
 
 def _paired_ratios(bench: dict) -> list[float] | None:
-    """Per-round target/reference, when the benchmark interleaved a reference with its rounds."""
-    extra, data = bench.get("extra_info") or {}, _rounds(bench)
-    reference = extra.get("reference_round_s")
-    if not extra.get("paired_reference") or not reference or not data or len(reference) != len(data):
+    """Per-round target/reference (each round's median decode step), when the benchmark
+    interleaved a reference with its rounds."""
+    extra = bench.get("extra_info") or {}
+    target, reference = extra.get("target_step_ms_median_per_round"), extra.get("reference_step_ms_median_per_round")
+    if not extra.get("paired_reference") or not target or not reference or len(target) != len(reference):
         return None
-    return list(np.asarray(data) / np.asarray(reference))
+    return list(np.asarray(target) / np.asarray(reference))
 
 
 def _exact_changes(a: dict, b: dict) -> list[str]:

@@ -17,20 +17,18 @@ from djinn.client import RemoteModel, load_local
 from djinn.modes import resolve as resolve_mode
 from djinn.reproducibility import KernelConfig, current_kernel_config, deterministic_region
 from djinn import models
-from djinn.server.process import ServerProcess
 from djinn.telemetry.nvml import NvmlSampler, nvml_available
 from djinn.telemetry.pcie import cuda_unavailable_reason, measure_pcie_peak
 from djinn.telemetry.wire_capture import WireCapture, capture_available
 
 from benchmarks.collectors import NVML_INTERVAL_S, Collectors
-from benchmarks.launcher import ServerLauncher, ServerSpec
+from benchmarks.launcher import ServerSpec
 from benchmarks.ledger import Ledger
 from benchmarks.results import ResultsWriter
-from benchmarks.threads import ThreadPlan, pin_client, plan_threads, usable_cores
+from benchmarks.threads import THREADS
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT_FILE = Path(__file__).parent / "data" / "prompt.json"
-SERVER_LOG_TAIL_CHARS = 20_000
 
 
 # Folder for the raw JSON of a run: untracked (.gitignore); curated evidence is copied under
@@ -101,20 +99,13 @@ def pytest_collection_modifyitems(config, items):
             items[slot] = item
 
 
-_LAUNCHER = pytest.StashKey["ServerLauncher"]()
-_CURRENT_TEST = pytest.StashKey[str]()
 _WRITER = pytest.StashKey["ResultsWriter"]()
-THREADS = pytest.StashKey[ThreadPlan]()
 
 
 def pytest_configure(config):
     if getattr(config.option, "numprocesses", None) and any("benchmarks" in str(a) for a in config.args):
         raise pytest.UsageError("the benchmarks share one device and must run serially: drop -n for benchmarks/ "
                                 "(run the correctness tests in tests/ with -n auto instead)")
-    # Before any model is built: this process's intra-op threads, half the cores (benchmarks.threads).
-    plan = plan_threads(usable_cores())
-    pin_client(plan)
-    config.stash[THREADS] = plan
     # djinn-compare tests timings on the per-round samples, which the JSON holds only when asked.
     if hasattr(config.option, "benchmark_save_data"):
         config.option.benchmark_save_data = True
@@ -137,27 +128,6 @@ def _kernels_in_extra_info(request, server_launcher):
         extra_info["kernels"] = {
             "pytest": current_kernel_config().as_dict(),
             "servers": {s["name"]: s["kernels"] for s in server_launcher.describe()}}
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_protocol(item, nextitem):
-    item.config.stash[_CURRENT_TEST] = item.nodeid
-    try:
-        return (yield)
-    finally:
-        item.config.stash[_CURRENT_TEST] = "(session)"
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item, call):
-    report = yield
-    if report.failed:
-        launcher = item.config.stash.get(_LAUNCHER, None)
-        started = launcher.started_by(item.nodeid) if launcher else []
-        used = [v for v in getattr(item, "funcargs", {}).values() if isinstance(v, ServerProcess)]
-        for process in dict.fromkeys([s.process for s in started] + used):
-            report.sections.append((f"djinn server log ({process.log_path})", process.log()[-SERVER_LOG_TAIL_CHARS:]))
-    return report
 
 
 @pytest.hookimpl(trylast=True)
@@ -227,18 +197,6 @@ class ExternalServer:
 
     def log(self) -> str:
         return "(external server: its log is wherever it was started)"
-
-
-@pytest.fixture(scope="session")
-def server_launcher(pytestconfig, tmp_path_factory):
-    """The factory every benchmark starts its servers with (benchmarks.launcher): a failing test
-    gets the log of every server it started."""
-    config = pytestconfig
-    launcher = ServerLauncher(tmp_path_factory.mktemp("djinn-servers"), config.stash[THREADS],
-                              current_test=lambda: config.stash.get(_CURRENT_TEST, "(session)"))
-    config.stash[_LAUNCHER] = launcher
-    yield launcher
-    launcher.stop_all()
 
 
 @pytest.fixture(scope="session")

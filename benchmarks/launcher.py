@@ -34,6 +34,12 @@ class ServerSpec:
     extra: tuple[str, ...] = ()  # options a test adds (tests of the CLI itself)
 
 
+def cpu_server(*args: str) -> ServerSpec:
+    """A test's CPU server: the CLI's defaults (no --deterministic unless asked) plus `args`."""
+    return ServerSpec("cpu", deterministic="--deterministic" in args,
+                      extra=tuple(a for a in args if a != "--deterministic"))
+
+
 def server_argv(spec: ServerSpec) -> list[str]:
     argv = ["--device", spec.device, "--log-level", spec.log_level]
     if spec.deterministic:

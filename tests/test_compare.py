@@ -14,7 +14,8 @@ KERNELS = {"pytest": {"deterministic": True}}
 def bench(name: str, rounds, *, reference=None, exact=None, kernels=KERNELS) -> dict:
     extra = {"exact": exact or {}, "kernels": kernels}
     if reference is not None:
-        extra.update(paired_reference="native_pytorch", reference_round_s=list(reference))
+        extra.update(paired_reference="native_pytorch", target_step_ms_median_per_round=list(rounds),
+                     reference_step_ms_median_per_round=list(reference))
     return {"name": name, "fullname": f"benchmarks/x.py::{name}", "stats": {"data": list(rounds)}, "extra_info": extra}
 
 
@@ -49,19 +50,19 @@ def test_a_25_percent_slowdown_of_a_paired_benchmark_is_caught_through_the_drift
     a = run(bench("t", samples(3, 1.1, host=a_host), reference=samples(4, 1.0, host=a_host)))
     b = run(bench("t", samples(5, 1.1 * 1.25, host=b_host), reference=samples(6, 1.0, host=b_host)))
     (result,) = compare_runs(a, b)
-    assert result.finding is Finding.REGRESSED and "whole interval lies above 1.1" in result.message
+    assert result.finding is Finding.REGRESSED and "whole interval lies above 1.05" in result.message
 
 
 def test_paired_slowdown_within_tolerance_is_ok():
     a = run(bench("t", samples(3, 1.1), reference=samples(4, 1.0)))
-    b = run(bench("t", samples(5, 1.1 * 1.05), reference=samples(6, 1.0)))
+    b = run(bench("t", samples(5, 1.1 * 1.02), reference=samples(6, 1.0)))
     assert finding(a, b) is Finding.OK
 
 
 def test_absolute_timings_are_judged_with_the_loose_tolerance():
     a = run(bench("t", samples(3, 1.0)))
-    assert finding(a, run(bench("t", samples(5, 1.3)))) is Finding.OK
-    assert finding(a, run(bench("t", samples(5, 2.0)))) is Finding.REGRESSED
+    assert finding(a, run(bench("t", samples(5, 1.7)))) is Finding.OK, "a shared host drifts this much"
+    assert finding(a, run(bench("t", samples(5, 2.6)))) is Finding.REGRESSED
 
 
 def test_exact_metrics_must_be_equal():

@@ -6,14 +6,14 @@ from pathlib import Path
 import djinn
 from djinn.reproducibility import deterministic_region
 
-from benchmarks.launcher import ServerLauncher, ServerSpec, server_argv, server_environment
+from benchmarks.launcher import ServerLauncher, ServerSpec, cpu_server, server_argv, server_environment
 from benchmarks.threads import ThreadPlan, plan_threads
 
 
 def test_thread_plan_uses_the_cores_once_between_client_and_server():
     assert plan_threads(2) == ThreadPlan(2, 1, 1)
     assert plan_threads(16) == ThreadPlan(16, 8, 8)
-    assert plan_threads(3) == ThreadPlan(3, 1, 2)
+    assert plan_threads(3) == ThreadPlan(3, 1, 1), "the same count on both sides, or CPU logits differ"
     assert plan_threads(1) == ThreadPlan(1, 1, 1), "one core: each process still gets a thread"
 
 
@@ -76,3 +76,26 @@ def test_a_server_dies_with_the_process_that_started_it(tmp_path):
         time.sleep(0.1)
     alive = Path(f"/proc/{server_pid}").exists() and "State:\tZ" not in Path(f"/proc/{server_pid}/status").read_text()
     assert not alive, f"server {server_pid} outlived its parent"
+
+
+def test_a_tests_cpu_server_keeps_the_clis_defaults():
+    assert server_argv(cpu_server("--session-ttl-s", "1")) == ["--device", "cpu", "--log-level", "INFO",
+                                                               "--session-ttl-s", "1"]
+    assert cpu_server("--deterministic").deterministic
+
+
+def test_a_failing_test_reports_the_log_of_every_server_it_started(pytester):
+    pytester.makeconftest((Path(__file__).parents[1] / "conftest.py").read_text())
+    pytester.makepyfile(test_fails="""
+        def test_fails(start_server):
+            start_server()
+            start_server("--session-ttl-s", "5")
+            assert False
+        def test_passes(start_server):
+            start_server()
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    assert out.count("djinn server log (") == 2, "both servers of the failing test, none of the passing one"
+    assert "djinn server listening" not in out or "INFO" in out

@@ -8,9 +8,10 @@ import torch
 import djinn
 from djinn import models
 from djinn.errors import BadRequest, OutOfMemory
-from djinn.server.process import ServerProcess
 from djinn.server.streamer import find_decoder_layers
 from djinn.server.weight_cache import TensorEntry, WeightCache
+
+from benchmarks.launcher import cpu_server
 
 pytestmark = pytest.mark.ring_buffer
 
@@ -31,11 +32,12 @@ def ring_bytes(tiny_model) -> int:
 
 
 @pytest.fixture(scope="module")
-def small_server(tmp_path_factory, ring_bytes):
-    with ServerProcess("--device", "cpu", "--vram-budget-gb", f"{BUDGET_BYTES / 2**30:.9f}",
-                       "--ring-buffer-gb", f"{ring_bytes / 2**30:.9f}", "--disable-kv-swap",
-                       log_path=tmp_path_factory.mktemp("streaming") / "server.log") as server:
-        yield server
+def small_server(server_launcher, ring_bytes):
+    server = server_launcher.start("streaming", cpu_server("--vram-budget-gb", f"{BUDGET_BYTES / 2**30:.9f}",
+                                                           "--ring-buffer-gb", f"{ring_bytes / 2**30:.9f}",
+                                                           "--disable-kv-swap"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ class PairedRounds:
     """`target` and `reference` interleaved: reference round i ran right before target round i."""
     target: str
     reference: str
-    target_ms: tuple[float, ...]  # per-token ms of each round
+    target_ms: tuple[float, ...]  # each round's median decode step, ms
     reference_ms: tuple[float, ...]
 
     @property
