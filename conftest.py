@@ -1,5 +1,12 @@
-"""Fixtures shared by tests/ and benchmarks/: servers in child processes, models, tokens."""
+"""Fixtures shared by tests/ and benchmarks/: the server launcher, models, tokens.
+
+Every server a test or a benchmark starts comes from one factory, `server_launcher`
+(benchmarks.launcher: one argv builder, the child's whole environment, threads pinned); a
+failing test's report carries the log of every server it started.
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,31 +14,69 @@ import torch
 from djinn import models
 from djinn.server.process import ServerProcess
 
+from benchmarks.launcher import ServerLauncher, cpu_server
+from benchmarks.threads import THREADS, pin_client, plan_threads, usable_cores
+
+pytest_plugins = ["pytester"]  # tests/test_launcher.py runs a failing test to see its server's log
 PROMPT_SEED = 1
+TESTS = Path(__file__).parent / "tests"
+SERVER_LOG_TAIL_CHARS = 20_000
+_LAUNCHER = pytest.StashKey[ServerLauncher]()
+_CURRENT_TEST = pytest.StashKey[str]()
 
 
-@pytest.fixture
-def start_server(tmp_path_factory, request):
-    """Start a server with extra CLI options; its log is printed when the test fails."""
-    started: list[ServerProcess] = []
+def pytest_configure(config):
+    """Before any model is built: this process's intra-op threads, half the cores, the count every
+    server it starts gets (benchmarks.threads)."""
+    plan = plan_threads(usable_cores())
+    pin_client(plan)
+    config.stash[THREADS] = plan
 
-    def start(*args: str) -> ServerProcess:
-        log = tmp_path_factory.mktemp("server") / "server.log"
-        started.append(ServerProcess(*args, log_path=log).start())
-        return started[-1]
 
-    yield start
-    for server in started:
-        server.stop()
-        if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
-            print(f"--- djinn server log ({server.log_path}) ---\n{server.log()}")
+def pytest_collection_modifyitems(config, items):
+    """`correctness` is what CI gates on (.ci/run runs `-m correctness`): every test in tests/
+    that needs no GPU. Marked here, by one rule, rather than test by test."""
+    for item in items:
+        if TESTS in item.path.parents and item.get_closest_marker("gpu") is None:
+            item.add_marker(pytest.mark.correctness)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    item.config.stash[_CURRENT_TEST] = item.nodeid
+    try:
+        return (yield)
+    finally:
+        item.config.stash[_CURRENT_TEST] = "(session)"
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
-    setattr(item, f"rep_{report.when}", report)
+    if report.failed:
+        launcher = item.config.stash.get(_LAUNCHER, None)
+        started = [s.process for s in launcher.started_by(item.nodeid)] if launcher else []
+        used = [v for v in getattr(item, "funcargs", {}).values() if isinstance(v, ServerProcess)]
+        for process in dict.fromkeys(started + used):
+            report.sections.append((f"djinn server log ({process.log_path})", process.log()[-SERVER_LOG_TAIL_CHARS:]))
     return report
+
+
+@pytest.fixture(scope="session")
+def server_launcher(pytestconfig, tmp_path_factory) -> ServerLauncher:
+    """The one factory of servers, for the session."""
+    config = pytestconfig
+    launcher = ServerLauncher(tmp_path_factory.mktemp("djinn-servers"), config.stash[THREADS],
+                              current_test=lambda: config.stash.get(_CURRENT_TEST, "(session)"))
+    config.stash[_LAUNCHER] = launcher
+    yield launcher
+    launcher.stop_all()
+
+
+@pytest.fixture
+def start_server(server_launcher):
+    """Start a CPU server with extra CLI options: start_server("--session-ttl-s", "1")."""
+    return lambda *args: server_launcher.start("test", cpu_server(*args))
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +95,9 @@ def hf_greedy():
 
 
 @pytest.fixture(scope="session")
-def shared_server(tmp_path_factory):
+def shared_server(server_launcher):
     """One CPU server for the tests that only need a healthy one."""
-    with ServerProcess("--device", "cpu", log_path=tmp_path_factory.mktemp("shared") / "server.log") as server:
-        yield server
+    return server_launcher.start("shared", cpu_server())
 
 
 @pytest.fixture

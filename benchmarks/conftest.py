@@ -15,66 +15,80 @@ import torch
 import djinn
 from djinn.client import RemoteModel, load_local
 from djinn.modes import resolve as resolve_mode
-from djinn.reproducibility import deterministic_region
+from djinn.reproducibility import KernelConfig, current_kernel_config, deterministic_region
 from djinn import models
-from djinn.server.process import ServerProcess
 from djinn.telemetry.nvml import NvmlSampler, nvml_available
 from djinn.telemetry.pcie import cuda_unavailable_reason, measure_pcie_peak
 from djinn.telemetry.wire_capture import WireCapture, capture_available
 
 from benchmarks.collectors import NVML_INTERVAL_S, Collectors
+from benchmarks.launcher import ServerSpec
+from benchmarks.ledger import Ledger
 from benchmarks.results import ResultsWriter
+from benchmarks.threads import THREADS
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT_FILE = Path(__file__).parent / "data" / "prompt.json"
-SERVER_LOG_TAIL_CHARS = 20_000
+
+
+# Folder for the raw JSON of a run: untracked (.gitignore); curated evidence is copied under
+# results/<experiment>/<stamp>-<device>/ by hand, with that experiment's index.
+DEFAULT_RESULTS = REPO / "runs"
 
 
 def pytest_addoption(parser):
-    group = parser.getgroup("djinn", "Djinn benchmarks")
-    group.addoption("--djinn-server", default=None, metavar="HOST:PORT",
+    """One scheme: every option is --djinn-*, one group per experiment. The exp3 options also
+    answer to their old --exp3-* names, which benchmarks/exp3_plan.py still reads."""
+    suite = parser.getgroup("djinn", "Djinn benchmarks: the whole suite")
+    suite.addoption("--djinn-server", default=None, metavar="HOST:PORT",
                     help="use this running server instead of starting one")
-    group.addoption("--djinn-model", default="auto",
+    suite.addoption("--djinn-model", default="auto",
                     help="auto (tiny-llama on CPU, llama-2-7b on a GPU), a catalogue name, or a local checkpoint path")
-    group.addoption("--djinn-device", default="auto", help="auto, cpu or cuda:N")
-    group.addoption("--runs", type=int, default=25, help="measured runs per baseline (the seed: 30 with 5 discarded)")
-    group.addoption("--warmup-runs", type=int, default=5, help="runs before the measured ones, discarded")
-    group.addoption("--gap-trials", type=int, default=3, help="trials per phase and mode of the gap experiment")
-    group.addoption("--djinn-results", default=str(REPO / "results"), help="folder for raw result JSON")
-    group.addoption("--blind-tokens", type=int, default=None,
+    suite.addoption("--djinn-device", default="auto", help="auto, cpu or cuda:N")
+    suite.addoption("--djinn-runs", type=int, default=25,
+                    help="measured runs per baseline (the seed: 30 with 5 discarded)")
+    suite.addoption("--djinn-warmup-runs", type=int, default=5, help="runs before the measured ones, discarded")
+    suite.addoption("--djinn-results", default=str(DEFAULT_RESULTS),
+                    help="folder for raw result JSON (default: runs/, ignored by git)")
+    suite.addoption("--djinn-blind-tokens", type=int, default=None,
                     help="new tokens per semantic_blind run (default: all of them for models under 1 GB, else 3)")
-    group.addoption("--ring-model", default="auto",
-                    help="ring buffer: auto (tiny-llama on CPU, llama-2-13b on a GPU) or a catalogue name")
-    group.addoption("--ring-budget-gb", type=float, default=None,
-                    help="ring buffer: device budget in GiB (default: 10 on a GPU, on a CPU one below the model's size)")
-    group.addoption("--ring-num-layers", type=int, default=None,
-                    help="ring buffer: truncate the model to this many layers (a llama-2-70b that fits host RAM)")
-    group.addoption("--ring-new-tokens", type=int, default=50, help="ring buffer: new tokens per run")
-    group.addoption("--blind-runs", type=int, default=None,
-                    help="measured semantic_blind runs (default: --runs for models under 1 GB, else 2)")
-    group.addoption("--exp3-model", default="auto",
-                    help="exp3: auto (tiny-llama on CPU, llama-2-13b on a GPU), a catalogue name or a checkpoint path")
-    group.addoption("--exp3-layers", default=None, metavar="N,N,...",
-                    help="exp3: breakpoint layers (default: 5 spread over the depth, [1,10,20,30,39] for 40 layers)")
-    group.addoption("--exp3-seq-lens", default=None, metavar="S,S,...",
-                    help="exp3: prompt lengths of the resume benchmark (default: 512,2048 on a GPU, 64,256 on a CPU)")
-    group.addoption("--exp3-rounds", type=int, default=None,
-                    help="exp3: measured resumes per baseline, layer and length (default: 9 on a GPU, 3 on a CPU)")
-    group.addoption("--exp3-idle-ms", type=float, default=None,
-                    help="exp3: how long each parked session sits idle before its timed restore, in every "
-                         "baseline (default: 20; 0 restores right after the offload)")
-    group.addoption("--exp3-sessions", type=int, default=None,
-                    help="exp3: sessions of the oversubscription benchmark (default: on a GPU as many as make the "
-                         "demand --exp3-demand-factor x the device's memory; 6 on a CPU)")
-    group.addoption("--exp3-demand-factor", type=float, default=None,
-                    help="exp3: oversubscription demand (weights + all sessions' KV) over the device's memory "
-                         "(default: 1.2)")
-    group.addoption("--exp3-context-tokens", type=int, default=None,
-                    help="exp3: prompt tokens per session (default: ~1.3 GB of KV each on a GPU, 96 on a CPU)")
-    group.addoption("--exp3-new-tokens", type=int, default=4, help="exp3: tokens each session decodes")
-    group.addoption("--exp3-budget-gb", type=float, default=None,
-                    help="exp3: the oversubscription server's --vram-budget-gb, GiB (default on a GPU: the server's "
-                         "own, what the device has free; on a CPU, the weights and 40%% of the sessions' KV)")
+    suite.addoption("--djinn-blind-runs", type=int, default=None,
+                    help="measured semantic_blind runs (default: --djinn-runs for models under 1 GB, else 2)")
+    gap = parser.getgroup("djinn-gap", "Djinn: the semantic translation gap (-m gap)")
+    gap.addoption("--djinn-gap-trials", type=int, default=3, help="trials per phase and mode")
+    ring = parser.getgroup("djinn-ring", "Djinn: ring-buffer streaming (-m ring_buffer)")
+    ring.addoption("--djinn-ring-model", default="auto",
+                   help="auto (tiny-llama on CPU, llama-2-13b on a GPU), a catalogue name or a checkpoint path")
+    ring.addoption("--djinn-ring-budget-gb", type=float, default=None,
+                   help="device budget in GiB (default: 10 on a GPU, on a CPU one below the model's size)")
+    ring.addoption("--djinn-ring-num-layers", type=int, default=None,
+                   help="truncate the model to this many layers (a llama-2-70b that fits host RAM)")
+    ring.addoption("--djinn-ring-new-tokens", type=int, default=50, help="new tokens per run")
+    exp3 = parser.getgroup("djinn-exp3", "Djinn: breakpoints and memory virtualization (-m exp3)")
+    exp3.addoption("--djinn-exp3-model", "--exp3-model", default="auto",
+                   help="auto (tiny-llama on CPU, llama-2-13b on a GPU), a catalogue name or a checkpoint path")
+    exp3.addoption("--djinn-exp3-layers", "--exp3-layers", default=None, metavar="N,N,...",
+                   help="breakpoint layers (default: 5 spread over the depth, [1,10,20,30,39] for 40 layers)")
+    exp3.addoption("--djinn-exp3-seq-lens", "--exp3-seq-lens", default=None, metavar="S,S,...",
+                   help="prompt lengths of the resume benchmark (default: 512,2048 on a GPU, 64,256 on a CPU)")
+    exp3.addoption("--djinn-exp3-rounds", "--exp3-rounds", type=int, default=None,
+                   help="measured resumes per baseline, layer and length (default: 9 on a GPU, 3 on a CPU)")
+    exp3.addoption("--djinn-exp3-idle-ms", "--exp3-idle-ms", type=float, default=None,
+                   help="how long each parked session sits idle before its timed restore, in every "
+                        "baseline (default: 20; 0 restores right after the offload)")
+    exp3.addoption("--djinn-exp3-sessions", "--exp3-sessions", type=int, default=None,
+                   help="sessions of the oversubscription benchmark (default: on a GPU as many as make the demand "
+                        "--djinn-exp3-demand-factor x the device's memory; 6 on a CPU)")
+    exp3.addoption("--djinn-exp3-demand-factor", "--exp3-demand-factor", type=float, default=None,
+                   help="oversubscription demand (weights + all sessions' KV) over the device's memory "
+                        "(default: 1.2)")
+    exp3.addoption("--djinn-exp3-context-tokens", "--exp3-context-tokens", type=int, default=None,
+                   help="prompt tokens per session (default: ~1.3 GB of KV each on a GPU, 96 on a CPU)")
+    exp3.addoption("--djinn-exp3-new-tokens", "--exp3-new-tokens", type=int, default=4,
+                   help="tokens each session decodes")
+    exp3.addoption("--djinn-exp3-budget-gb", "--exp3-budget-gb", type=float, default=None,
+                   help="the oversubscription server's --vram-budget-gb, GiB (default on a GPU: the server's own, "
+                        "what the device has free; on a CPU, the weights and 40%% of the sessions' KV)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -89,19 +103,42 @@ def pytest_collection_modifyitems(config, items):
             items[slot] = item
 
 
+_WRITER = pytest.StashKey["ResultsWriter"]()
+
+
 def pytest_configure(config):
     if getattr(config.option, "numprocesses", None) and any("benchmarks" in str(a) for a in config.args):
         raise pytest.UsageError("the benchmarks share one device and must run serially: drop -n for benchmarks/ "
                                 "(run the correctness tests in tests/ with -n auto instead)")
+    # djinn-compare tests timings on the per-round samples, which the JSON holds only when asked.
+    if hasattr(config.option, "benchmark_save_data"):
+        config.option.benchmark_save_data = True
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item, call):
-    report = yield
-    server = item.funcargs.get("djinn_server") if hasattr(item, "funcargs") else None
-    if report.failed and isinstance(server, ServerProcess):
-        report.sections.append(("djinn server log", server.log()[-SERVER_LOG_TAIL_CHARS:]))
-    return report
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The thread pin every timing depends on, in pytest-benchmark's JSON too (the kernels are
+    each benchmark's `kernels`: this hook runs before the session enters its configuration)."""
+    machine_info["djinn_threads"] = config.stash[THREADS].as_dict()
+
+
+@pytest.fixture(autouse=True)
+def _kernels_in_extra_info(request, server_launcher):
+    """Both sides' kernel configuration beside every timing: this process's and each server's
+    (written after the test, when the servers it started are known; the dict is the one
+    pytest-benchmark serialises at the end of the session)."""
+    extra_info = request.getfixturevalue("benchmark").extra_info if "benchmark" in request.fixturenames else None
+    yield
+    if extra_info is not None:
+        extra_info["kernels"] = {
+            "pytest": current_kernel_config().as_dict(),
+            "servers": {s["name"]: s["kernels"] for s in server_launcher.describe()}}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config):
+    writer = config.stash.get(_WRITER, None)
+    if writer is not None and writer.written:
+        terminalreporter.write_line(writer.summary_line())
 
 
 # -- where and what -----------------------------------------------------------------
@@ -167,24 +204,23 @@ class ExternalServer:
 
 
 @pytest.fixture(scope="session")
-def djinn_server(pytestconfig, bench_device, tmp_path_factory):
+def djinn_server(pytestconfig, bench_device, server_launcher):
     """A server on the benchmark's device, started once per session (or --djinn-server)."""
     external = pytestconfig.getoption("--djinn-server")
     if external:
-        yield ExternalServer(external)
-        return
-    log = tmp_path_factory.mktemp("djinn-server") / "server.log"
-    with ServerProcess("--device", bench_device, "--deterministic", "--log-level", "INFO", log_path=log) as server:
-        yield server
+        return ExternalServer(external)
+    return server_launcher.start("djinn", ServerSpec(bench_device))
 
 
-@pytest.fixture(scope="module")
-def deterministic_kernels():
-    """This process on deterministic kernels for a module (`djinn.reproducibility`); the
-    servers above always are. A GPU's fused attention kernels decode differently from
-    run to run, so repeated runs and the modes only compare bit for bit this way."""
-    with deterministic_region():
-        yield
+@pytest.fixture(scope="session", autouse=True)
+def deterministic_kernels() -> KernelConfig:
+    """This process on deterministic kernels for the whole session, entered before any test
+    touches the device so cuBLAS's first handle already reads the fixed workspace: the local
+    baselines then run the configuration every benchmark server runs (`ServerSpec.deterministic`).
+    A GPU's fused attention kernels decode differently from run to run, so repeated runs and
+    the modes only compare bit for bit this way."""
+    with deterministic_region() as kernels:
+        yield kernels
 
 
 @pytest.fixture(scope="session")
@@ -194,12 +230,9 @@ def djinn_client(djinn_server):
 
 
 @pytest.fixture(scope="session")
-def djinn_graph_server(bench_device, tmp_path_factory):
+def djinn_graph_server(bench_device, server_launcher):
     """A second server that decodes through CUDA-graph slots (`--decode-graphs`)."""
-    log = tmp_path_factory.mktemp("djinn-graph-server") / "server.log"
-    with ServerProcess("--device", bench_device, "--decode-graphs", "--deterministic", "--log-level", "INFO",
-                       log_path=log) as server:
-        yield server
+    return server_launcher.start("djinn-graphs", ServerSpec(bench_device, decode_graphs=True))
 
 
 @pytest.fixture(scope="session")
@@ -207,6 +240,12 @@ def djinn_graph_client(djinn_graph_server):
     # The first decode step compiles the graph (about 40 s for the 7B shape on an H100).
     with djinn.connect(djinn_graph_server.host_port, timeout_s=900) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def ledger() -> Ledger:
+    """What this session measured, for the criteria tests (benchmarks.ledger)."""
+    return Ledger()
 
 
 # -- collectors ----------------------------------------------------------------------------
@@ -272,8 +311,13 @@ def pcie_peak(bench_device):
 
 
 @pytest.fixture(scope="session")
-def results_writer(pytestconfig, bench_device) -> ResultsWriter:
-    return ResultsWriter(Path(pytestconfig.getoption("--djinn-results")), REPO, bench_device)
+def results_writer(pytestconfig, bench_device, deterministic_kernels) -> ResultsWriter:
+    """Raw JSON under --djinn-results, each file with the run's threads and kernel configuration."""
+    writer = ResultsWriter(Path(pytestconfig.getoption("--djinn-results")), REPO, bench_device,
+                           facts={"threads": pytestconfig.stash[THREADS].as_dict(),
+                                  "kernels": deterministic_kernels.as_dict()})
+    pytestconfig.stash[_WRITER] = writer
+    return writer
 
 
 @pytest.fixture

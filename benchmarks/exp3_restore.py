@@ -4,7 +4,7 @@
 uses. `ManualOffload` is what careful user code does with it: the (steered) activation and
 layers 0..N's KV go to pinned host memory and the device copies are dropped; `restore`
 later copies them back asynchronously. The exp3 benchmark's `manual_offload` and
-`scripts/gpu_server_resume_marks.py` time this one restore.
+`benchmarks/probes/server_resume_marks.py` time this one restore.
 """
 from __future__ import annotations
 

@@ -47,11 +47,13 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def environment(device: str, root: Path) -> dict:
+def environment(device: str, root: Path, facts: dict | None = None) -> dict:
+    """Where and with what a result was measured; `facts`: the run's threads and kernels."""
     return {
         "device": device, "device_name": device_name(device),
         "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
         "python": platform.python_version(), "host": platform.node(), "git_commit": git_commit(root),
+        **(facts or {}),
     }
 
 
@@ -94,7 +96,17 @@ class ResultsWriter:
     root: Path  # the results/ folder
     repo: Path
     device: str
+    facts: dict = field(default_factory=dict)  # recorded in every file's environment
     stamp: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S"))
+    written: list[Path] = field(default_factory=list)
+
+    def environment(self) -> dict:
+        return environment(self.device, self.repo, self.facts)
+
+    def summary_line(self) -> str:
+        """The run's last line: what it wrote, and where."""
+        folders = sorted({str(p.relative_to(self.root).parent) for p in self.written})
+        return f"djinn: wrote {len(self.written)} result files under {self.root}: {', '.join(folders)}"
 
     def baseline_runs(self, baseline: str, *, model_id: str, model_shape: dict, prompt_tokens: int,
                       new_tokens: int, batch_size: int, runs: list[RunRecord], extra: dict | None = None) -> Path:
@@ -102,7 +114,7 @@ class ResultsWriter:
             "baseline": baseline, "model_id": model_id, "model_shape": model_shape,
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "batch_size": batch_size,
             "runs": [asdict(r) for r in runs], "aggregates": aggregates(runs),
-            "environment": environment(self.device, self.repo), **(extra or {}),
+            "environment": self.environment(), **(extra or {}),
         }
         return self.write(Path(baseline) / f"{self.stamp}.json", record)
 
@@ -110,6 +122,7 @@ class ResultsWriter:
         path = self.root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         if "environment" not in data:
-            data = {**data, "environment": environment(self.device, self.repo)}
+            data = {**data, "environment": self.environment()}
         path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+        self.written.append(path)
         return path

@@ -4,7 +4,7 @@ One-way throughput (a tensor there, a tiny acknowledgement back) for 1 KB to
 1 GB tensors and the round-trip time of an empty request, each peer in its own
 process, all three measured side by side in one run. The last test turns the
 run's medians into Djinn/torch_rpc ratios, writes them to
-`$DJINN_RESULTS_DIR/transport/ratios.json` (default `results/transport/`), and
+`transport/<stamp>-ratios.json` under --djinn-results (default `runs/`), and
 asserts the issue's goals: throughput >= 1.0x torch RPC for tensors of 64 MB and
 more, round trip <= 0.5x torch RPC (best of tcp/ipc for Djinn; both reported).
 
@@ -13,7 +13,6 @@ more, round trip <= 0.5x torch RPC (best of tcp/ipc for Djinn; both reported).
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
@@ -147,10 +146,7 @@ def peer(request) -> Peer:
     return request.getfixturevalue("djinn_peers")[request.param]
 
 
-@pytest.fixture(scope="module")
-def measured() -> dict:
-    """Medians of this run, keyed (metric, size label, peer), for the goals test at the end."""
-    return {}
+LEDGER = "transport"
 
 
 def _median(benchmark) -> float | None:
@@ -168,7 +164,7 @@ def _free_memory_bytes() -> int:
 
 @pytest.mark.parametrize("peer", PEERS, indirect=True)
 @pytest.mark.parametrize("size", SIZES, ids=[s.label for s in SIZES])
-def test_throughput(benchmark, peer: Peer, size: Size, measured):
+def test_throughput(benchmark, peer: Peer, size: Size, ledger):
     if size.nbytes >= 1 << 30 and _free_memory_bytes() < 4 << 30:
         pytest.skip(f"{size.label} needs 4 GB of free memory; {_free_memory_bytes() / GB:.1f} GB free")
     tensor = torch.ones(size.nbytes // 4, dtype=torch.float32)  # written, so no first-touch faults are timed
@@ -177,19 +173,19 @@ def test_throughput(benchmark, peer: Peer, size: Size, measured):
     benchmark.pedantic(peer.send, args=(tensor,), rounds=size.rounds, warmup_rounds=size.warmup_rounds)
     median = _median(benchmark)
     if median:
-        benchmark.extra_info.update(gbps=size.nbytes / median / GB, median_s=median)
-        measured[("throughput", size.label, peer.name)] = median
+        benchmark.extra_info.update(gbps_median=size.nbytes / median / GB, round_s_median=median)
+        ledger.record(LEDGER, ("throughput", size.label, peer.name), median)
 
 
 @pytest.mark.parametrize("peer", PEERS, indirect=True)
-def test_round_trip(benchmark, peer: Peer, measured):
+def test_round_trip(benchmark, peer: Peer, ledger):
     benchmark.group = "transport-rtt"
     benchmark.extra_info.update(peer=peer.name, peer_detail=peer.detail, nbytes=0)
     benchmark.pedantic(peer.ping, rounds=RTT_ROUNDS, warmup_rounds=RTT_WARMUP)
     median = _median(benchmark)
     if median:
-        benchmark.extra_info.update(rtt_us=median * 1e6)
-        measured[("rtt", "empty", peer.name)] = median
+        benchmark.extra_info.update(rtt_us_median=median * 1e6)
+        ledger.record(LEDGER, ("rtt", "empty", peer.name), median)
 
 
 def _device_info() -> dict:
@@ -216,15 +212,11 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _results_path() -> Path:
-    root = Path(os.environ.get("DJINN_RESULTS_DIR") or Path(__file__).resolve().parents[1] / "results")
-    return root / "transport" / "ratios.json"
-
-
 # `benchmark` is requested, not used, so that --benchmark-only keeps this test.
 @pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
-def test_goals_against_torch_rpc(benchmark, measured):
-    """Runs last (`run_order`): ratios of this run's medians."""
+def test_goals_against_torch_rpc(benchmark, ledger, results_writer):
+    """Runs last (`run_order`): ratios of this session's medians."""
+    measured = ledger.results(LEDGER)
     if not measured:
         pytest.skip("no timings in this run (benchmarks disabled, or the benchmarks were deselected)")
     rows, failures = [], []
@@ -255,7 +247,6 @@ def test_goals_against_torch_rpc(benchmark, measured):
                             f"({', '.join(f'{p} {t * 1e6:.0f} us' for p, t in timings.items())})")
     if not rows:
         pytest.skip("no size was measured for all three peers in this run")
-    path = _results_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"statistic": "median", "device": _device_info(), "results": rows}, indent=2) + "\n")
+    path = results_writer.write(f"transport/{results_writer.stamp}-ratios.json",
+                                {"statistic": "median", "device": _device_info(), "results": rows})
     assert not failures, "transport goals missed (ratios in " + str(path) + "):\n" + "\n".join(failures)

@@ -68,7 +68,7 @@ def run_checks(
     require_capture: bool = False,
     measure_pcie: bool = True,
     pcie_size_mb: int = 1024,
-    pcie_repeats: int = 10,
+    pcie_repeats: int = 5,
     interface: str = "lo",
     device_index: int = 0,
 ) -> list[Check]:
@@ -123,9 +123,12 @@ def _pcie(size_mb: int, repeats: int, device_index: int) -> tuple[bool, str]:
         bw = measure_pcie_peak(size_mb=size_mb, repeats=repeats, device=f"cuda:{device_index}")
     except CudaUnavailable as exc:
         return False, str(exc)
+    link = (f"; link Gen{bw.link_generation} x{bw.link_width}, nominal {bw.nominal_gbps:.0f} GB/s"
+            if bw.nominal_gbps else "")
     return True, (
-        f"H2D pinned {bw.h2d_pinned_gbps:.1f} GB/s, H2D pageable {bw.h2d_pageable_gbps:.1f} GB/s, "
-        f"D2H pinned {bw.d2h_pinned_gbps:.1f} GB/s (median of {bw.repeats} x {bw.size_bytes >> 20} MiB)"
+        f"H2D pinned {bw.h2d_pinned_gbps:.1f} GB/s ({bw.best_h2d}), H2D pageable {bw.h2d_pageable_gbps:.1f} GB/s, "
+        f"D2H pinned {bw.d2h_pinned_gbps:.1f} GB/s ({bw.best_d2h}), HBM copy {bw.hbm_copy_gbps:.0f} GB/s{link} "
+        f"(best method's median of {bw.repeats} x {bw.size_bytes >> 20} MiB)"
     )
 
 
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-capture", action="store_true", help="fail when wire capture is not permitted")
     parser.add_argument("--no-pcie", action="store_true", help="skip the PCIe bandwidth measurement")
     parser.add_argument("--pcie-size-mb", type=int, default=1024)
-    parser.add_argument("--pcie-repeats", type=int, default=10)
+    parser.add_argument("--pcie-repeats", type=int, default=5)
     parser.add_argument("--interface", default="lo", help="interface the wire-capture check opens")
     parser.add_argument("--device", type=int, default=0, help="CUDA / NVML device index")
     args = parser.parse_args(argv)

@@ -7,24 +7,64 @@ deterministic for a one-token query, every HF decode step, on a GPU: on an H100 
 math backend (GEMMs and a softmax) with cuBLAS's fixed workspace repeats bit for bit.
 Bit-identity claims on a GPU are made under this setting. On a CPU, whose kernels
 repeat anyway, attention also takes the math path (the switches are shared).
+
+The setting changes speed too (the fixed workspace alone doubled an eager 7B decode step
+on an H200: 23.2 -> 41.3 ms/token), so both sides of a timing comparison must run under
+the same one: `KernelConfig` says which a process runs, and `child_environment` gives a
+child process exactly the variables of the configuration it is started in, whatever this
+process's environment holds.
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import asdict, dataclass
+from typing import Iterator, Mapping
 
 import torch
 
 _FUSED_ATTENTION = ("flash", "mem_efficient", "cudnn")  # torch.backends.cuda.{enable_,}<name>_sdp
 # cuBLAS needs a fixed workspace per handle to reproduce its reductions (NVIDIA's
-# documented value); read when a handle is first made, so set before CUDA work.
+# documented value); read once, when this process makes its first cuBLAS handle, so a
+# region entered after the first GEMM on a GPU does not change it (KernelConfig says so).
 CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+CUBLAS_VARIABLE = "CUBLAS_WORKSPACE_CONFIG"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The kernel configuration a process decodes under, as recorded beside its timings."""
+    deterministic: bool
+    cublas_workspace_config: str | None  # the variable as the process's cuBLAS would read it
+    fused_attention: tuple[str, ...]  # fused SDPA backends enabled; () means the math path only
+    cuda_initialized_before: bool | None = None  # a region entered after CUDA work: cuBLAS may keep its old workspace
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def current_kernel_config() -> KernelConfig:
+    return KernelConfig(
+        deterministic=torch.are_deterministic_algorithms_enabled(),
+        cublas_workspace_config=os.environ.get(CUBLAS_VARIABLE),
+        fused_attention=tuple(b for b in _FUSED_ATTENTION if getattr(torch.backends.cuda, f"{b}_sdp_enabled")()))
+
+
+def child_environment(base: Mapping[str, str], deterministic: bool) -> dict[str, str]:
+    """`base` with the kernel variables of the configuration a child runs in: cuBLAS's fixed
+    workspace when it is deterministic (a value the user set kept), none otherwise, so a
+    setting made for one side of a comparison never reaches the other."""
+    env = dict(base)
+    if deterministic:
+        env.setdefault(CUBLAS_VARIABLE, CUBLAS_WORKSPACE_CONFIG)
+    else:
+        env.pop(CUBLAS_VARIABLE, None)
+    return env
 
 
 def use_deterministic_kernels() -> None:
-    """Make every later kernel choice deterministic, process-wide."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+    """Make every later kernel choice deterministic, process-wide (a server's --deterministic)."""
+    os.environ.setdefault(CUBLAS_VARIABLE, CUBLAS_WORKSPACE_CONFIG)
     # warn_only: an op without a deterministic kernel warns rather than failing a request;
     # the bit-identity checks then show the difference.
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -40,19 +80,27 @@ def deterministic_kernels() -> bool:
 
 
 @contextmanager
-def deterministic_region() -> Iterator[None]:
-    """Deterministic kernels inside the block, the previous settings after it."""
+def deterministic_region() -> Iterator[KernelConfig]:
+    """Deterministic kernels inside the block, and every setting it changed (the cuBLAS
+    variable included) as it was after it. Yields the configuration in force inside."""
     enabled, warn_only = deterministic_kernels(), torch.is_deterministic_algorithms_warn_only_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
     attention = {b: getattr(torch.backends.cuda, f"{b}_sdp_enabled")() for b in _FUSED_ATTENTION}
+    cublas = os.environ.get(CUBLAS_VARIABLE)
+    cuda_initialized = torch.cuda.is_initialized()
     use_deterministic_kernels()
     try:
-        yield
+        yield KernelConfig(**{**current_kernel_config().as_dict(), "cuda_initialized_before": cuda_initialized})
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
         torch.utils.deterministic.fill_uninitialized_memory = fill
         for backend, on in attention.items():
             getattr(torch.backends.cuda, f"enable_{backend}_sdp")(on)
+        if cublas is None:
+            os.environ.pop(CUBLAS_VARIABLE, None)
+        else:
+            os.environ[CUBLAS_VARIABLE] = cublas
 
 
-__all__ = ["CUBLAS_WORKSPACE_CONFIG", "deterministic_kernels", "deterministic_region", "use_deterministic_kernels"]
+__all__ = ["CUBLAS_WORKSPACE_CONFIG", "KernelConfig", "child_environment", "current_kernel_config",
+           "deterministic_kernels", "deterministic_region", "use_deterministic_kernels"]

@@ -40,7 +40,6 @@ ARCHITECTURES = {
 }
 
 
-@pytest.mark.correctness
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
 def test_parked_forward_is_bit_identical_on_any_decoder(model_type):
     torch.manual_seed(0)
@@ -57,7 +56,6 @@ def test_parked_forward_is_bit_identical_on_any_decoder(model_type):
         assert torch.equal(forward_last(model, ids[:, :1], cache), ref[1]), f"layer {layer}: the KV differs"
 
 
-@pytest.mark.correctness
 def test_exp3_manual_offload_baseline_restores_exactly_what_it_offloaded(tiny_model, make_prompt):
     """exp3's user-code baseline: layers 0..N's KV and the activation leave the device while
     offloaded and come back bit for bit."""
@@ -139,7 +137,6 @@ def remote(shared_server, tiny_model):
         yield client.load(tiny_model, mode="full_djinn")
 
 
-@pytest.mark.correctness
 @pytest.mark.parametrize("layer", range(LAYERS))
 def test_resume_unmodified_is_bit_identical_and_decoding_goes_on(remote, reference, layer):
     ids, ref_tokens, ref_logits = reference
@@ -152,7 +149,6 @@ def test_resume_unmodified_is_bit_identical_and_decoding_goes_on(remote, referen
     assert torch.equal(torch.cat([ids, tokens], dim=1), ref_tokens), "100% token accuracy"
 
 
-@pytest.mark.correctness
 def test_steering_changes_the_output_by_a_small_amount(remote, reference, record_property):
     ids, ref_tokens, ref_logits = reference
     with remote.session() as s:

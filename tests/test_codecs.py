@@ -73,7 +73,6 @@ def round_trip(tensors, policy=CodecPolicy(), limits=Limits()):
 shapes = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
 
 
-@pytest.mark.correctness
 @HYPOTHESIS
 @given(dtype=st.sampled_from(list(DTYPES.values())), shape=shapes, layout=st.sampled_from(LAYOUTS),
        codec=st.sampled_from(LOSSLESS), seed=st.integers(0, 2**31))
@@ -88,7 +87,6 @@ def test_lossless_round_trip_is_bit_exact(dtype, shape, layout, codec, seed):
     assert_bit_exact(message.tensors["t"], source)
 
 
-@pytest.mark.correctness
 @pytest.mark.parametrize("codec, rtol", [(Codec.FP16, 1e-3), (Codec.BF16, 8e-3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_lossy_round_trip_within_precision_and_keeps_dtype(dtype, codec, rtol):
@@ -181,7 +179,6 @@ def test_duplicate_tensor_names_are_rejected():
         decode_message([head, b"a", b"b"], OPS)
 
 
-@pytest.mark.correctness
 def test_many_tensors_go_as_one_frame_each_sharing_memory_with_the_sources():
     # The 13.5 GB weight upload in miniature: one frame per tensor, no concatenated buffer.
     dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8]
@@ -212,7 +209,6 @@ def test_a_one_element_slice_with_a_wide_stride_travels():
     assert_bit_exact(message.tensors["next_id"], ids)
 
 
-@pytest.mark.correctness
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
 def test_decoding_a_raw_frame_wraps_it_without_copying(dtype):
     source = make_tensor(dtype, (16, 16), seed=4)

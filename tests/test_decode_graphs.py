@@ -11,15 +11,16 @@ import torch
 import djinn
 from djinn.errors import BadRequest
 
+from benchmarks.launcher import cpu_server
+
 NEW_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
-def graph_server(tmp_path_factory):
-    from djinn.server.process import ServerProcess
-    with ServerProcess("--decode-graphs", "--graph-max-len", "128",
-                       log_path=tmp_path_factory.mktemp("graphs") / "server.log") as server:
-        yield server
+def graph_server(server_launcher):
+    server = server_launcher.start("graphs", cpu_server("--decode-graphs", "--graph-max-len", "128"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,6 @@ def reference(tiny_model, hf_greedy):
     return (ids, *hf_greedy(tiny_model, ids, NEW_TOKENS))
 
 
-@pytest.mark.correctness
 def test_graph_slot_decoding_matches_hf_tokens(graph_server, tiny_model, reference):
     ids, ref_tokens, ref_logits = reference
     with djinn.connect(graph_server.host_port) as client:

@@ -9,7 +9,8 @@ import math
 import pytest
 
 from benchmarks import report
-from benchmarks.report import GAP_COLUMNS, ReportPaths, build_report, write_gap_table
+from benchmarks.report import ReportPaths, build_report, write_gap_table
+from benchmarks.report.gap import GAP_COLUMNS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BASELINES = ("native_pytorch", "semantic_blind", "partially_aware", "full_djinn")
@@ -31,12 +32,14 @@ def _exp2_1(baseline: str, per_token_ms: float, sent: float, received: float, gp
     remote = baseline != "native_pytorch"
     extra = {
         "baseline": baseline, "model": "tiny-llama", "batch_size": 1, "prompt_tokens": 72, "new_tokens": 50,
-        "runs": 5, "warmup_runs": 1, "per_token_ms": per_token_ms, "total_ms": per_token_ms * 51,
+        "runs": 5, "warmup_runs": 1, "per_token_ms_median": per_token_ms, "per_token_ms_q1": per_token_ms * 0.95,
+        "per_token_ms_q3": per_token_ms * 1.1, "per_token_n": 5, "total_ms_median": per_token_ms * 51,
         "bytes_per_token_sent": sent, "bytes_per_token_received": received,
         "payload_bytes_per_token_sent": sent * 0.99, "payload_bytes_per_token_received": received * 0.99,
-        "queue_ms": 2.0 if remote else 0.0, "compute_ms": per_token_ms * 40 if remote else 0.0,
-        "transfer_ms": per_token_ms * 8 if remote else 0.0,
-        "energy_per_token_j": 0.5 if gpu else None, "gpu_sm_util_pct": 71.5 if gpu else None,
+        "queue_ms_per_run_mean": 2.0 if remote else 0.0,
+        "compute_ms_per_run_mean": per_token_ms * 40 if remote else 0.0,
+        "transfer_ms_per_run_mean": per_token_ms * 8 if remote else 0.0,
+        "energy_j_per_token_mean": 0.5 if gpu else None, "gpu_sm_util_pct": 71.5 if gpu else None,
         "gpu_membw_util_pct": 40.25 if gpu else None, "gpu_energy_j": 125.0 if gpu else None,
         "gpu_mem_used_max_bytes": 14 << 30 if gpu else None, "wire_payload_bytes": None, "wire_bytes": None,
         "wire_kernel_drops": None, "telemetry": {"interval_ms": 20, "samples": [1, 2]},
@@ -55,10 +58,10 @@ def _gap(phase: str, mode: str, gpu: bool) -> dict:
     nbytes = {"local": 0.0, "naive": 2.6e10, "remote_cache": 5.2e6, "sys_simulated": 1.1e3}[mode]
     tokens = {"prefill": 1, "decode": 3 if mode == "naive" else 50}[phase]
     extra = {"experiment": "gap", "phase": phase, "mode": mode, "trials": 3, "new_tokens": tokens,
-             "latency_s_mean": 0.0523 * slow, "latency_s_std": 0.0042 * slow,
-             "network_bytes_mean": nbytes, "network_bytes_std": nbytes * 0.001,
-             "wire_capture_bytes_mean": None, "gpu_sm_util_pct_mean": 55.0 if gpu else None,
-             "gpu_sm_util_pct_std": 1.5 if gpu else None}
+             "latency_s_median": 0.0523 * slow, "latency_s_q1": 0.05 * slow, "latency_s_q3": 0.055 * slow,
+             "network_bytes_median": nbytes, "network_bytes_q1": nbytes, "network_bytes_q3": nbytes,
+             "wire_capture_bytes_mean": None, "gpu_sm_util_pct_median": 55.0 if gpu else None,
+             "gpu_sm_util_pct_q1": 54.0 if gpu else None, "gpu_sm_util_pct_q3": 56.5 if gpu else None}
     return _entry(f"test_gap[{phase}-{mode}]", f"gap-{phase}", _stats(0.0523 * slow), extra,
                   {"phase": phase, "mode": mode})
 
@@ -99,7 +102,7 @@ def test_results_csv_has_a_row_per_benchmark_with_stats_in_ms_and_flat_extra_inf
     assert len(rows) == 4 + 8 + 3
     columns = list(rows[0])
     assert columns[:8] == ["name", "group", "mean_ms", "median_ms", "stddev_ms", "min_ms", "max_ms", "rounds"]
-    for key in ("baseline", "per_token_ms", "bytes_per_token_sent", "gpu_sm_util_pct", "phase", "latency_s_mean",
+    for key in ("baseline", "per_token_ms_median", "bytes_per_token_sent", "gpu_sm_util_pct", "phase", "latency_s_median",
                 "bandwidth_gbps", "telemetry.interval_ms"):
         assert key in columns, key
     assert "notes" not in columns and "telemetry.samples" not in columns  # lists are not scalars
@@ -111,7 +114,7 @@ def test_results_csv_has_a_row_per_benchmark_with_stats_in_ms_and_flat_extra_inf
     native = next(r for r in rows if r["name"] == "test_decode[native_pytorch-bs1]")
     assert native["wire_bytes"] == ""  # None → empty cell
     ring = next(r for r in rows if r["name"] == "test_stream[djinn_ring]")
-    assert ring["per_token_ms"] == "" and float(ring["bandwidth_gbps"]) == 21.5
+    assert ring["per_token_ms_median"] == "" and float(ring["bandwidth_gbps"]) == 21.5
 
 
 def test_gap_table_is_in_the_seed_order_with_display_names(built):
@@ -122,20 +125,20 @@ def test_gap_table_is_in_the_seed_order_with_display_names(built):
         (phase, mode) for phase in ("Prefill", "Decode")
         for mode in ("LOCAL", "NAÏVE-REMOTE", "REMOTE-CACHE", "SYS (SIMULATED)")]
     local, naive = rows[0], rows[1]
-    assert local["Latency (s) mean ± std"] == "0.0523 ± 0.0042"
-    assert local["Network Bytes mean ± std"] == "0 ± 0"
-    assert naive["Latency (s) mean ± std"] == "20.9 ± 1.7"
-    assert naive["Network Bytes mean ± std"] == "26,000,000,000 ± 26,000,000"
-    assert float(naive["latency_s_mean"]) == pytest.approx(0.0523 * 400)
+    assert local["Latency (s) median [IQR]"] == "0.0523 [0.0500, 0.0550]"
+    assert local["Network Bytes median [IQR]"] == "0", "no spread, no made-up ± 0"
+    assert naive["Latency (s) median [IQR]"] == "20.9 [20.0, 22.0]"
+    assert naive["Network Bytes median [IQR]"] == "26,000,000,000"
+    assert float(naive["latency_s_median"]) == pytest.approx(0.0523 * 400)
     md = paths.gap_table_md.read_text()
-    assert ("| Phase | Mode | New tokens | Latency (s) mean ± std | Network Bytes mean ± std | Avg GPU Util (%) |"
-            in md)
+    assert ("| Phase | Mode | New tokens | Latency (s) median [IQR] | Network Bytes median [IQR] | "
+            "GPU Util (%) median [IQR] |" in md)
     assert local["New tokens"] == "1"
     assert [r["New tokens"] for r in rows if r["Phase"] == "Decode"] == ["50", "3", "50", "50"]
     assert md.index("| Prefill | LOCAL") < md.index("| Prefill | SYS (SIMULATED)") < md.index("| Decode | LOCAL")
     assert "Wire Bytes" not in md  # no capture in these rows
-    gpu = rows[0]["gpu_sm_util_pct_mean"] != ""
-    assert rows[0]["Avg GPU Util (%)"] == ("55.0 ± 1.5" if gpu else "n/a")
+    gpu = rows[0]["gpu_sm_util_pct_median"] != ""
+    assert rows[0]["GPU Util (%) median [IQR]"] == ("55.0 [54.0, 56.5]" if gpu else "n/a")
 
 
 def test_every_figure_is_a_non_empty_png(built):
@@ -155,7 +158,7 @@ def test_summary_has_a_table_per_experiment(built):
     md = paths.summary_md.read_text()
     for heading in ("## Experiment 2.1", f"### {GROUP}", "## Semantic translation gap", "## ring_buffer-stream"):
         assert heading in md
-    assert "| semantic_blind | 50 × 5 | 2,500 |" in md
+    assert "| semantic_blind | 50 × 5 | 2,500 [2,375, 2,750] |" in md
     assert "0123456789ab (dirty)" in md
     assert ("nvml not measured: the run is on the CPU" in md) == ("n/a | n/a | n/a |" in md)
 
@@ -187,8 +190,8 @@ def test_write_gap_table_for_the_gap_benchmark(tmp_path):
         ("prefill", "local"), ("prefill", "naive"), ("decode", "sys_simulated")]
     md = md_path.read_text()
     assert "Wire Bytes (capture)" in md and "| 1,234 |" in md
-    with pytest.raises(ValueError, match="gap row 0 .*latency_s_mean"):
-        write_gap_table([{"phase": "decode", "mode": "local", "network_bytes_mean": 0}], tmp_path)
+    with pytest.raises(ValueError, match="gap row 0 .*latency_s_median"):
+        write_gap_table([{"phase": "decode", "mode": "local", "network_bytes_median": 0}], tmp_path)
 
 
 @pytest.mark.parametrize("values, log", [([8.8, 2500.0, 55.7], True), ([8.8, 199.0], False),
@@ -197,11 +200,11 @@ def test_log_axis_only_when_values_span_more_than_the_threshold(values, log):
     assert report.needs_log(values) is log
 
 
-@pytest.mark.parametrize("mean, std, text", [
-    (0.1234, 0.0042, "0.1234 ± 0.0042"), (12.5, 0.31, "12.50 ± 0.31"), (1_234_567.0, 2345.6, "1,234,567 ± 2,346"),
-    (0.0523, 0.0, "0.0523 ± 0.0000"), (0.0, 0.0, "0 ± 0"), (5.0, None, "5.00"), (None, 1.0, "n/a")])
-def test_mean_plus_minus_std_rounds_both_to_the_std(mean, std, text):
-    assert report._pm(mean, std) == text
+@pytest.mark.parametrize("median, q1, q3, text", [
+    (0.1234, 0.12, 0.13, "0.123 [0.120, 0.130]"), (1_234_567.0, 1_200_000.0, 1_300_000.0, "1,234,567 [1,200,000, 1,300,000]"),
+    (0.0523, 0.0523, 0.0523, "0.0523"), (5.0, None, None, "5.00"), (None, 1.0, 2.0, "n/a")])
+def test_median_and_iqr_never_print_a_made_up_zero_spread(median, q1, q3, text):
+    assert report._median_iqr(median, q1, q3) == text
 
 
 def test_no_gpu_note_says_cpu_run_or_the_nvml_reason():
@@ -210,3 +213,14 @@ def test_no_gpu_note_says_cpu_run_or_the_nvml_reason():
     broken = report.Benchmark.from_json({**_exp2_1("full_djinn", 9.9, 167.0, 184.0, gpu=False),
                                          "extra_info": {"nvml_unavailable": "NVML: driver not loaded"}})
     assert report.no_gpu_note([broken]) == "no GPU telemetry\n(NVML: driver not loaded)"
+
+
+def test_djinn_report_redraws_an_exp3_figure_from_its_json(tmp_path, capsys):
+    points = [{"baseline": b, "seq_len": 64, "layer": layer, "ready_ms": 1.0 + layer, "total_ms": 2.0 + layer}
+              for b in ("recompute", "manual_offload", "djinn_resume") for layer in (1, 6)]
+    path = tmp_path / "20260101T000000-resume.json"
+    path.write_text(json.dumps({"experiment": "exp3_resume", "model": "tiny-llama", "points": points,
+                                "environment": {"device_name": "CPU"}}))
+    assert report.main([str(path), "--out-dir", str(tmp_path / "out")]) == 0
+    figure = tmp_path / "out" / "20260101T000000-resume.png"
+    assert figure.stat().st_size > 0 and str(figure) in capsys.readouterr().out

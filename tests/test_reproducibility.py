@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import djinn
-from djinn.reproducibility import (CUBLAS_WORKSPACE_CONFIG, deterministic_kernels, deterministic_region,
-                                  use_deterministic_kernels)
+from djinn.reproducibility import (CUBLAS_WORKSPACE_CONFIG, child_environment, current_kernel_config,
+                                  deterministic_kernels, deterministic_region, use_deterministic_kernels)
 
 
 @pytest.fixture
@@ -47,11 +47,29 @@ def test_a_user_cublas_setting_is_kept(restore_torch_flags, monkeypatch):
 
 
 def test_deterministic_region_restores_the_previous_settings(restore_torch_flags):
-    with deterministic_region():
+    with deterministic_region() as inside:
         assert deterministic_kernels()
         assert _fused_attention_enabled() == [False, False, False]
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE_CONFIG
+        assert inside.deterministic and inside.fused_attention == () and inside.cuda_initialized_before is False
     assert not deterministic_kernels() and torch.utils.deterministic.fill_uninitialized_memory is True
     assert _fused_attention_enabled() == [True, True, True]
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ, "the region must not leak cuBLAS's workspace setting"
+    assert current_kernel_config().fused_attention == ("flash", "mem_efficient", "cudnn")
+
+
+def test_deterministic_region_restores_a_users_cublas_value(restore_torch_flags, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    with deterministic_region() as inside:
+        assert inside.cublas_workspace_config == ":16:8"
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_child_environment_carries_exactly_the_childs_kernel_setting():
+    base = {"PATH": "/bin", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert child_environment(base, deterministic=False) == {"PATH": "/bin"}
+    assert child_environment({"PATH": "/bin"}, deterministic=True)["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE_CONFIG
+    assert child_environment({"CUBLAS_WORKSPACE_CONFIG": ":16:8"}, True)["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
 @pytest.mark.parametrize("flag, expected", [((), False), (("--deterministic",), True)])

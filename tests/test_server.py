@@ -39,7 +39,6 @@ def _session_tokens(client, model, ids, n):
     return remote.generate(ids, max_new_tokens=n)
 
 
-@pytest.mark.correctness
 @pytest.mark.parametrize("mode", [m.name for m in MODES])
 def test_every_mode_matches_hf_generate_bit_for_bit(client, tiny_model, reference, mode):
     ids, ref_tokens, ref_logits = reference
@@ -49,7 +48,6 @@ def test_every_mode_matches_hf_generate_bit_for_bit(client, tiny_model, referenc
     assert torch.equal(remote.last_logits, ref_logits), "logits must be bit-identical without a lossy codec"
 
 
-@pytest.mark.correctness
 @pytest.mark.parametrize("alias,mode", [("local", "native_pytorch"), ("naive", "semantic_blind"),
                                         ("sys_simulated", "full_djinn")])
 def test_seed_aliases_resolve_to_the_ladder(client, tiny_model, reference, alias, mode):
@@ -59,7 +57,6 @@ def test_seed_aliases_resolve_to_the_ladder(client, tiny_model, reference, alias
     assert torch.equal(remote.generate(ids, max_new_tokens=4), ref_tokens[:, :ids.shape[1] + 4])
 
 
-@pytest.mark.correctness
 def test_batched_generation_matches_hf(client, tiny_model, make_prompt):
     ids = make_prompt(tiny_model, 16, batch=3)
     ref = tiny_model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -67,7 +64,6 @@ def test_batched_generation_matches_hf(client, tiny_model, make_prompt):
         assert torch.equal(client.load(tiny_model, mode=mode).generate(ids, max_new_tokens=6), ref)
 
 
-@pytest.mark.correctness
 def test_decode_bytes_order_strictly_down_the_ladder(client, tiny_model, reference):
     ids = reference[0]
     per_step = {}

@@ -8,10 +8,11 @@ import torch
 import djinn
 from djinn import models
 from djinn.errors import BadRequest, OutOfMemory
-from djinn.server.process import ServerProcess
 from djinn.server.device_budget import DeviceBudget
 from djinn.server.streamer import find_decoder_layers
 from djinn.server.weight_cache import TensorEntry, WeightCache
+
+from benchmarks.launcher import cpu_server
 
 pytestmark = pytest.mark.ring_buffer
 
@@ -32,11 +33,12 @@ def ring_bytes(tiny_model) -> int:
 
 
 @pytest.fixture(scope="module")
-def small_server(tmp_path_factory, ring_bytes):
-    with ServerProcess("--device", "cpu", "--vram-budget-gb", f"{BUDGET_BYTES / 2**30:.9f}",
-                       "--ring-buffer-gb", f"{ring_bytes / 2**30:.9f}", "--disable-kv-swap",
-                       log_path=tmp_path_factory.mktemp("streaming") / "server.log") as server:
-        yield server
+def small_server(server_launcher, ring_bytes):
+    server = server_launcher.start("streaming", cpu_server("--vram-budget-gb", f"{BUDGET_BYTES / 2**30:.9f}",
+                                                           "--ring-buffer-gb", f"{ring_bytes / 2**30:.9f}",
+                                                           "--disable-kv-swap"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -55,7 +57,6 @@ def _model_stats(client, fingerprint: str) -> dict:
     return next(m for m in client.stats()["models"] if m["fingerprint"] == fingerprint)
 
 
-@pytest.mark.correctness
 @pytest.mark.parametrize("mode", ["full_djinn", "remote_cache", "partially_aware"])
 def test_streamed_model_matches_hf_generate_bit_for_bit(client, tiny_model, reference, ring_bytes, mode):
     ids, ref_tokens, ref_logits = reference

@@ -76,7 +76,6 @@ def _decode_round_robin(executor, sessions, prompts) -> list[torch.Tensor]:
     return [torch.cat([p, *out], dim=1) for p, out in zip(prompts, tokens)]
 
 
-@pytest.mark.correctness
 def test_sessions_over_the_budget_page_lru_and_decode_bit_identically(make_executor, tiny_model, prompts):
     session_kv = (PROMPT + NEW_TOKENS) * kv_per_token(tiny_model)
     executor, cached = make_executor(int(2.5 * session_kv))  # 4 sessions, room for 2.5

@@ -108,7 +108,6 @@ def _capacity(model, layers: float) -> int:
     return int(max(_layer_bytes(model)) * layers)
 
 
-@pytest.mark.correctness
 @pytest.mark.parametrize("ring_layers, prefetch_depth, chunk_bytes", [
     (2.5, 2, 256 << 10),
     (2.5, 0, 64 << 20),
@@ -127,7 +126,6 @@ def test_streamed_forward_is_bit_identical(reference, prompt, ring_layers, prefe
             assert handle.stats.layer_loads == 2 * len(handle.layers)
 
 
-@pytest.mark.correctness
 def test_streamed_greedy_generate_with_kv_cache_is_bit_identical(reference, prompt):
     model = build(TINY_MODEL)
     kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True,
@@ -161,7 +159,6 @@ def test_stats_count_every_layer_once_per_pass(prompt):
     assert stats.cancelled_loads == 0 and stats.copy_seconds > 0
 
 
-@pytest.mark.correctness
 def test_gpt2_streams_its_transformer_h():
     reference, model = build("gpt2", num_layers=3), build("gpt2", num_layers=3)
     ids = torch.randint(0, 50257, (1, 10), generator=torch.Generator().manual_seed(1))

@@ -27,6 +27,7 @@ from djinn.telemetry import (
     nvml_available,
     parse_frame,
 )
+from djinn.telemetry.pcie import CopyMethod, MethodResult, best, nominal_link_gbps, probe_methods
 from djinn.telemetry.wire_capture import _SeqRanges
 
 # ---------------------------------------------------------------- header parser
@@ -187,7 +188,6 @@ def listener():
 
 
 @pytest.mark.transport
-@pytest.mark.correctness
 @needs_capture
 @pytest.mark.parametrize("workload", [_bulk, _small_messages], ids=["bulk_256MiB", "small_messages"])
 def test_capture_counts_exactly_the_application_bytes(listener, workload) -> None:
@@ -429,14 +429,42 @@ def test_pcie_probe_without_cuda_says_why() -> None:
 
 
 @pytest.mark.gpu
-def test_pcie_probe_measures_all_three_directions() -> None:
+def test_pcie_probe_takes_the_best_method_in_both_directions() -> None:
     reason = cuda_unavailable_reason()
     if reason:
         pytest.skip(reason)
     bw = measure_pcie_peak(size_mb=256, repeats=3)
-    assert len(bw.h2d_pinned_samples_gbps) == 3
+    assert bw.h2d_pinned_gbps == max(r.gbps for r in bw.methods if r.method.direction == "h2d")
+    assert {r.method.streams for r in bw.methods} == {1, 2} and all(len(r.samples_gbps) == 3 for r in bw.methods)
     # Even PCIe 3.0 x16 moves >10 GB/s pinned; below 1 GB/s something is broken.
     assert bw.h2d_pinned_gbps > 1 and bw.d2h_pinned_gbps > 1 and bw.h2d_pageable_gbps > 0.1
+    assert bw.hbm_copy_gbps > bw.h2d_pinned_gbps
+    if bw.nominal_after_encoding_gbps is not None:
+        assert bw.h2d_pinned_gbps <= bw.nominal_after_encoding_gbps * 1.01, "a copy cannot beat the link"
+
+
+def test_nominal_pcie_rates_follow_the_spec() -> None:
+    assert nominal_link_gbps(5, 16) == pytest.approx((64.0, 63.015), rel=1e-4)  # the H100/H200 link
+    assert nominal_link_gbps(4, 16) == pytest.approx((32.0, 31.508), rel=1e-4)
+    assert nominal_link_gbps(2, 8)[1] == pytest.approx(4.0)  # 8b/10b
+    with pytest.raises(ValueError):
+        nominal_link_gbps(9, 16)
+
+
+def test_probe_methods_cover_streamer_chunks_both_streams_and_directions() -> None:
+    methods = probe_methods(256 << 20)
+    assert {m.direction for m in methods} == {"h2d", "d2h"}
+    assert CopyMethod("h2d", 64 << 20, 2) in methods, "the streamer's chunk with two copies in flight"
+    assert all(m.chunk_bytes * m.streams <= 256 << 20 for m in methods)
+
+
+def test_best_picks_the_highest_median_of_a_direction() -> None:
+    results = [MethodResult(CopyMethod("h2d", 1 << 30, 1), (50.1, 50.6, 50.4)),
+               MethodResult(CopyMethod("h2d", 64 << 20, 2), (55.0, 55.4, 12.0)),
+               MethodResult(CopyMethod("d2h", 64 << 20, 2), (60.0, 60.0, 60.0))]
+    assert best(results, "h2d").method == CopyMethod("h2d", 64 << 20, 2)
+    with pytest.raises(ValueError):
+        best(results[:1], "d2h")
 
 
 # ----------------------------------------------------------------------- doctor

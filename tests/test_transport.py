@@ -217,7 +217,6 @@ def assert_bit_exact(got: torch.Tensor, want: torch.Tensor) -> None:
     assert torch.equal(*flat)
 
 
-@pytest.mark.correctness
 @settings(max_examples=40, deadline=None)
 @given(dtype=st.sampled_from(list(DTYPES.values())), shape=st.lists(st.integers(0, 4), max_size=3).map(tuple),
        codec=st.sampled_from(LOSSLESS), seed=st.integers(0, 2**31))
@@ -229,7 +228,6 @@ def test_every_dtype_and_shape_round_trips_through_a_live_server(echo_client, dt
         assert_bit_exact(reply.tensors[name], tensor)
 
 
-@pytest.mark.correctness
 @pytest.mark.parametrize("landing", LANDINGS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_one_message_of_every_dtype_round_trips(transport, landing):
@@ -245,7 +243,6 @@ def test_one_message_of_every_dtype_round_trips(transport, landing):
         assert_bit_exact(reply.tensors[name], tensor)
 
 
-@pytest.mark.correctness
 def test_lossy_codec_round_trips_within_fp16_precision(echo_client):
     sent = seeded(torch.float32, (64, 64), 0)
     reply = echo_client.request("echo", tensors={"logits": OutgoingTensor(sent, codec=Codec.FP16)})
@@ -495,7 +492,6 @@ def test_many_tensors_travel_as_one_frame_each(served, recording_client_factory)
 
 # --- zero copy ---------------------------------------------------------------------------------
 
-@pytest.mark.correctness
 def test_received_raw_tensors_live_in_the_received_frames():
     context = zmq.Context.instance()
     router, dealer = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
@@ -543,7 +539,6 @@ def receive_one():
         sock.close()
 
 
-@pytest.mark.correctness
 def test_landed_tensors_live_in_the_landing_tensors_bit_exact(receive_one):
     given: dict[str, torch.Tensor] = {}
 

@@ -6,8 +6,10 @@ does not go.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import time
@@ -20,8 +22,18 @@ READY_TIMEOUT_S = 120.0  # building a 7B model on a cold GPU can take a while
 STOP_TIMEOUT_S = 15.0
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 class ServerStartError(RuntimeError):
     pass
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies, so a killed pytest leaves no
+    server computing on its cores (the setting survives the server's own re-exec)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_for_ready_line(process: subprocess.Popen, prefix: str, timeout_s: float, what: str) -> str | None:
@@ -46,12 +58,15 @@ class ServerProcess:
     """`djinn-server` with `config`'s options (`ServerConfig.argv`) and then `args`; port 0 unless given."""
 
     def __init__(self, *args: str, config: ServerConfig | None = None, log_path: Path,
-                 ready_timeout_s: float = READY_TIMEOUT_S, env: dict | None = None):
+                 ready_timeout_s: float = READY_TIMEOUT_S, env: dict | None = None, inherit_env: bool = True):
         args = [*(config.argv() if config is not None else []), *args]
         self.args = ["--port", "0", *args] if "--port" not in args else args
         self.log_path = Path(log_path)
         self.ready_timeout_s = ready_timeout_s
+        # inherit_env=False: `env` is the child's whole environment, so a launcher can keep
+        # variables of this process (cuBLAS's workspace, thread counts) out of it.
         self.env = env
+        self.inherit_env = inherit_env
         self.process: subprocess.Popen | None = None
         self.address: str | None = None
 
@@ -66,11 +81,15 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    def _environment(self) -> dict:
+        return {**os.environ, **(self.env or {})} if self.inherit_env else dict(self.env or {})
+
     def start(self) -> "ServerProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
         self.process = subprocess.Popen([sys.executable, "-m", "djinn.server", *self.args], stdout=subprocess.PIPE,
-                                        stderr=log, text=True, env={**os.environ, **(self.env or {})})
+                                        stderr=log, text=True, env=self._environment(),
+                                        preexec_fn=_die_with_parent)
         log.close()
         try:
             self.address = wait_for_ready_line(self.process, READY_PREFIX, self.ready_timeout_s, "djinn server")

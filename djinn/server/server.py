@@ -64,6 +64,12 @@ def _flag(f) -> str:
     return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
 
 
+# Test-only: a planted slowdown of every session step (prefill, decode), in ms, read once at
+# import. It exists to show that djinn-compare catches a regression (benchmarks/compare.py);
+# unset, it costs one comparison per step.
+TEST_STEP_SLEEP_S = float(os.environ.get("DJINN_TEST_STEP_SLEEP_MS", "0")) / 1e3
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The server's configuration, and `djinn-server`'s options: each default is written here once.
@@ -477,6 +483,8 @@ class Server:
             if padding is not None and isinstance(ids, torch.Tensor) and ids.dim() == 2:
                 padding = padding.next(ids.shape[1])  # other ids: the executor says what is wrong with them
         logits = self.executor.session_step(session, ids, padding)
+        if TEST_STEP_SLEEP_S:
+            time.sleep(TEST_STEP_SLEEP_S)
         if starts:
             session.sampler = Sampler.build(session.model.model, options.sampling, ids, options.attention_mask,
                                             self.device)

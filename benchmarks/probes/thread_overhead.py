@@ -6,7 +6,7 @@ on a parked forward's reused worker (llama-2-13b shape on the GPU; medians of 7,
 - park1: `ParkedForward` to decoder layer 1 (a reused worker since the worker pool);
 - fdl: `find_decoder_layers` alone.
 
-python scripts/gpu_thread_overhead.py  → results/exp3/thread_overhead_h100.txt
+python -m benchmarks.probes.thread_overhead  → results/exp3/thread_overhead_h100.txt
 """
 from __future__ import annotations
 

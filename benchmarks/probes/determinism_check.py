@@ -6,7 +6,7 @@ the same model twice, with the allocator shifted, a second build of the same see
 weights, HF `generate` against Djinn's loop, and the model streamed through a ring of
 2.5 layers against the resident one.
 
-python scripts/gpu_determinism_check.py [--deterministic] [--layers 6] [--steps 8]
+python -m benchmarks.probes.determinism_check [--deterministic] [--layers 6] [--steps 8]
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ resumes, while exp3's user-code restore (`manual_offload`) runs in this process.
 `--idle-ms` sleeps before each restore, as exp3's `--exp3-idle-ms` does (the server's
 wait is that and the resume request's round trip).
 
-python scripts/gpu_server_resume_marks.py OUT_DIR [--rounds 12] [--idle-ms 0]  → OUT_DIR/summary.json
+python -m benchmarks.probes.server_resume_marks OUT_DIR [--rounds 12] [--idle-ms 0]  → OUT_DIR/summary.json
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from djinn.server.process import ServerProcess
 from djinn.transport import Codec
 
 from benchmarks.exp3_restore import ManualOffload, park
+from benchmarks.launcher import ServerSpec, server_argv, server_environment
+from benchmarks.threads import plan_threads, usable_cores
 
 MODEL, LAYERS, LAYER, SEQ_LEN, STEER = "llama-2-13b", 4, 1, 512, 0.9
 WARMUP_ROUNDS = 2
@@ -104,7 +106,10 @@ def main() -> None:
     env = {"DJINN_RESUME_MARKS": str(marks), "PYTHONPATH": f"{args.out}:{os.environ.get('PYTHONPATH', '')}"}
     manual, djinn_ms = [], []
     idle_s = args.idle_ms / 1e3
-    with ServerProcess("--device", "cuda", log_path=args.out / "server.log", env=env) as server, \
+    # The server exp3 talks to (benchmarks.launcher): deterministic kernels, threads pinned.
+    spec = ServerSpec("cuda")
+    env = {**server_environment(spec, plan_threads(usable_cores())), **env}
+    with ServerProcess(*server_argv(spec), log_path=args.out / "server.log", env=env, inherit_env=False) as server, \
             djinn.connect(server.host_port, timeout_s=600) as client:
         remote = client.load(models.to_host(local), mode="full_djinn", logits_codec=Codec.RAW)
         for _ in range(args.rounds):

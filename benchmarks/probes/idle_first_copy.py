@@ -8,7 +8,7 @@ another thread (as a server woken by its socket), a 5 MB host copy (a frame land
 64 MB host pass (evicts the caches), and a stream query between the spell and the restore.
 The conditions take turns round by round, so drift hits each alike.
 
-python scripts/gpu_idle_first_copy.py [--rounds 15]  → one JSON line per condition (medians, ms):
+python -m benchmarks.probes.idle_first_copy [--rounds 15]  → one JSON line per condition (medians, ms):
 first_call_ms (the first copy call returning), issued_ms (all five issued), ready_ms (synchronised).
 """
 from __future__ import annotations
