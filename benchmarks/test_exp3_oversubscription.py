@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gc
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import pytest
@@ -36,12 +37,12 @@ import djinn
 from djinn import kv, models
 from djinn.decoding import forward_last
 from djinn.errors import DjinnError
-from djinn.server.process import ServerProcess
 from djinn.telemetry.pcie import measure_pcie_peak
 
 from benchmarks import exp3_plan
 from benchmarks.collectors import Collectors
 from benchmarks.exp3_figures import plot_memory_virtualization
+from benchmarks.launcher import ServerSpec
 from benchmarks.results import environment
 
 pytestmark = pytest.mark.exp3
@@ -128,11 +129,10 @@ def setup(pytestconfig, bench_device) -> Oversubscription:
     return setup
 
 
-EAGER: dict = {}
-DJINN: dict = {}
+LEDGER = "exp3_oversubscription"  # the session ledger's section: "eager" and "djinn" results
 
 
-def test_pytorch_eager(setup, progress):
+def test_pytorch_eager(setup, progress, ledger):
     """Each session's KV cache kept on the device, as plain PyTorch would: the N at out-of-memory."""
     if setup.local is None:
         pytest.skip("the device copy of the model was released already")
@@ -156,26 +156,28 @@ def test_pytorch_eager(setup, progress):
     finally:
         caches.clear()
         setup.release_local()
-    EAGER.update({"sessions_completed": setup.sessions if oom_at is None else oom_at - 1, "oom_at_session": oom_at,
-                  "oom": reason, "peak_allocated_bytes": peak, "wall_s": time.perf_counter() - started})
+    ledger.record(LEDGER, "eager", {"sessions_completed": setup.sessions if oom_at is None else oom_at - 1,
+                                    "oom_at_session": oom_at, "oom": reason, "peak_allocated_bytes": peak,
+                                    "wall_s": time.perf_counter() - started})
     progress(f"PyTorch eager: {'no out-of-memory' if oom_at is None else f'out of memory at session {oom_at}'} "
              f"of {setup.sessions}")
 
 
-def test_djinn_oversubscription(setup, benchmark, tmp_path_factory, results_writer, progress):
+def test_djinn_oversubscription(setup, benchmark, server_launcher, results_writer, progress, ledger):
     setup.release_local()  # the server gets the device
     progress(setup.plan())
     pcie = measure_pcie_peak(device=setup.device) if setup.on_cuda else None
     if setup.on_cuda:
         torch.cuda.empty_cache()
     benchmark.group = f"exp3-oversubscription-{setup.name}"
-    log = tmp_path_factory.mktemp("exp3-oversubscription") / "server.log"
     gpu_index = (torch.device(setup.device).index or 0) if setup.on_cuda else None
-    budget_args = [] if setup.budget_bytes is None else ["--vram-budget-gb", repr(setup.budget_bytes / GIB)]
-    # Deterministic kernels: each session's tokens are compared with its solo reference bit for bit.
-    with ServerProcess("--device", setup.device, *budget_args, "--deterministic", "--log-level", "INFO",
-                       log_path=log) as server, \
-            djinn.connect(server.host_port, timeout_s=REMOTE_TIMEOUT_S) as client:
+    # Deterministic kernels (the launcher's default): each session's tokens are compared with its
+    # solo reference bit for bit.
+    server = server_launcher.start("exp3-oversubscription", ServerSpec(
+        setup.device, vram_budget_gb=None if setup.budget_bytes is None else setup.budget_bytes / GIB))
+    with ExitStack() as stack:  # the server goes with the test: it holds the whole device
+        stack.callback(server.stop)
+        client = stack.enter_context(djinn.connect(server.host_port, timeout_s=REMOTE_TIMEOUT_S))
         remote = client.load(setup.host_copy, mode="full_djinn")
         if setup.on_cuda:
             setup.host_copy = None  # uploaded: its host memory is the paged KV's now
@@ -213,7 +215,7 @@ def test_djinn_oversubscription(setup, benchmark, tmp_path_factory, results_writ
         "tokens": {i: t.tolist() for i, t in run.tokens.items()},
         "reference_tokens": {i: t.tolist() for i, t in run.references.items()},
         "nvml_peak_used_bytes": nvml_peak,
-        "eager": EAGER, "workload_s": run.wall_s, "references_s": run.references_s, "timeline": run.timeline,
+        "eager": ledger.results(LEDGER).get("eager"), "workload_s": run.wall_s, "references_s": run.references_s, "timeline": run.timeline,
         "device_capacity_bytes": setup.device_capacity_bytes,
         "nvml_samples": ([{"t_s": s.t_s - (run.t0 - run.region_started), "mem_used_bytes": s.mem_used_bytes}
                           for s in telemetry.nvml.samples] if telemetry.nvml else None),
@@ -223,7 +225,7 @@ def test_djinn_oversubscription(setup, benchmark, tmp_path_factory, results_writ
     data["budget_bytes"] = memory["budget_bytes"]  # the figure's budget line: what the server used
     path = results_writer.write(f"exp3/{results_writer.stamp}-oversubscription.json", data)
     figure = plot_memory_virtualization(data, path.with_suffix(".png"))
-    DJINN.update(data)
+    ledger.record(LEDGER, "djinn", data)
     benchmark.extra_info.update({
         "model": setup.name, "sessions": setup.sessions, "sessions_completed": run.completed,
         "demand_bytes": setup.demand_bytes, "budget_bytes": memory["budget_bytes"],
@@ -231,7 +233,7 @@ def test_djinn_oversubscription(setup, benchmark, tmp_path_factory, results_writ
         "bytes_paged_out": paging["bytes_out"], "bytes_paged_in": paging["bytes_in"],
         "page_in_gbps": page_in_gbps, "page_in_fraction_of_pcie_peak": data["page_in_fraction_of_pcie_peak"],
         "ooms_recovered": memory["ooms_recovered"], "ooms_failed": memory["ooms_failed"],
-        "eager_oom_at_session": EAGER.get("oom_at_session"), **telemetry.as_extra_info()})
+        "eager_oom_at_session": (data["eager"] or {}).get("oom_at_session"), **telemetry.as_extra_info()})
     progress(f"{run.completed}/{setup.sessions} sessions completed, {len(mismatched)} of {len(run.references)} "
              f"differ from their reference; {paging['bytes_out'] / GIB:.2f} GiB paged out, page-in "
              f"{page_in_gbps or 0:.1f} GB/s; {memory['ooms_recovered']} allocation failures recovered; "
@@ -329,14 +331,16 @@ class Workload:
                               "device_allocated_bytes": memory.get("device_allocated_bytes")})
 
 
-def test_djinn_holds_more_sessions_than_eager(setup, progress):
-    if not DJINN or not EAGER:
-        pytest.skip("compares the two runs of this session; one of them did not run")
-    eager = EAGER["oom_at_session"]
-    progress(f"djinn: {DJINN['sessions_completed']}/{setup.sessions} sessions, demand "
-             f"{setup.demand_bytes / GIB:.1f} GiB on a {DJINN['server_budget_bytes'] / GIB:.1f} GiB budget; "
-             f"PyTorch eager: "
-             + ("no out-of-memory" if eager is None else f"out of memory at session {eager}"))
-    if eager is None:
+def test_djinn_holds_more_sessions_than_eager(setup, progress, ledger):
+    held = ledger.results(LEDGER)
+    missing = [name for name in ("eager", "djinn") if name not in held]
+    if missing:
+        pytest.skip(f"compares the eager and djinn runs of this session; {' and '.join(missing)} did not run")
+    eager, djinn_run = held["eager"], held["djinn"]
+    progress(f"djinn: {djinn_run['sessions_completed']}/{setup.sessions} sessions, demand "
+             f"{setup.demand_bytes / GIB:.1f} GiB on a {djinn_run['server_budget_bytes'] / GIB:.1f} GiB budget; "
+             f"PyTorch eager: " + ("no out-of-memory" if eager["oom_at_session"] is None
+                                   else f"out of memory at session {eager['oom_at_session']}"))
+    if eager["oom_at_session"] is None:
         pytest.skip(f"PyTorch eager held all {setup.sessions} sessions: the device was not oversubscribed for it")
-    assert DJINN["sessions_completed"] > EAGER["sessions_completed"]
+    assert djinn_run["sessions_completed"] > eager["sessions_completed"]

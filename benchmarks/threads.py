@@ -47,8 +47,11 @@ def plan_threads(cores: int) -> ThreadPlan:
 
 
 def pin_client(plan: ThreadPlan) -> None:
-    """This process's intra-op threads (torch reads the OpenMP variables only at start)."""
+    """This process's intra-op threads (torch reads the OpenMP variables only at start), and the
+    count every child that inherits this environment starts with: a test that starts its server
+    with `ServerProcess` directly must compare bit for bit too."""
     torch.set_num_threads(plan.client_threads)
+    os.environ.update(plan.server_environment())
 
 
 # Where pytest keeps the session's plan (conftest.py makes it at configure time).
