@@ -167,7 +167,7 @@ def test_graphs_teacher_forced(bench_model, prompt_ids, request, ledger, progres
     reference_tokens = native.generate(prompt_ids, max_new_tokens=NEW_TOKENS)[:, prompt_ids.shape[1]:]
     logits = {}
     for baseline in (NATIVE, GRAPHS):
-        with stepper(_load(baseline, bench_model, request)) as step:
+        with stepper(_load(baseline, bench_model, request), prompt_ids) as step:
             # The last token is fed by no step: the logits cover the prompt and tokens 1..n-1.
             logits[baseline] = teacher_forced_logits(step, prompt_ids, reference_tokens[:, :-1])
     result = judge(logits[NATIVE], logits[GRAPHS])

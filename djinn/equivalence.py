@@ -15,6 +15,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from djinn import generation
+
 # A step maps the ids fed at this step (the prompt, then one token) to the last position's
 # logits [batch, vocab]; it holds its own KV between calls.
 Stepper = Callable[[torch.Tensor], torch.Tensor]
@@ -81,12 +83,15 @@ def judge(reference: torch.Tensor, candidate: torch.Tensor, *,
 
 
 @contextmanager
-def stepper(remote) -> Iterator[Stepper]:
-    """A `RemoteModel` (any mode, local included) as a Stepper that returns every step's logits.
+def stepper(remote, prompt: torch.Tensor) -> Iterator[Stepper]:
+    """A `RemoteModel` (any mode, local included) as a Stepper that returns every step's logits,
+    for greedy decoding of `prompt` (its batch and length; the stepper is then fed it first).
 
     Uses the model's step driver, the one object of the client that feeds a step its input;
     `generate` would feed back its own greedy pick instead of the reference's token."""
-    driver = remote._driver(return_logits=True)
+    plan = generation.plan(remote.model, prompt, None, None, None, None,
+                           {"do_sample": False, "max_new_tokens": 1})
+    driver = remote._driver(plan, want_logits=True, want_scores=False)
     try:
         yield lambda ids: driver.step(ids).logits
     finally:

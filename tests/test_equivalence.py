@@ -46,7 +46,7 @@ def test_shapes_must_match():
 def test_teacher_forced_logits_feed_the_given_tokens_not_the_greedy_pick(tiny_model, hf_greedy):
     prompt = torch.tensor([[5, 6, 7]])
     forced = torch.tensor([[11, 12, 13]])  # not what greedy decoding would pick
-    with torch.no_grad(), stepper(load_local(tiny_model)) as step:
+    with torch.no_grad(), stepper(load_local(tiny_model), prompt) as step:
         logits = teacher_forced_logits(step, prompt, forced)
         full = tiny_model(torch.cat([prompt, forced], dim=1)).logits[:, prompt.shape[1] - 1:]
     assert logits.shape == (1, 4, models.CATALOGUE[models.TINY_MODEL].config().vocab_size)
