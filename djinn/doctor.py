@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from djinn import host_memory
 from djinn.telemetry import (
     CudaUnavailable,
     capture_available,
@@ -43,14 +44,6 @@ class Check:
 
     def __str__(self) -> str:
         return f"{self.status} {self.name}: {self.detail}"
-
-
-def _host_available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024  # kB
-    raise OSError("/proc/meminfo has no MemAvailable line")
 
 
 def _guarded(name: str, required: bool, probe: Callable[[], tuple[bool, str]]) -> Check:
@@ -133,9 +126,9 @@ def _pcie(size_mb: int, repeats: int, device_index: int) -> tuple[bool, str]:
 
 
 def _host_memory() -> tuple[bool, str]:
-    available = _host_available_bytes()
-    ok = available >= MIN_HOST_AVAILABLE_BYTES
-    detail = f"MemAvailable {available / GIB:.1f} GiB"
+    memory = host_memory.read()  # its cgroup's limit included, as the server's own defaults read it
+    ok = memory.available_bytes >= MIN_HOST_AVAILABLE_BYTES
+    detail = memory.describe()
     if not ok:
         detail += f" (below {MIN_HOST_AVAILABLE_BYTES / GIB:.0f} GiB)"
     return ok, detail
