@@ -45,9 +45,10 @@ def pytest_addoption(parser):
     suite.addoption("--djinn-model", default="auto",
                     help="auto (tiny-llama on CPU, llama-2-7b on a GPU), a catalogue name, or a local checkpoint path")
     suite.addoption("--djinn-device", default="auto", help="auto, cpu or cuda:N")
-    suite.addoption("--djinn-runs", type=int, default=25,
-                    help="measured runs per baseline (the seed: 30 with 5 discarded)")
-    suite.addoption("--djinn-warmup-runs", type=int, default=5, help="runs before the measured ones, discarded")
+    suite.addoption("--djinn-runs", type=int, default=None,
+                    help="measured runs per baseline (default: the seed's 25 after 5 discarded; 10 after 2 on "
+                         "models over 1 GB, benchmarks/plans.py says why)")
+    suite.addoption("--djinn-warmup-runs", type=int, default=None, help="runs before the measured ones, discarded")
     suite.addoption("--djinn-results", default=str(DEFAULT_RESULTS),
                     help="folder for raw result JSON (default: runs/, ignored by git)")
     suite.addoption("--djinn-blind-tokens", type=int, default=None,

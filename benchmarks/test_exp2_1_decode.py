@@ -1,7 +1,7 @@
 """Experiment 2.1 (seed 000): LLM decode with a KV cache, four baselines side by side.
 
 `test_decode[baseline]`: each baseline generates 50 tokens from the 72-token prompt,
-`--djinn-runs` measured runs after `--djinn-warmup-runs` discarded ones; pytest-benchmark times
+`--djinn-runs` measured runs after `--djinn-warmup-runs` discarded ones (benchmarks/plans.py); pytest-benchmark times
 each run, extra_info holds per-token latency (median and IQR), bytes per token, GPU
 utilisation, the queue / compute / transfer split and energy.
 `test_interleaved[target-vs-native_pytorch]`: the latency criteria's evidence, rounds of the
@@ -28,7 +28,7 @@ from djinn.equivalence import judge, stepper, teacher_forced_logits
 
 from benchmarks.goals.exp2_1 import (BASELINES, FULL, GRAPHS, NATIVE, DecodeResult, Exp2_1Results, PairedRounds,
                                      exp2_1_criteria, exp2_1_report)
-from benchmarks.plans import run_plan
+from benchmarks.plans import measured_runs, run_plan
 from benchmarks.results import RunRecord
 from benchmarks.stats import Spread
 
@@ -65,9 +65,9 @@ def test_decode(baseline, batch_size, benchmark, bench_model, prompt_ids, result
     collectors = request.getfixturevalue("graph_collectors" if baseline == GRAPHS else "collectors")
     remote = _load(baseline, bench_model, request)
     ids = prompt_ids.repeat(batch_size, 1)
+    runs, warmup = measured_runs(pytestconfig, bench_model.weight_bytes)
     new_tokens, runs, warmup = astuple(run_plan(
-        baseline, bench_model.weight_bytes, pytestconfig, new_tokens=NEW_TOKENS,
-        runs=pytestconfig.getoption("--djinn-runs"), warmup=pytestconfig.getoption("--djinn-warmup-runs")))
+        baseline, bench_model.weight_bytes, pytestconfig, new_tokens=NEW_TOKENS, runs=runs, warmup=warmup))
     outputs: list[tuple[torch.Tensor, GenerationStats]] = []
 
     def run_once():
@@ -134,7 +134,7 @@ def test_interleaved(target, reference, batch_size, benchmark, bench_model, benc
     benchmark.group = f"exp2_1-interleaved-{bench_model.name}-bs{batch_size}"
     remotes = {b: _load(b, bench_model, request) for b in (reference, target)}
     ids = prompt_ids.repeat(batch_size, 1)
-    runs, warmup = pytestconfig.getoption("--djinn-runs"), pytestconfig.getoption("--djinn-warmup-runs")
+    runs, warmup = measured_runs(pytestconfig, bench_model.weight_bytes)
     # Each round's median decode step: a step the shared host preempted does not move it, where
     # it moves the round's mean (the 2-core machine's per-round ratios spread 2x less this way).
     step_ms: dict[str, list[float]] = {reference: [], target: []}

@@ -55,7 +55,7 @@ from djinn.server.streamer import StreamingHandle, find_decoder_layers, stream_m
 from benchmarks.collectors import Collectors
 from benchmarks.goals.ring_buffer import RingResult, RingResults, ring_buffer_criteria, speedups_vs_accelerate, ttft_bound_ms
 from benchmarks.launcher import ServerSpec
-from benchmarks.plans import LARGE_MODEL_BYTES
+from benchmarks.plans import LARGE_MODEL_BYTES, measured_runs
 
 pytestmark = [pytest.mark.exp2, pytest.mark.ring_buffer, pytest.mark.usefixtures("deterministic_kernels")]
 
@@ -246,7 +246,7 @@ def ring_setup(pytestconfig, bench_device) -> RingSetup:
         raise pytest.UsageError(f"a {budget / GIB:.2f} GiB budget leaves {ring / MIB:.0f} MiB for the ring after "
                                 f"the resident parts ({resident / MIB:.0f} MiB), the KV cache and headroom; one "
                                 f"{name} layer needs {max(layer_bytes) / MIB:.0f} MiB")
-    runs, warmup = option("--djinn-runs"), option("--djinn-warmup-runs")
+    runs, warmup = measured_runs(pytestconfig, weight_bytes)
     if weight_bytes > LARGE_MODEL_BYTES:
         runs, warmup = min(runs, LARGE_RUNS), min(warmup, LARGE_WARMUP)
     elif not on_cuda:
