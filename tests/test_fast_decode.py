@@ -205,3 +205,44 @@ def test_a_busy_slot_leaves_the_other_session_on_hf(fast_server, tiny_model, ref
 def test_a_bad_decode_choice_is_refused(fast_server, tiny_model):
     with pytest.raises(ValueError, match="decode='fastest'"):
         djinn.connect(fast_server.host_port).load(tiny_model, decode="fastest")
+
+
+# -- the slot's transaction, in-process ----------------------------------------------------------
+def test_a_fast_step_that_runs_out_of_memory_is_rolled_back_and_retried(tiny_model, reference):
+    """An allocation failure after the slot took the step's keys: the slot's length goes back and the
+    retried step decodes HF's next token, as an eager session's would."""
+    from djinn.server.device_budget import DeviceBudget
+    from djinn.server.executor import Executor
+    from djinn.server.fast_decode import FastPath
+    from djinn.server.session_store import SessionStore
+    from djinn.server.weight_cache import WeightCache
+
+    ids, ref_tokens, _ = reference
+    budget = DeviceBudget(torch.device("cpu"), 4 << 30)
+    weights = WeightCache(budget)
+    fast = FastPath(budget, weights, 64, default_on=False)
+    sessions = SessionStore(60.0, "test", budget, swap=True, fast=fast)
+    executor = Executor(budget, weights, sessions)
+    cached = weights.preload("tiny", models.build(models.TINY_MODEL, seed=0))
+    session = sessions.open(cached, b"peer")
+    session.decode = "fast"
+    token = executor.session_step(session, ids).argmax(-1, keepdim=True)
+    slot = session.decoder
+    step, failures = slot.step, []
+
+    def failing_step(token_ids):
+        logits = step(token_ids)  # the keys and values are written, the length advanced
+        if not failures:
+            failures.append(slot.length)
+            raise torch.OutOfMemoryError("injected after the slot's write")
+        return logits
+
+    slot.step = failing_step
+    tokens = [token]
+    for _ in range(3):
+        tokens.append(executor.session_step(session, tokens[-1]).argmax(-1, keepdim=True))
+    assert failures == [ids.shape[1] + 1] and session.oom_retries == 1
+    assert session.length == ids.shape[1] + 3 and session.path == FAST_EAGER
+    assert torch.equal(torch.cat([ids, *tokens], 1), ref_tokens[:, :ids.shape[1] + 4])
+    sessions.close(session.handle)
+    assert not fast.of(cached).lent, "closing the session gives its slot back"

@@ -20,6 +20,7 @@ def test_a_configuration_that_repeats_is_recommended_over_a_faster_one_that_does
     best = recommend(results)
     # The default workspace is not deterministic by construction, however it repeated here.
     assert best["setting"] == "det" and best["ms_per_token_median"] == 24.0
+    assert best["ms_vs_default_kernels"] == 24.0 / 20.0
     assert best["constant"] == ('DETERMINISTIC = DeterministicKernels(cublas_workspace_config=":32768:2", '
                                 'algorithms=True, fused_attention=())')
 

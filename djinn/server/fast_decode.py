@@ -242,6 +242,8 @@ class FastSlot:
                 torch.compiler.cudagraph_mark_step_begin()
                 # The graph's output buffer is overwritten by the next replay: hand out a copy.
                 return _compiled()(self.model, self.caches, self.ids, self.position).clone()
+            except torch.OutOfMemoryError:  # the session store's to retry, not a failed compile
+                raise
             except Exception as exc:  # compile errors come in many types; the capture is the fallback
                 log.warning("compiling the fast decode step failed, capturing a CUDA graph by hand: %s",
                             str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -250,6 +252,8 @@ class FastSlot:
         if self._graph is None:
             try:
                 self._capture()
+            except torch.OutOfMemoryError:
+                raise
             except Exception as exc:
                 self.fast.graph_path = HF_EAGER
                 self.fast.failures[f"capture: {type(exc).__name__}"] += 1
