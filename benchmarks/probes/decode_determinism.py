@@ -76,9 +76,11 @@ def child(setting: str, deterministic: bool, backends: tuple[str, ...], runs: in
 
     from djinn import kv, models
     from djinn.decoding import forward_last, greedy
+    from djinn.reproducibility import DeterministicKernels, use_deterministic_kernels
 
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
+    if deterministic:  # as --deterministic sets it (warn-only); the backends are each run's own below
+        use_deterministic_kernels(DeterministicKernels(os.environ[CUBLAS_VARIABLE], algorithms=True,
+                                                       fused_attention=("flash", "mem_efficient", "cudnn")))
     model = models.build(MODEL, seed=0, dtype=torch.float16, device="cuda")
     prompt = torch.tensor([json.loads(PROMPT_FILE.read_text())["token_ids"]], device="cuda")
     kernels = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,

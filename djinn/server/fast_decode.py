@@ -78,6 +78,16 @@ def _fuse(linears: list[nn.Linear]) -> nn.Parameter:
     return fused
 
 
+def _fuse_bytes(model: nn.Module) -> int:
+    """The transient copy fusing needs: one layer's gate and up weights, the largest fused tensor
+    (freed layer by layer as HF's projections move onto it: 0.9 GB for the 70B shape)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers:
+        return 0
+    mlp = getattr(layers[0], "mlp", None)
+    return sum(getattr(mlp, name).weight.nbytes for name in ("gate_proj", "up_proj") if hasattr(mlp, name))
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # As HF's LlamaRMSNorm: the statistics in fp32, the weight applied in the model's dtype.
     normed = x.float()
@@ -340,6 +350,8 @@ class FastPath:
 
     def acquire(self, cached, batch: int, tokens: int) -> tuple[FastSlot | None, str | None]:
         """A slot for a session about to hold `tokens` tokens, or None and why not."""
+        if cached.fast is None and not cached.streamed and self.budget.shortfall(_fuse_bytes(cached.model)):
+            return None, "no room in the device budget to fuse its weights"
         fast = self.of(cached)
         if fast.reason is not None:
             return None, fast.reason
