@@ -18,6 +18,7 @@ from djinn.modes import resolve as resolve_mode
 from djinn.reproducibility import KernelConfig, current_kernel_config, deterministic_region
 from djinn import models
 from djinn.telemetry.nvml import NvmlSampler, nvml_available
+from djinn.telemetry.hbm import HbmBandwidth, measure_hbm
 from djinn.telemetry.pcie import cuda_unavailable_reason, measure_pcie_peak
 from djinn.telemetry.wire_capture import WireCapture, capture_available
 
@@ -160,11 +161,11 @@ class BenchModel:
     dtype: torch.dtype
     weight_bytes: int
 
-    def load(self, mode: str, client) -> RemoteModel:
+    def load(self, mode: str, client, decode: str = "auto") -> RemoteModel:
         """The model in a mode: run here for the native baseline, through the server otherwise."""
         if resolve_mode(mode).weights == "local":
             return load_local(self.local)
-        return client.load(self.client_copy, mode=mode)
+        return client.load(self.client_copy, mode=mode, decode=decode)
 
     @property
     def shape(self) -> dict:
@@ -231,15 +232,16 @@ def djinn_client(djinn_server):
 
 
 @pytest.fixture(scope="session")
-def djinn_graph_server(bench_device, server_launcher):
-    """A second server that decodes through CUDA-graph slots (`--decode-graphs`)."""
-    return server_launcher.start("djinn-graphs", ServerSpec(bench_device, decode_graphs=True))
+def djinn_fast_server(bench_device, server_launcher):
+    """A second server as a user starts one: the GPU's default kernels and, on CUDA, the fast path
+    by default (its loads ask for it by name, so a CPU runs the same forward eagerly)."""
+    return server_launcher.start("djinn-fast", ServerSpec(bench_device, deterministic=False, exact=False))
 
 
 @pytest.fixture(scope="session")
-def djinn_graph_client(djinn_graph_server):
-    # The first decode step compiles the graph (about 40 s for the 7B shape on an H100).
-    with djinn.connect(djinn_graph_server.host_port, timeout_s=900) as client:
+def djinn_fast_client(djinn_fast_server):
+    # The first decode step compiles the model's step (a minute or more for the 7B shape).
+    with djinn.connect(djinn_fast_server.host_port, timeout_s=900) as client:
         yield client
 
 
@@ -280,8 +282,8 @@ def collectors(bench_device, djinn_server) -> Collectors:
 
 
 @pytest.fixture
-def graph_collectors(bench_device, djinn_graph_server) -> Collectors:
-    return Collectors(_gpu_index(bench_device), djinn_graph_server.port)
+def fast_collectors(bench_device, djinn_fast_server) -> Collectors:
+    return Collectors(_gpu_index(bench_device), djinn_fast_server.port)
 
 
 # Telemetry has its own fixtures, which skip or record their reasons; the doctor leaves it out.
@@ -309,6 +311,12 @@ def pcie_peak(bench_device):
     if reason:
         pytest.skip(f"pcie_peak: {reason}")
     return measure_pcie_peak(device=bench_device)
+
+
+@pytest.fixture(scope="session")
+def hbm_peak(bench_device) -> HbmBandwidth | None:
+    """The GPU's measured copy bandwidth and datasheet peak, once; None on a CPU (no HBM to bound)."""
+    return measure_hbm(bench_device) if bench_device.startswith("cuda") else None
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,8 @@ class ServerSpec:
     device: str
     # Every benchmark server decodes on deterministic kernels, the same as the pytest side.
     deterministic: bool = True
-    decode_graphs: bool = False
+    # And with HF's exact forward (on CUDA the default is the fast path), but the fast path's baseline.
+    exact: bool = True
     vram_budget_gb: float | None = None
     ring_buffer_gb: float | None = None
     disable_kv_swap: bool = False
@@ -36,16 +37,16 @@ class ServerSpec:
 
 def cpu_server(*args: str) -> ServerSpec:
     """A test's CPU server: the CLI's defaults (no --deterministic unless asked) plus `args`."""
-    return ServerSpec("cpu", deterministic="--deterministic" in args,
-                      extra=tuple(a for a in args if a != "--deterministic"))
+    return ServerSpec("cpu", deterministic="--deterministic" in args, exact="--exact" in args,
+                      extra=tuple(a for a in args if a not in ("--deterministic", "--exact")))
 
 
 def server_argv(spec: ServerSpec) -> list[str]:
     argv = ["--device", spec.device, "--log-level", spec.log_level]
     if spec.deterministic:
         argv.append("--deterministic")
-    if spec.decode_graphs:
-        argv.append("--decode-graphs")
+    if spec.exact:
+        argv.append("--exact")
     if spec.vram_budget_gb is not None:
         argv += ["--vram-budget-gb", repr(spec.vram_budget_gb)]
     if spec.ring_buffer_gb is not None:

@@ -25,7 +25,7 @@ from djinn import generation, kv, models
 from djinn.decoding import Padding, forward_last, greedy
 from djinn.errors import ModelNotFound
 from djinn.models import config_dict
-from djinn.modes import SHIPPED_WEIGHT_PREFIX, Mode, resolve
+from djinn.modes import DECODE_CHOICES, SHIPPED_WEIGHT_PREFIX, Mode, resolve
 from djinn.sampling import Sampler
 from djinn.transport import DEFAULT_TIMEOUT_S, ByteCounters, ClientConnection, Codec, OutgoingTensor, TensorKind
 from djinn.transport.security import ClientSecurity
@@ -180,7 +180,8 @@ class Client:
         self.close()
 
     def load(self, model: torch.nn.Module | str | os.PathLike, mode: str = "full_djinn", *,
-             logits_codec: Codec = Codec.ZSTD, upload_chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> "RemoteModel":
+             logits_codec: Codec = Codec.ZSTD, upload_chunk_bytes: int = UPLOAD_CHUNK_BYTES,
+             decode: str = "auto") -> "RemoteModel":
         """A handle that generates with `model` in `mode`; cached weights are uploaded at most once.
 
         `model` is a module, or a name: one the server loaded itself (`djinn-server --model
@@ -188,18 +189,26 @@ class Client:
         catalogue name (seeded weights) or a local checkpoint directory, built here and uploaded.
         A module's fingerprint is taken at every load, so loading it again after its weights
         changed registers (and uploads) the new weights.
+
+        `decode` (the sessions' modes, remote_cache and full_djinn): `exact` decodes with HF's eager
+        forward, bit for bit; `fast` with the server's fast path (a compact Llama/Mistral forward
+        over a static KV cache, one CUDA graph per step; on a CPU the same forward, eagerly), its
+        logits equal to HF's within rounding; `auto` takes the server's default (fast on CUDA unless
+        it runs with --exact, exact on a CPU).
         """
+        if decode not in DECODE_CHOICES:
+            raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODE_CHOICES)}")
         resolved = resolve(mode)
         if isinstance(model, (str, os.PathLike)):
             name = os.fspath(model)
             served = self.attach(name) if resolved.weights == "cached" else None
             if served is not None:
-                return RemoteModel(served.skeleton(), resolved, self, served.fingerprint, logits_codec)
+                return RemoteModel(served.skeleton(), resolved, self, served.fingerprint, logits_codec, decode)
             model = models.build(name)
         fingerprint = None
         if resolved.weights == "cached":
             fingerprint = self.upload(model, chunk_bytes=upload_chunk_bytes)
-        return RemoteModel(model, resolved, self, fingerprint, logits_codec)
+        return RemoteModel(model, resolved, self, fingerprint, logits_codec, decode)
 
     def attach(self, name: str) -> ServedModel | None:
         """The server's own model of that name; None when it has none and the name builds here."""
@@ -260,12 +269,14 @@ class RemoteModel:
     """A model bound to an execution mode; `generate` is HF's `generate`, run in that mode."""
 
     def __init__(self, model: torch.nn.Module, mode: Mode, client: Client | None, fingerprint: str | None,
-                 logits_codec: Codec = Codec.ZSTD):
+                 logits_codec: Codec = Codec.ZSTD, decode: str = "auto"):
         self.model = model
         self.mode = mode
         self.client = client
         self.fingerprint = fingerprint
         self.logits_codec = logits_codec
+        # Sent only when chosen: a server's default stays the default and older servers are spoken to as before.
+        self.session_args = {"model": fingerprint, **({"decode": decode} if decode != "auto" else {})}
         self.last_stats: GenerationStats | None = None
         self.last_logits: torch.Tensor | None = None
         self._loaded_version = _weights_version(model)
@@ -359,7 +370,7 @@ class RemoteModel:
         full_logits = self.mode.returns == "logits"
         returns = ["token", *(["logits"] if full_logits or want_logits else []), *(["scores"] if want_scores else [])]
         codec = Codec.RAW if full_logits else self.logits_codec
-        return SessionSteps(self.client.connection, self.fingerprint, returns, codec, plan)
+        return SessionSteps(self.client.connection, self.session_args, returns, codec, plan)
 
 
 def _weights_version(model: torch.nn.Module) -> int:
@@ -449,14 +460,14 @@ class StatelessSteps(ClientPicks):
 class SessionSteps:
     """remote_cache and full_djinn: KV, padding and sampler stay on the server, which picks the token."""
 
-    def __init__(self, connection: ClientConnection, fingerprint: str, returns: list[str], logits_codec: Codec,
+    def __init__(self, connection: ClientConnection, session_args: dict, returns: list[str], logits_codec: Codec,
                  plan: generation.GenerationPlan):
         self.connection = connection
-        self.fingerprint = fingerprint
-        self.args = {"model": fingerprint, "returns": returns, "logits_codec": logits_codec.value}
+        self.fingerprint = session_args["model"]
+        self.args = {"model": self.fingerprint, "returns": returns, "logits_codec": logits_codec.value}
         self.prefill_args = {"sampling": plan.sampling.as_wire()}
         self.prompt_mask = plan.padding.mask if plan.padding is not None else None
-        self.session = connection.request("open_session", {"model": fingerprint}).args["session"]
+        self.session = connection.request("open_session", session_args).args["session"]
         self.started = False
 
     def step(self, ids: torch.Tensor) -> Step:
@@ -495,7 +506,7 @@ class RemoteSession:
         self.returns = remote.mode.returns
         self.logits_codec = remote.logits_codec
         self.args = {"model": remote.fingerprint}
-        self.handle = self.connection.request("open_session", self.args).args["session"]
+        self.handle = self.connection.request("open_session", remote.session_args).args["session"]
         self.last_reply: dict = {}  # the last reply's arguments: length, io_wait_ms, the server's timings
         self.parked_layer: int | None = None
         self._pending: torch.Tensor | None = None  # the next token, picked from the last logits, not yet returned

@@ -39,3 +39,9 @@ def resolve(name: str) -> Mode:
     except KeyError:
         raise ValueError(f"unknown mode {name!r}; modes: "
                          f"{', '.join(n for m in MODES for n in (m.name, *m.aliases))}") from None
+
+
+# How a session's forward runs on the server, chosen per load (`Client.load(..., decode=)`):
+# `exact` is HF's eager forward, bit for bit; `fast` the server's fast path
+# (djinn.server.fast_decode); `auto` the server's default (fast on CUDA unless --exact).
+DECODE_CHOICES = ("auto", "fast", "exact")

@@ -24,11 +24,28 @@ from typing import Iterator, Mapping
 import torch
 
 _FUSED_ATTENTION = ("flash", "mem_efficient", "cudnn")  # torch.backends.cuda.{enable_,}<name>_sdp
-# cuBLAS needs a fixed workspace per handle to reproduce its reductions (NVIDIA's
-# documented value); read once, when this process makes its first cuBLAS handle, so a
-# region entered after the first GEMM on a GPU does not change it (KernelConfig says so).
-CUBLAS_WORKSPACE_CONFIG = ":4096:8"
 CUBLAS_VARIABLE = "CUBLAS_WORKSPACE_CONFIG"
+
+
+@dataclass(frozen=True)
+class DeterministicKernels:
+    """What `--deterministic` (and `deterministic_region`) sets."""
+    # cuBLAS needs a fixed workspace per handle to reproduce its reductions; read once, when a
+    # process makes its first cuBLAS handle, so a region entered after the first GEMM on a GPU
+    # does not change it (KernelConfig says so).
+    cublas_workspace_config: str
+    algorithms: bool  # torch.use_deterministic_algorithms (warn-only)
+    fused_attention: tuple[str, ...]  # SDPA backends left enabled; () is the math path only
+
+
+# What --deterministic means, chosen by benchmarks/probes/decode_determinism.py: the fastest
+# configuration whose decode logits repeat bit for bit within and across processes on the GPU
+# the suite measures on (results/determinism/, the probe's JSON; its `recommended.constant` is
+# this line). Until an H200 measurement is committed it is the configuration the H100
+# determinism check backed (results/ring_buffer/determinism_h100.jsonl): NVIDIA's documented
+# workspace, deterministic algorithms, attention on the math path.
+DETERMINISTIC = DeterministicKernels(cublas_workspace_config=":4096:8", algorithms=True, fused_attention=())
+CUBLAS_WORKSPACE_CONFIG = DETERMINISTIC.cublas_workspace_config
 
 
 @dataclass(frozen=True)
@@ -45,7 +62,7 @@ class KernelConfig:
 
 def current_kernel_config() -> KernelConfig:
     return KernelConfig(
-        deterministic=torch.are_deterministic_algorithms_enabled(),
+        deterministic=deterministic_kernels(),
         cublas_workspace_config=os.environ.get(CUBLAS_VARIABLE),
         fused_attention=tuple(b for b in _FUSED_ATTENTION if getattr(torch.backends.cuda, f"{b}_sdp_enabled")()))
 
@@ -56,34 +73,40 @@ def child_environment(base: Mapping[str, str], deterministic: bool) -> dict[str,
     setting made for one side of a comparison never reaches the other."""
     env = dict(base)
     if deterministic:
-        env.setdefault(CUBLAS_VARIABLE, CUBLAS_WORKSPACE_CONFIG)
+        env.setdefault(CUBLAS_VARIABLE, DETERMINISTIC.cublas_workspace_config)
     else:
         env.pop(CUBLAS_VARIABLE, None)
     return env
 
 
-def use_deterministic_kernels() -> None:
+def use_deterministic_kernels(kernels: DeterministicKernels = DETERMINISTIC) -> None:
     """Make every later kernel choice deterministic, process-wide (a server's --deterministic)."""
-    os.environ.setdefault(CUBLAS_VARIABLE, CUBLAS_WORKSPACE_CONFIG)
-    # warn_only: an op without a deterministic kernel warns rather than failing a request;
-    # the bit-identity checks then show the difference.
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    # Filling every new tensor with NaN is for finding reads of uninitialised memory,
-    # not for reproducibility, and would add a write of every allocation to each step.
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    os.environ.setdefault(CUBLAS_VARIABLE, kernels.cublas_workspace_config)
+    if kernels.algorithms:
+        # warn_only: an op without a deterministic kernel warns rather than failing a request;
+        # the bit-identity checks then show the difference.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Filling every new tensor with NaN is for finding reads of uninitialised memory,
+        # not for reproducibility, and would add a write of every allocation to each step.
+        torch.utils.deterministic.fill_uninitialized_memory = False
     for backend in _FUSED_ATTENTION:
-        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
+        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend in kernels.fused_attention)
 
 
 def deterministic_kernels() -> bool:
-    return torch.are_deterministic_algorithms_enabled()
+    """Whether this process decodes on `DETERMINISTIC`'s kernels: a fixed cuBLAS workspace, its
+    algorithms flag if it sets one, and no fused attention backend beyond those it keeps."""
+    fused = {b for b in _FUSED_ATTENTION if getattr(torch.backends.cuda, f"{b}_sdp_enabled")()}
+    return (os.environ.get(CUBLAS_VARIABLE) is not None and fused <= set(DETERMINISTIC.fused_attention)
+            and (torch.are_deterministic_algorithms_enabled() or not DETERMINISTIC.algorithms))
 
 
 @contextmanager
 def deterministic_region() -> Iterator[KernelConfig]:
     """Deterministic kernels inside the block, and every setting it changed (the cuBLAS
     variable included) as it was after it. Yields the configuration in force inside."""
-    enabled, warn_only = deterministic_kernels(), torch.is_deterministic_algorithms_warn_only_enabled()
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
     attention = {b: getattr(torch.backends.cuda, f"{b}_sdp_enabled")() for b in _FUSED_ATTENTION}
     cublas = os.environ.get(CUBLAS_VARIABLE)
@@ -102,5 +125,5 @@ def deterministic_region() -> Iterator[KernelConfig]:
             os.environ[CUBLAS_VARIABLE] = cublas
 
 
-__all__ = ["CUBLAS_WORKSPACE_CONFIG", "KernelConfig", "child_environment", "current_kernel_config",
-           "deterministic_kernels", "deterministic_region", "use_deterministic_kernels"]
+__all__ = ["CUBLAS_WORKSPACE_CONFIG", "DETERMINISTIC", "DeterministicKernels", "KernelConfig", "child_environment",
+           "current_kernel_config", "deterministic_kernels", "deterministic_region", "use_deterministic_kernels"]

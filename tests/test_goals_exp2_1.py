@@ -5,8 +5,8 @@ import numpy as np
 
 from djinn.equivalence import Equivalence, TeacherForced
 
-from benchmarks.goals.exp2_1 import (BLIND, FULL, GRAPHS, NATIVE, PARTIAL, DecodeResult, Exp2_1Results,
-                                     PairedRounds, agreeing_prefix, exp2_1_criteria, exp2_1_report)
+from benchmarks.goals.exp2_1 import (BLIND, FAST, FAST_MIN_TOP1_AGREEMENT, FULL, NATIVE, PARTIAL, DecodeResult,
+                                     Exp2_1Results, PairedRounds, agreeing_prefix, exp2_1_criteria, exp2_1_report)
 from benchmarks.verdict import Outcome
 
 PROMPT = (1, 2, 3)
@@ -77,23 +77,63 @@ def test_blind_latency_claim_is_judged_on_gpu_scale_models():
     assert outcome(slow_full, "latency_semantic_blind_vs_full_djinn") is Outcome.FAILED  # 20x
 
 
-def test_graph_runtime_latency_is_judged_on_a_gpu_only():
-    graphs = {FULL: paired(FULL, 1.1), GRAPHS: paired(GRAPHS, 1.5)}
-    cpu = Exp2_1Results(decode=results().decode, paired=graphs)
-    assert outcome(cpu, "latency_full_djinn_graphs_vs_native_pytorch") is Outcome.SKIPPED
-    gpu = Exp2_1Results(decode=results().decode, paired=graphs, on_gpu=True)
-    assert outcome(gpu, "latency_full_djinn_graphs_vs_native_pytorch") is Outcome.FAILED
+def fast(ms: float, path: str = "fast_compiled") -> DecodeResult:
+    return DecodeResult(FAST, TOKENS, 3, tuple(ms * rng(FAST).normal(1, 0.02, 25)), 40.0, path, 14e9)
 
 
-def teacher_forced(verdict: Equivalence) -> TeacherForced:
-    return TeacherForced(verdict, 50, 0.01, 1e-3, 0.98, 1e-2, 0.9)
+def fast_results(ms: float, *, on_gpu: bool = True, model: str = "llama-2-7b", path: str = "fast_compiled",
+                 **extra) -> Exp2_1Results:
+    r = results(on_gpu=on_gpu, **extra)
+    return Exp2_1Results(decode={**r.decode, FAST: fast(ms, path)}, paired=r.paired, on_gpu=on_gpu, model=model,
+                         weight_bytes=r.weight_bytes)
 
 
-def test_graph_runtime_passes_equivalent_and_fails_silently_wrong():
-    assert outcome(results(graphs_teacher_forced=teacher_forced(Equivalence.EQUIVALENT)),
-                   "graphs_teacher_forced") is Outcome.PASSED
-    assert outcome(results(graphs_teacher_forced=teacher_forced(Equivalence.SILENTLY_WRONG)),
-                   "graphs_teacher_forced") is Outcome.FAILED
+FAST_CHECK = "latency_full_djinn_fast_ms_per_token"
+
+
+def test_fast_path_goal_passes_below_fails_above_and_is_undecided_at_its_bound():
+    assert outcome(fast_results(3.9), FAST_CHECK) is Outcome.PASSED
+    assert outcome(fast_results(5.2), FAST_CHECK) is Outcome.FAILED
+    borderline = exp2_1_criteria(fast_results(4.5)).check(FAST_CHECK)
+    assert borderline.outcome is Outcome.PASSED and "not shown either way" in borderline.message
+    assert outcome(fast_results(8.0, model="llama-2-13b"), FAST_CHECK) is Outcome.PASSED  # 13B's goal is 8.5
+
+
+def test_fast_path_goal_is_for_a_gpu_and_a_listed_model_and_fails_on_hf_eager():
+    assert outcome(fast_results(30.0, on_gpu=False), FAST_CHECK) is Outcome.SKIPPED
+    assert outcome(fast_results(30.0, model="tiny-llama"), FAST_CHECK) is Outcome.SKIPPED
+    assert outcome(fast_results(4.0, path="hf_eager"), FAST_CHECK) is Outcome.FAILED
+
+
+def test_full_djinn_on_a_gpu_is_held_to_eager_parity():
+    assert outcome(results(1.02, on_gpu=True, weight_bytes=13 << 30),
+                   "latency_full_djinn_vs_native_pytorch") is Outcome.PASSED
+    assert outcome(results(1.15, on_gpu=True, weight_bytes=13 << 30),
+                   "latency_full_djinn_vs_native_pytorch") is Outcome.FAILED  # 1.25 would pass it on a CPU
+
+
+def teacher_forced(verdict: Equivalence, top1: float = 0.995) -> TeacherForced:
+    return TeacherForced(verdict, 512, 0.01, 1e-3, top1, 1e-2, FAST_MIN_TOP1_AGREEMENT)
+
+
+def test_fast_path_passes_equivalent_and_fails_silently_wrong_on_any_prompt():
+    ok = {"prompt_file": teacher_forced(Equivalence.EQUIVALENT), "random_ids": teacher_forced(Equivalence.EXACT)}
+    assert outcome(results(fast_teacher_forced=ok), "fast_teacher_forced") is Outcome.PASSED
+    wrong = {**ok, "random_ids": teacher_forced(Equivalence.SILENTLY_WRONG, top1=0.95)}
+    check = exp2_1_criteria(results(fast_teacher_forced=wrong)).check("fast_teacher_forced")
+    assert check.outcome is Outcome.FAILED and "random_ids: silently_wrong" in check.message
+
+
+def test_physics_gives_bytes_read_over_the_step_as_fractions_of_copy_and_spec():
+    r = fast_results(4.0)
+    r = Exp2_1Results(decode=r.decode, on_gpu=True, model=r.model, hbm_copy_gbps=4000.0, hbm_spec_gbps=4800.0)
+    report = exp2_1_report(r)
+    p = report["physics"][FAST]
+    assert abs(p["per_token_ms"] - 4.0) < 0.1
+    assert abs(p["achieved_gbps"] - 14e9 / (p["per_token_ms"] / 1e3) / 1e9) < 1e-6
+    assert abs(p["fraction_of_copy"] * 4000 - p["fraction_of_spec"] * 4800) < 1e-6
+    assert NATIVE not in report["physics"], "a baseline without a byte count gets no physics"
+    assert report["decode_path"][FAST] == "fast_compiled" and report["decode_path"][NATIVE] == "hf_eager"
 
 
 def test_what_did_not_run_is_skipped_not_failed():
@@ -102,13 +142,13 @@ def test_what_did_not_run_is_skipped_not_failed():
     assert verdict.passed and all(c.outcome is Outcome.SKIPPED for c in verdict.checks)
 
 
-def test_report_gives_spreads_intervals_and_graph_agreement():
+def test_report_gives_spreads_intervals_and_fast_path_agreement():
     r = results()
-    r = Exp2_1Results(decode={**r.decode, GRAPHS: decode(GRAPHS, 9, 40, ((*PROMPT, 7, 8, 4),))}, paired=r.paired)
+    r = Exp2_1Results(decode={**r.decode, FAST: decode(FAST, 9, 40, ((*PROMPT, 7, 8, 4),))}, paired=r.paired)
     report = exp2_1_report(r)
     assert set(report["per_token_ms"][NATIVE]) == {"median", "q1", "q3", "n"}
     assert report["interleaved"][FULL]["ci_low"] <= report["interleaved"][FULL]["ratio_of_medians"]
-    assert report["graphs_new_tokens_agreeing_with_native"] == 2
+    assert report["fast_new_tokens_agreeing_with_native"] == 2
 
 
 def test_agreeing_prefix_counts_up_to_the_first_divergence_in_any_row():

@@ -18,10 +18,10 @@ def test_thread_plan_uses_the_cores_once_between_client_and_server():
 
 
 def test_server_argv_writes_each_option_once():
-    assert server_argv(ServerSpec("cpu")) == ["--device", "cpu", "--log-level", "INFO", "--deterministic"]
-    argv = server_argv(ServerSpec("cuda:0", deterministic=False, decode_graphs=True, vram_budget_gb=10.0,
+    assert server_argv(ServerSpec("cpu")) == ["--device", "cpu", "--log-level", "INFO", "--deterministic", "--exact"]
+    argv = server_argv(ServerSpec("cuda:0", deterministic=False, exact=False, vram_budget_gb=10.0,
                                   ring_buffer_gb=2.0, disable_kv_swap=True))
-    assert argv == ["--device", "cuda:0", "--log-level", "INFO", "--decode-graphs", "--vram-budget-gb", "10.0",
+    assert argv == ["--device", "cuda:0", "--log-level", "INFO", "--vram-budget-gb", "10.0",
                     "--ring-buffer-gb", "2.0", "--disable-kv-swap"]
 
 

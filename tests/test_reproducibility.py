@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import djinn
-from djinn.reproducibility import (CUBLAS_WORKSPACE_CONFIG, child_environment, current_kernel_config,
+from djinn.reproducibility import (CUBLAS_WORKSPACE_CONFIG, DETERMINISTIC, DeterministicKernels, child_environment, current_kernel_config,
                                   deterministic_kernels, deterministic_region, use_deterministic_kernels)
 
 
@@ -77,3 +77,37 @@ def test_server_reports_its_kernels(start_server, flag, expected):
     server = start_server(*flag)
     with djinn.connect(server.host_port) as client:
         assert client.hello()["deterministic_kernels"] is expected
+
+
+def test_the_kernels_follow_the_named_constant(restore_torch_flags):
+    """What --deterministic sets is `DETERMINISTIC` (the probe's choice), not values of its own."""
+    chosen = DeterministicKernels(cublas_workspace_config=":32768:2", algorithms=False, fused_attention=("flash",))
+    use_deterministic_kernels(chosen)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":32768:2"
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert _fused_attention_enabled() == [True, False, False]
+    assert CUBLAS_WORKSPACE_CONFIG == DETERMINISTIC.cublas_workspace_config
+
+
+def test_nested_regions_restore_the_outer_one(restore_torch_flags):
+    with deterministic_region():
+        with deterministic_region():
+            pass
+        assert deterministic_kernels() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE_CONFIG
+    assert not deterministic_kernels() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_no_kernel_setting_reaches_a_child_started_after_a_region(restore_torch_flags):
+    """A region's setting is gone once it ends: a child started with this process's environment
+    afterwards sees none of it (the issue's 41 ms servers had inherited it)."""
+    import subprocess
+    import sys
+    with deterministic_region():
+        pass
+    probe = "import os, torch; print(os.environ.get('CUBLAS_WORKSPACE_CONFIG'), torch.are_deterministic_algorithms_enabled())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["None", "False"]
+    inside = {}
+    with deterministic_region():
+        inside = child_environment(os.environ, deterministic=False)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in inside

@@ -1,8 +1,8 @@
 """The device's memory, with one owner: what the server may use, who holds it, and what the device has.
 
 Holders register what they keep on the device (the weight cache: resident models and
-the rings of streamed ones; the session store: resident KV; graph slots: their static
-caches). Everything that wants device memory asks `shortfall(nbytes)`: the bytes that
+the rings of streamed ones; the session store: resident KV; the fast decode path: its
+slots' static caches and RoPE tables). Everything that wants device memory asks `shortfall(nbytes)`: the bytes that
 must be freed before `nbytes` more can be allocated.
 
 Why not trust a nominal number: on an H200 a budget of total - 6 GiB admitted sessions

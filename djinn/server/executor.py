@@ -23,6 +23,7 @@ from djinn.decoding import Padding, forward_last
 from djinn.errors import BadRequest, OutOfMemory
 from djinn.server.breakpoints import ParkedForward, check_layer, num_decoder_layers
 from djinn.server.device_budget import DeviceBudget
+from djinn.server.fast_decode import FAST_EAGER, HF_EAGER, SlotFailed
 from djinn.server.limits import checked_config, implied_tensors
 from djinn.server.session_store import Breakpoint, Session, SessionStore
 from djinn.server.weight_cache import CachedModel, WeightCache
@@ -116,37 +117,63 @@ class Executor:
     def session_step(self, session: Session, ids: torch.Tensor | None, padding: Padding | None = None) -> torch.Tensor:
         """Prefill (empty session) or decode (later calls): the last position's logits.
 
-        `padding`: a padded batch's mask and positions for this step (graph slots take none)."""
-        if (padding is None and self.sessions.graphs is not None
-                and (session.decoder is not None or session.length == 0)):
-            logits = self._graph_step(session, ids)
-            if logits is not None:
-                return logits
+        `padding`: a padded batch's mask and positions for this step (the fast path takes none)."""
+        fast = self.sessions.fast
+        if fast is not None and fast.wanted(session.decode):
+            if padding is None:
+                logits = self._fast_step(session, ids)
+                if logits is not None:
+                    return logits
+            elif session.length == 0:
+                fast.fallbacks["a padded batch"] += 1
         ids = self._step_ids(session, ids)
         model = session.model.model
-        return self.sessions.step(session, self._kv_bytes(session.model, ids.shape[0], ids.shape[1]),
-                                  lambda attempt: self._run(model, ids, session.cache, {}, padding))
+        logits = self.sessions.step(session, self._kv_bytes(session.model, ids.shape[0], ids.shape[1]),
+                                    lambda attempt: self._run(model, ids, session.cache, {}, padding))
+        session.path = HF_EAGER
+        if fast is not None:
+            fast.steps[HF_EAGER] += 1
+        return logits
 
-    def _graph_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor | None:
-        """A step through the session's graph slot; None when a new session gets no slot."""
-        cached = session.model
+    def _fast_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """A step through the session's fast-path slot; None when the step decodes with HF instead."""
+        fast = self.sessions.fast
         ids = self._step_ids(session, ids)
         slot = session.decoder
+        if slot is not None and slot.length + ids.shape[1] > slot.max_len:
+            self.sessions.leave_fast_path(session)  # past the slot: HF from here on
+            return None
         if slot is None:
-            graphs = self.sessions.graphs
-            slot = graphs.acquire(cached, ids.shape[0], ids.shape[1], self._kv_bytes(cached, ids.shape[0],
-                                                                                        graphs.max_len))
+            if session.length and ids.shape[1] != 1:
+                return None  # a session comes back onto the fast path at a one-token step
+            slot, reason = fast.acquire(session.model, ids.shape[0], session.length + ids.shape[1])
             if slot is None:
+                if session.length == 0:
+                    fast.fallbacks[reason] += 1
                 return None
-            session.decoder = slot
-            # The slot's static cache holds the KV: the step adds none to the session's own.
-            return self.sessions.step(session, 0, lambda attempt: self._forward(slot.prefill, ids))
-        if ids.shape[1] != 1:
-            raise BadRequest(f"session {session.handle} decodes through a CUDA graph: one token per decode step")
-        if slot.length >= slot.max_len:
-            raise BadRequest(f"session {session.handle} filled its graph slot of {slot.max_len} tokens "
-                             f"(--graph-max-len)")
-        return self.sessions.step(session, 0, lambda attempt: self._forward(slot.step, ids))
+
+        def run(attempt: int) -> torch.Tensor:
+            if session.decoder is None:  # its KV, paged in by now, moves into the slot
+                if session.length:
+                    slot.load(kv.to_pairs(session.cache))
+                else:
+                    slot.length = 0
+                session.decoder, session.cache = slot, None
+            with self._forward_errors():
+                return slot.step(ids) if ids.shape[1] == 1 and slot.length else slot.extend(ids)
+
+        try:
+            logits = self.sessions.step(session, 0, run)
+        except SlotFailed:
+            self.sessions.leave_fast_path(session)
+            return None
+        except BaseException:
+            if session.decoder is not slot:  # it never got in: the slot goes back
+                fast.release(slot)
+            raise
+        session.path = slot.path if ids.shape[1] == 1 and session.length > 1 else FAST_EAGER
+        fast.steps[session.path] += 1
+        return logits
 
     def run_to_layer(self, session: Session, ids: torch.Tensor | None, layer: int) -> torch.Tensor:
         """Run a step (prefill or decode) up to decoder layer `layer` and park it; that layer's output."""
@@ -156,11 +183,10 @@ class Executor:
             # would leave the ring to whichever forward runs next.
             raise BadRequest(f"model {session.model.fingerprint} streams its layers through the ring buffer: "
                              f"breakpoints need a model resident on the device")
-        if session.decoder is not None:
-            raise BadRequest(f"session {session.handle} decodes through a CUDA graph slot: breakpoints need an "
-                             f"eagerly decoded session (open one and call run_to_layer before any prefill)")
         check_layer(layer, num_decoder_layers(model))
         ids = self._step_ids(session, ids)
+        if session.decoder is not None:  # the hooks that park a forward attach to HF's layers
+            self.sessions.leave_fast_path(session)
         start = session.length
         parked = self.sessions.step(session, self._kv_bytes(session.model, ids.shape[0], ids.shape[1]),
                                     lambda attempt: self._park(model, layer, ids, session))

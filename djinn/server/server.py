@@ -25,15 +25,15 @@ import djinn
 from djinn import host_memory, kv, models
 from djinn.decoding import Padding
 from djinn.errors import BadRequest, DjinnError, LimitExceeded, TooLarge, quote
-from djinn.modes import SHIPPED_WEIGHT_PREFIX
+from djinn.modes import DECODE_CHOICES, SHIPPED_WEIGHT_PREFIX
 from djinn.reproducibility import deterministic_kernels
 from djinn.sampling import Sampler
 from djinn.server.breakpoints import limit_parked, parked_room
 from djinn.server.device_budget import DeviceBudget
 from djinn.server.executor import Executor
+from djinn.server.fast_decode import FastPath
 from djinn.server.fault_injection import install_from_env
 from djinn.server.limits import ServerLimits, host_limits
-from djinn.server.graphs import GraphSlots
 from djinn.server.session_store import Session, SessionStore
 from djinn.server.step_options import StepOptions, stateless_padding
 from djinn.server.weight_cache import TensorEntry, WeightCache
@@ -83,7 +83,7 @@ class ServerConfig:
     model: tuple[str, ...] = _option((), "load this model at start (catalogue name or local checkpoint directory; "
                                          "repeatable): clients attach by name, no weights cross the wire",
                                      metavar="NAME_OR_PATH")
-    vram_budget_gb: float | None = _option(None, "device memory the server may use for weights, KV, graph slots "
+    vram_budget_gb: float | None = _option(None, "device memory the server may use for weights, KV, fast-path slots "
                                                  "and the ring, in GiB (default: what the device has free at start; "
                                                  "on a CPU, half the host memory the process may use)")
     ring_buffer_gb: float | None = _option(None, "ring through which a model larger than the budget streams its "
@@ -113,9 +113,12 @@ class ServerConfig:
                                                "(default: 300)")
     session_ttl_s: float = _option(600.0, "idle seconds after which a session of a vanished client is closed")
     ipc_path: str | None = _option(None, "also listen on ipc://PATH (same host)", flag="--ipc", metavar="PATH")
-    decode_graphs: bool = _option(False, "decode through CUDA-graph slots over a static KV cache (faster; logits "
-                                         "then differ from eager HF in the last bits)")
-    graph_max_len: int = _option(1024, "tokens one graph slot holds (prompt + generated)")
+    exact: bool = _option(False, "decode with HF's eager forward, bit-identical to HF, on CUDA too (by default "
+                                 "Llama and Mistral decode on CUDA through the fast path: a compact forward over a "
+                                 "static KV cache replayed as one CUDA graph, logits equal to HF's within fp16 "
+                                 "rounding); a load's decode option chooses per model")
+    fast_max_len: int = _option(1024, "tokens one fast-path slot holds (prompt + generated); a longer session "
+                                      "goes on with HF's forward")
     deterministic: bool = _option(False, "deterministic kernels only (djinn.reproducibility): runs repeat bit for "
                                          "bit; the default decode attention kernel of a GPU does not")
     malloc_tuning: bool = _option(True, "keep glibc's default allocator settings (large receives then page-fault "
@@ -271,16 +274,18 @@ class Server:
             if not auth_token:
                 raise ValueError(f"auth token file {config.auth_token_file} is empty")
         # The one owner of the device's memory: the weight cache, the sessions' KV and the
-        # graph slots register with it as holders.
+        # fast path's slots register with it as holders.
         self.budget = DeviceBudget(self.device, None if config.vram_budget_gb is None
                                    else int(config.vram_budget_gb * GIB))
         host_swap = None if config.host_swap_gb is None else int(config.host_swap_gb * GIB)
-        graphs = GraphSlots(self.budget, config.graph_max_len) if config.decode_graphs else None
         ring = (int(config.ring_buffer_gb * GIB) if config.ring_buffer_gb is not None
                 else default_ring_bytes(self.device))
         self.weights = WeightCache(self.budget, ring_bytes=ring)
+        # Fast by default where it pays, on CUDA; a CPU decodes exactly unless a load asks.
+        self.fast = FastPath(self.budget, self.weights, config.fast_max_len,
+                             default_on=self.device.type == "cuda" and not config.exact)
         self.sessions = SessionStore(config.session_ttl_s, f"{config.host}:{config.port}", self.budget,
-                                     swap=not config.disable_kv_swap, host_limit_bytes=host_swap, graphs=graphs)
+                                     swap=not config.disable_kv_swap, host_limit_bytes=host_swap, fast=self.fast)
         self.executor = Executor(self.budget, self.weights, self.sessions)
         self.injected_oom = install_from_env(self.budget)  # test-only, None unless DJINN_TEST_INJECT_OOM is set
         caps = config.caps
@@ -391,6 +396,7 @@ class Server:
     def hello(self, incoming: Incoming) -> Reply:
         return Reply({"version": djinn.__version__, "instance": self.instance, "device": str(self.device),
                       "malloc_tuned": is_tuned(os.environ), "deterministic_kernels": deterministic_kernels(),
+                      "decode_default": "fast" if self.fast.default_on else "exact",
                       "budget_bytes": self.budget.limit_bytes, "ops": sorted(self.handlers),
                       "models": [{"name": name, "fingerprint": fp} for name, fp in self.weights.names.items()]}, {})
 
@@ -418,6 +424,7 @@ class Server:
             "cache": {"hits": counters.hits, "misses": counters.misses, "evictions": counters.evictions,
                       "uploaded_bytes": counters.uploaded_bytes},
             "paging": self.sessions.summary(),
+            "decode_paths": self.fast.summary(),
             "requests_served": self.requests_served,
         }, {})
 
@@ -460,8 +467,13 @@ class Server:
         return Reply({}, tensors)
 
     def open_session(self, incoming: Incoming) -> Reply:
-        cached = self.weights.get(_fingerprint(incoming.message))
+        message = incoming.message
+        decode = message.args.get("decode", "auto")
+        if decode not in DECODE_CHOICES:
+            raise BadRequest(f"'decode' must be one of {list(DECODE_CHOICES)}, got {quote(decode)}")
+        cached = self.weights.get(_fingerprint(message))
         session = self.sessions.open(cached, incoming.peer)
+        session.decode = decode
         return Reply({"session": session.handle}, {})
 
     def step(self, incoming: Incoming) -> Reply:

@@ -47,7 +47,7 @@ from djinn.errors import BadRequest, LimitExceeded, OutOfMemory, SessionNotFound
 from djinn.sampling import Sampler
 from djinn.server.breakpoints import ParkedForward
 from djinn.server.device_budget import DeviceBudget
-from djinn.server.graphs import GraphDecoder, GraphSlots
+from djinn.server.fast_decode import FastPath, FastSlot
 from djinn.server.weight_cache import CachedModel
 from djinn.units import gib, human
 
@@ -115,7 +115,9 @@ class Session:
     last_io_wait_ms: float = 0.0
     oom_retries: int = 0  # steps of this session retried after an allocation failure
     last_used: float = field(default_factory=time.monotonic)
-    decoder: GraphDecoder | None = None  # a graph slot holds the KV instead of `cache`
+    decoder: FastSlot | None = None  # a fast-path slot holds the KV instead of `cache`
+    decode: str = "auto"  # the load's choice: auto, fast or exact (djinn.modes.DECODE_CHOICES)
+    path: str | None = None  # the path its last step took (fast_compiled, ..., hf_eager)
     # KV bytes resident on the device, kept current by paging (per layer moved) and by
     # `recount` after a forward or a rollback: every request's admission sums it over all
     # sessions, and walking every layer of 50 sessions' caches took ~1 ms of its IO wait.
@@ -155,7 +157,7 @@ class Session:
     def summary(self) -> dict:
         return {"state": self.state.value, "length": self.length, "kv_bytes": self.kv_bytes,
                 "host_bytes": self.host_bytes, "layers_paged": len(self.host),
-                "parked_layer": self.breakpoint.layer if self.breakpoint else None,
+                "parked_layer": self.breakpoint.layer if self.breakpoint else None, "decode_path": self.path,
                 "last_io_wait_ms": self.last_io_wait_ms, "oom_retries": self.oom_retries, **self.paging.as_dict()}
 
 
@@ -165,9 +167,9 @@ class SessionStore:
     max_sessions_per_peer: int = 1024
 
     def __init__(self, ttl_s: float, where: str, budget: DeviceBudget, *, swap: bool,
-                 host_limit_bytes: int | None = None, graphs: GraphSlots | None = None):
+                 host_limit_bytes: int | None = None, fast: FastPath | None = None):
         self.ttl_s = ttl_s
-        self.graphs = graphs  # graph-decode slots, whose static caches hold their sessions' KV
+        self.fast = fast  # the fast decode path, whose slots' static caches hold their sessions' KV
         self.where = where  # named in errors: "session 3f2a… unknown or expired on 127.0.0.1:5556"
         self.budget = budget
         self.device = budget.device
@@ -183,7 +185,7 @@ class SessionStore:
 
     @property
     def kv_bytes(self) -> int:
-        """KV of the sessions' resident layers (graph slots' static caches are the slots' own holding)."""
+        """KV of the sessions' resident layers (fast-path slots' static caches are the fast path's holding)."""
         return sum(s.kv_bytes for s in self.sessions.values())
 
     @property
@@ -242,7 +244,7 @@ class SessionStore:
             except Exception:  # the session goes either way; a failed unwind must not stop the loop
                 log.exception("cancelling the parked forward of session %s failed", handle)
         if session.decoder is not None:
-            self.graphs.release(session.decoder)
+            self.fast.release(session.decoder)
         session.breakpoint = session.cache = session.decoder = None
         session.host.clear()
         session.kv_bytes = 0
@@ -369,6 +371,8 @@ class SessionStore:
             if not self.swap:
                 raise OutOfMemory(f"{what} do not fit: {self.budget.describe()}; KV swap is disabled")
             freed = self.page_out_lru(over, keep=session)
+            if freed < over and self.fast is not None:
+                freed += self.fast.drop_idle()
             if freed < over:
                 freed += self.budget.release_cached()
             if freed < over:
@@ -386,6 +390,8 @@ class SessionStore:
             except OutOfMemory as exc:  # the host is full: what was freed before it still counts
                 log.warning("relieving device memory stopped: %s", exc)
                 freed = 0
+        if self.fast is not None:
+            freed += self.fast.drop_idle()
         return freed + self.budget.release_cached()
 
     def _relief_bytes(self, keep: Session | None, need: int) -> int:
@@ -416,8 +422,32 @@ class SessionStore:
         self.rollback(session, bp.start_length)
         session.state = SessionState.IDLE
 
+    def leave_fast_path(self, session: Session) -> None:
+        """The session's KV out of its slot into ordinary pairs (a copy), and the slot back: before
+        a breakpoint, past the slot's length, or after its graph failed."""
+        slot, session.decoder = session.decoder, None
+        session.cache = kv.from_pairs(slot.pairs(copy=True)) if slot.length else None
+        self.fast.release(slot)
+        session.recount()
+
+    def _page_from_slot(self, session: Session) -> None:
+        """Before a fast-path session's page-out: its cache becomes views of the slot's tokens, which the
+        page-out moves to host layer by layer, and the slot is dropped, so no other session writes
+        into the views; a layer left resident keeps its slot tensor until its next step copies it."""
+        slot, session.decoder = session.decoder, None
+        views = slot.pairs(copy=False)
+        session.cache = kv.from_pairs([(torch.empty_like(k, device="meta"), torch.empty_like(v, device="meta"))
+                                       for k, v in views])
+        for index, (k, v) in enumerate(views):
+            kv.set_layer(session.cache, index, k, v)
+        self.fast.drop(slot)
+        session.recount()
+
     def rollback(self, session: Session, length: int) -> None:
         """Back to `length` tokens: after a step that failed or was cancelled half-way."""
+        if session.decoder is not None:  # the static cache past the slot's length is never read
+            session.decoder.length = min(session.decoder.length, length)
+            return
         if session.cache is None:
             return
         if length == 0:
@@ -439,6 +469,8 @@ class SessionStore:
         so an exchange (B out, A back in) works with a full host swap; the limit can then
         be exceeded by that much until A's pages are in.
         """
+        if session.decoder is not None:
+            self._page_from_slot(session)
         freed = 0
         host_bytes = self.host_bytes - host_credit
         # The host's own limit, asked once per call (a read of /proc and the cgroup's files).
@@ -518,7 +550,7 @@ class SessionStore:
         for victim in sorted(self.sessions.values(), key=lambda s: s.last_used):
             if freed >= want_bytes:
                 break
-            if victim is not keep and victim.kv_bytes:
+            if victim is not keep and (victim.kv_bytes or victim.decoder is not None):
                 freed += self.page_out(victim, want_bytes - freed, host_credit=keep.host_bytes if keep else 0)
         return freed
 

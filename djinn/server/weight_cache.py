@@ -21,6 +21,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,9 @@ from djinn.server.limits import ServerLimits, checked_config, implied_tensors
 from djinn.server.streamer import (ALIGNMENT, RingTooSmall, StreamingHandle, find_decoder_layers, fits_in_budget,
                                    stream_model)
 from djinn.units import gib, human
+
+if TYPE_CHECKING:
+    from djinn.server.fast_decode import FastDecode
 
 log = logging.getLogger("djinn.server.weights")
 
@@ -61,6 +65,7 @@ class CachedModel:
     peers: set[bytes] = field(default_factory=set)  # connections that registered it: what `stats` shows them
     name: str | None = None  # a model the server loaded itself (--model NAME): never evicted
     partial: dict[str, "_Partial"] = field(default_factory=dict)  # tensors arriving in row slices
+    fast: FastDecode | None = None  # its fast decode path, built at its first use (djinn.server.fast_decode)
 
     # Read on every session request's admission; a config's attribute lookups cost
     # microseconds each, inside the request's IO wait.

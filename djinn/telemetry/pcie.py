@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from djinn.errors import DjinnError
+from djinn.telemetry.hbm import copy_gbps as hbm_copy_gbps
 
 __all__ = ["CopyMethod", "CudaUnavailable", "MethodResult", "PcieBandwidth", "best", "cuda_unavailable_reason",
            "measure_pcie_peak", "nominal_link_gbps", "probe_methods"]
@@ -179,8 +180,7 @@ def measure_pcie_peak(size_mb: int = 1024, repeats: int = 5, device: str = "cuda
         h2d_pageable = statistics.median(timed([(on_device, pageable)], 1) for _ in range(warmup + repeats))
         del pageable
         other = torch.empty(size, dtype=torch.uint8, device=dev)
-        # A copy reads and writes every byte once: HBM moves twice its size.
-        hbm = 2 * max(timed([(other, on_device)], 1) for _ in range(warmup + repeats))
+        hbm = hbm_copy_gbps(on_device, other, repeats, warmup)
         del other
     finally:
         del pinned, on_device
