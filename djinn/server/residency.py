@@ -132,13 +132,21 @@ def plan_residency(*, available_bytes: int, layer_bytes: Sequence[int], fixed_by
             raise OutOfMemory(f"a ring of {ring} bytes cannot hold a decoder layer of {slot} bytes")
     else:
         depth = 1 if compute_per_transfer is not None else UNKNOWN_TIMES_PREFETCH_DEPTH
-        while True:  # a deeper ring keeps fewer layers resident, so this ends within a few rounds
+        # One layer deeper at a time: each keeps fewer layers resident, which shortens the runs
+        # the depth must cover, so the shallowest sufficient ring is found within a few rounds.
+        while True:
             slots = depth + 1
             ring = slots * slot
-            needed, depth_why = _depth_for(resident_for(ring) if room >= ring else (), compute_per_transfer)
-            if needed <= depth or room < ring:
+            if room < ring:
+                depth_why = "no room"
                 break
-            depth = needed
+            needed, depth_why = _depth_for(resident_for(ring), compute_per_transfer)
+            if needed > depth and room < (slots + 1) * slot:
+                depth_why += f"; {needed} would be better, but a deeper ring does not fit"
+                break
+            if needed <= depth:
+                break
+            depth += 1
     if room < ring:
         raise OutOfMemory(f"{available_bytes / 2**30:.2f} GiB cannot hold even the ring: always-resident parts "
                           f"{fixed_bytes / 2**30:.2f} GiB, KV {kv_bytes / 2**30:.2f} GiB, activations "
