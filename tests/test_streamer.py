@@ -547,3 +547,33 @@ def test_random_rings_and_early_stops_have_no_races(monkeypatch, seed):
                         model(x, stop=stop)
             assert torch.equal(model(x), expected)
     trace.check(ring)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_resident_layers_stay_on_it_the_arena_is_pinned_exactly_and_logits_match():
+    """The CUDA path of a residency plan: a model built on the device keeps its resident layers
+    there, its streamed ones move to a host arena registered at its exact size, and the logits
+    equal the resident model's bit for bit (deterministic kernels on both sides)."""
+    from djinn.reproducibility import deterministic_region
+    from djinn.telemetry.pcie import cuda_unavailable_reason
+
+    if cuda_unavailable_reason():
+        pytest.skip(cuda_unavailable_reason())
+    ids = torch.randint(0, 8192, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    with deterministic_region(), torch.no_grad():
+        expected = build(TINY_MODEL, dtype=torch.float16, device="cuda")(ids).logits
+        model = build(TINY_MODEL, dtype=torch.float16, device="cuda")
+        layers = find_decoder_layers(model)
+        handle = stream_model(model, device="cuda", capacity_bytes=2 * max(_layer_bytes(model)), prefetch_depth=1,
+                              resident_layers=RESIDENT)
+        arena = handle._arena.tensor
+        assert arena.is_pinned() and arena.numel() == sum(handle.layer_bytes)
+        assert all(p.is_cuda for i in RESIDENT for p in layers[i].parameters())
+        assert all(not p.is_cuda for i in handle.streamed_layers for p in layers[i].parameters())
+        for _ in range(3):
+            assert torch.equal(model(ids).logits, expected)
+        assert handle.stats.layer_loads == 3 * len(handle.streamed_layers) and handle.stats.copy_seconds > 0
+        handle.remove()
+        assert not arena.is_pinned()  # unregistered; the weights went back to the device
+        assert all(p.is_cuda for p in model.parameters())
+        assert torch.equal(model(ids).logits, expected)
