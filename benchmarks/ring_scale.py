@@ -50,6 +50,6 @@ def layers_that_fit(full_layers: int, layer_bytes: int, device_model_bytes: Call
             else:
                 limited = "device memory (the resident reference)"
             return LayerCount(n, plan, arena, host_available_bytes, device, limited)
-    raise ValueError(f"not one streamed layer of {layer_bytes / 2**30:.2f} GiB fits: {host_available_bytes / 2**30:.1f} "
-                     f"GiB host memory available (less a {HOST_MARGIN_BYTES / 2**30:.0f} GiB margin), "
+    raise ValueError(f"not one streamed layer of {layer_bytes / 2**30:.2f} GiB fits: "
+                     f"{host_available_bytes / 2**30:.1f} GiB host memory available (less a {HOST_MARGIN_BYTES / 2**30:.0f} GiB margin), "
                      f"{device_free_bytes / 2**30:.1f} GiB free on the device")

@@ -393,7 +393,6 @@ class StreamingHandle:
         self.resident_layers = tuple(resident)
         # The decoder layers that stream, in stack order; `_specs` and loads index into it.
         self.streamed_layers = tuple(i for i in range(len(self.layers)) if i not in set(resident))
-        self._position = {layer: pos for pos, layer in enumerate(self.streamed_layers)}
         specs = [_layout(self.layers[i], alignment) for i in self.streamed_layers]
         self.prefetch_depth = min(prefetch_depth, len(specs))
 
@@ -401,9 +400,10 @@ class StreamingHandle:
         if specs[largest].nbytes > capacity_bytes:
             raise RingTooSmall(
                 f"ring of {capacity_bytes} bytes ({capacity_bytes / 2**20:.1f} MiB) cannot hold "
-                f"decoder layer {self.streamed_layers[largest]} of {type(model).__name__}: {specs[largest].nbytes} bytes "
+                f"decoder layer {self.streamed_layers[largest]} of {type(model).__name__}: "
+                f"{specs[largest].nbytes} bytes "
                 f"({specs[largest].nbytes / 2**20:.1f} MiB); give the ring at least that much")
-        self._check_no_shared_parameters(specs)
+        self._check_no_shared_parameters()
 
         self._orig_param_device: dict[nn.Parameter, torch.device] = {}
         self._orig_buffer_device: list[tuple[nn.Module, str, torch.device]] = []
@@ -437,7 +437,7 @@ class StreamingHandle:
 
     # -- setup --------------------------------------------------------------------
 
-    def _check_no_shared_parameters(self, specs: list[_LayerSpec]) -> None:
+    def _check_no_shared_parameters(self) -> None:
         owner: dict[int, int] = {}
         for index, layer in enumerate(self.layers):
             for p in layer.parameters():
