@@ -63,8 +63,9 @@ def pytest_addoption(parser):
                    help="auto (tiny-llama on CPU, llama-2-13b on a GPU), a catalogue name or a checkpoint path")
     ring.addoption("--djinn-ring-budget-gb", type=float, default=None,
                    help="device budget in GiB (default: 10 on a GPU, on a CPU one below the model's size)")
-    ring.addoption("--djinn-ring-num-layers", type=int, default=None,
-                   help="truncate the model to this many layers (a llama-2-70b that fits host RAM)")
+    ring.addoption("--djinn-ring-num-layers", default=None, metavar="N|host",
+                   help="truncate the model to N layers, or 'host': as many as the host can hold pinned "
+                        "beside what the device holds (benchmarks.ring_scale; llama-2-70b)")
     ring.addoption("--djinn-ring-new-tokens", type=int, default=50, help="new tokens per run")
     exp3 = parser.getgroup("djinn-exp3", "Djinn: breakpoints and memory virtualization (-m exp3)")
     exp3.addoption("--djinn-exp3-model", "--exp3-model", default="auto",

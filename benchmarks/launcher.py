@@ -30,6 +30,7 @@ class ServerSpec:
     exact: bool = True
     vram_budget_gb: float | None = None
     ring_buffer_gb: float | None = None
+    stream_kv_tokens: int | None = None
     disable_kv_swap: bool = False
     log_level: str = "INFO"
     extra: tuple[str, ...] = ()  # options a test adds (tests of the CLI itself)
@@ -51,6 +52,8 @@ def server_argv(spec: ServerSpec) -> list[str]:
         argv += ["--vram-budget-gb", repr(spec.vram_budget_gb)]
     if spec.ring_buffer_gb is not None:
         argv += ["--ring-buffer-gb", repr(spec.ring_buffer_gb)]
+    if spec.stream_kv_tokens is not None:
+        argv += ["--stream-kv-tokens", str(spec.stream_kv_tokens)]
     if spec.disable_kv_swap:
         argv.append("--disable-kv-swap")
     return [*argv, *spec.extra]

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.ring_buffer
 NEW_TOKENS = 12
 MODEL_BYTES = models.parameter_bytes(models.TINY_MODEL, torch.float32)
 BUDGET_BYTES = int(MODEL_BYTES * 0.8)  # the weights do not fit: streamed
+KV_TOKENS = 64  # the residency plan's KV reserve: a 40-token prompt and its new tokens
 
 
 def _layer_bytes(model) -> list[int]:
@@ -36,6 +37,7 @@ def ring_bytes(tiny_model) -> int:
 def small_server(server_launcher, ring_bytes):
     server = server_launcher.start("streaming", cpu_server("--vram-budget-gb", f"{BUDGET_BYTES / 2**30:.9f}",
                                                            "--ring-buffer-gb", f"{ring_bytes / 2**30:.9f}",
+                                                           "--stream-kv-tokens", str(KV_TOKENS),
                                                            "--disable-kv-swap"))
     yield server
     server.stop()
@@ -67,11 +69,14 @@ def test_streamed_model_matches_hf_generate_bit_for_bit(client, tiny_model, refe
     assert torch.equal(remote.last_logits, ref_logits)
 
     stats = _model_stats(client, remote.fingerprint)
-    layers = sum(_layer_bytes(tiny_model))
-    assert stats["streamed"] and stats["ring_bytes"] == ring_bytes
-    assert stats["device_bytes"] == MODEL_BYTES - layers + ring_bytes < BUDGET_BYTES
-    # every layer once per forward, one forward per new token
-    assert stats["stream"]["bytes_streamed"] - before == NEW_TOKENS * layers
+    plan = stats["residency"]
+    streamed = sum(_layer_bytes(tiny_model)[i] for i in plan["streamed_layers"])
+    # The budget leaves room beside the given ring for two of the eight layers (the plan's).
+    assert stats["streamed"] and stats["ring_bytes"] == plan["ring_bytes"] == ring_bytes
+    assert len(plan["resident_layers"]) == 2 and plan["bytes_streamed_per_token"] == streamed
+    assert stats["device_bytes"] == plan["device_bytes"] == MODEL_BYTES - streamed + ring_bytes < BUDGET_BYTES
+    # every streamed layer once per forward, one forward per new token
+    assert stats["stream"]["bytes_streamed"] - before == NEW_TOKENS * streamed
     assert client.stats()["memory"]["weights_bytes"] <= BUDGET_BYTES
 
 

@@ -227,6 +227,63 @@ def test_remove_restores_the_model(reference, prompt):
         assert torch.equal(model(prompt).logits, reference(prompt).logits)
 
 
+# -- resident layers: a residency plan's, kept on the device, never through the ring -------
+
+RESIDENT = (1, 4, 6)  # of tiny-llama's 8: spread, as djinn.server.residency spreads them
+
+
+def _arena_and_ring(handle) -> set[int]:
+    return {handle.ring.tensor.untyped_storage().data_ptr(), handle._arena.tensor.untyped_storage().data_ptr()}
+
+
+@pytest.mark.parametrize("ring_layers, prefetch_depth", [(2.0, 1), (3.0, 2), (1.0, 2)], ids=lambda v: str(v))
+def test_resident_layers_stay_put_and_only_the_others_stream(reference, prompt, ring_layers, prefetch_depth):
+    model = build(TINY_MODEL)
+    layers = find_decoder_layers(model)
+    layer_bytes = _layer_bytes(model)
+    streamed = [i for i in range(len(layers)) if i not in RESIDENT]
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True,
+                  return_dict_in_generate=True, output_logits=True)
+    expected = reference.generate(prompt, **kwargs)
+    with stream_model(model, device="cpu", capacity_bytes=_capacity(model, ring_layers), chunk_bytes=100_000,
+                      prefetch_depth=prefetch_depth, resident_layers=RESIDENT) as handle:
+        assert handle.streamed_layers == tuple(streamed) and handle.resident_layers == RESIDENT
+        assert handle.layer_bytes == tuple(layer_bytes[i] for i in streamed)
+        got = model.generate(prompt, **kwargs)
+        stats = handle.stats
+        outside = _arena_and_ring(handle)
+        for i in RESIDENT:  # their own storage, no hooks
+            assert not layers[i]._forward_pre_hooks
+            assert all(p.untyped_storage().data_ptr() not in outside for p in layers[i].parameters())
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits))
+    assert stats.layer_loads == NEW_TOKENS * len(streamed)
+    assert stats.bytes_streamed == NEW_TOKENS * sum(layer_bytes[i] for i in streamed)
+    assert stats.cancelled_loads == 0
+
+
+def test_resident_layers_out_of_range_or_all_of_them_are_refused():
+    model = build(TINY_MODEL)
+    capacity = _capacity(model, 2.0)
+    with pytest.raises(ValueError, match="outside the model's 8 decoder layers"):
+        stream_model(model, device="cpu", capacity_bytes=capacity, resident_layers=[0, 8])
+    with pytest.raises(ValueError, match="nothing to stream"):
+        stream_model(model, device="cpu", capacity_bytes=capacity, resident_layers=range(8))
+
+
+def test_remove_restores_a_model_with_resident_layers(reference, prompt):
+    model = build(TINY_MODEL)
+    handle = stream_model(model, device="cpu", capacity_bytes=_capacity(model, 2.0), prefetch_depth=1,
+                          resident_layers=RESIDENT)
+    with torch.no_grad():
+        model(prompt)
+    handle.remove()
+    assert not any(l._forward_pre_hooks or l._forward_hooks for l in find_decoder_layers(model))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    with torch.no_grad():
+        assert torch.equal(model(prompt).logits, reference(prompt).logits)
+
+
 # -- the CUDA ordering protocol, with stream semantics simulated on the CPU -------------
 #
 # Fake streams log their operations; `wait_event` captures the event's latest record, as
@@ -395,6 +452,24 @@ def test_cuda_event_protocol_has_no_ring_races(monkeypatch, reference, prompt, r
     trace.check(ring)
 
 
+@pytest.mark.parametrize("ring_layers, prefetch_depth", [(2.0, 1), (3.0, 2), (1.0, 1)], ids=lambda v: str(v))
+def test_cuda_event_protocol_with_resident_layers_has_no_ring_races(monkeypatch, reference, prompt, ring_layers,
+                                                                    prefetch_depth):
+    trace = _StreamTrace(monkeypatch)
+    model = build(TINY_MODEL)
+    with torch.no_grad():
+        expected = reference(prompt).logits
+        with stream_model(model, device="cpu", capacity_bytes=_capacity(model, ring_layers), chunk_bytes=100_000,
+                          prefetch_depth=prefetch_depth, resident_layers=RESIDENT) as handle:
+            ring = handle.ring.tensor
+            for _ in range(3):
+                assert torch.equal(model(prompt).logits, expected)
+            # A ring of depth + 1 equal layers never holds a prefetch back (what the plan sizes it for).
+            assert handle.stats.deferrals == 0 or ring_layers < prefetch_depth + 1
+    assert len(trace.reads) == 3 * (len(find_decoder_layers(model)) - len(RESIDENT))
+    trace.check(ring)
+
+
 def test_first_copies_wait_for_work_queued_before_the_ring(monkeypatch):
     """The ring comes from the caching allocator, ordered only against the stream that
     allocated it: a layer prefetched at construction must not be written before the
@@ -449,6 +524,8 @@ def test_random_rings_and_early_stops_have_no_races(monkeypatch, seed):
         count = rng.randint(1, 10)
         sizes = [rng.choice([256, 1000, rng.randint(1, 4000)]) for _ in range(count)]
         ring_layers, depth, passes = rng.uniform(1.0, count + 1.5), rng.randint(0, 5), rng.randint(1, 5)
+    # Odd seeds keep a random subset of the layers resident (a residency plan's), at least one streams.
+    resident = sorted(rng.sample(range(len(sizes)), rng.randint(0, len(sizes) - 1))) if seed % 2 else []
     stops = [rng.choice([None, None, None, *range(len(sizes))]) for _ in range(passes)]
     reference = _Stack(sizes)
     x = torch.randn(3)
@@ -460,7 +537,7 @@ def test_random_rings_and_early_stops_have_no_races(monkeypatch, seed):
         model.load_state_dict(reference.state_dict())
         capacity = int(max(_layer_bytes(model)) * ring_layers) + 512
         with stream_model(model, device="cpu", capacity_bytes=capacity, chunk_bytes=rng.choice([64, 1000, 1 << 20]),
-                          prefetch_depth=depth) as handle:
+                          prefetch_depth=depth, resident_layers=resident) as handle:
             ring = handle.ring.tensor
             for stop in stops:
                 if stop is None:
@@ -470,3 +547,33 @@ def test_random_rings_and_early_stops_have_no_races(monkeypatch, seed):
                         model(x, stop=stop)
             assert torch.equal(model(x), expected)
     trace.check(ring)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_resident_layers_stay_on_it_the_arena_is_pinned_exactly_and_logits_match():
+    """The CUDA path of a residency plan: a model built on the device keeps its resident layers
+    there, its streamed ones move to a host arena registered at its exact size, and the logits
+    equal the resident model's bit for bit (deterministic kernels on both sides)."""
+    from djinn.reproducibility import deterministic_region
+    from djinn.telemetry.pcie import cuda_unavailable_reason
+
+    if cuda_unavailable_reason():
+        pytest.skip(cuda_unavailable_reason())
+    ids = torch.randint(0, 8192, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    with deterministic_region(), torch.no_grad():
+        expected = build(TINY_MODEL, dtype=torch.float16, device="cuda")(ids).logits
+        model = build(TINY_MODEL, dtype=torch.float16, device="cuda")
+        layers = find_decoder_layers(model)
+        handle = stream_model(model, device="cuda", capacity_bytes=2 * max(_layer_bytes(model)), prefetch_depth=1,
+                              resident_layers=RESIDENT)
+        arena = handle._arena.tensor
+        assert arena.is_pinned() and arena.numel() == sum(handle.layer_bytes)
+        assert all(p.is_cuda for i in RESIDENT for p in layers[i].parameters())
+        assert all(not p.is_cuda for i in handle.streamed_layers for p in layers[i].parameters())
+        for _ in range(3):
+            assert torch.equal(model(ids).logits, expected)
+        assert handle.stats.layer_loads == 3 * len(handle.streamed_layers) and handle.stats.copy_seconds > 0
+        handle.remove()
+        assert not arena.is_pinned()  # unregistered; the weights went back to the device
+        assert all(p.is_cuda for p in model.parameters())
+        assert torch.equal(model(ids).logits, expected)

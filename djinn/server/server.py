@@ -87,8 +87,12 @@ class ServerConfig:
                                                  "and the ring, in GiB (default: what the device has free at start; "
                                                  "on a CPU, half the host memory the process may use)")
     ring_buffer_gb: float | None = _option(None, "ring through which a model larger than the budget streams its "
-                                                 "layers, counted in the budget, in GiB (default: 2 GiB on a GPU, "
-                                                 "16 MiB on a CPU)")
+                                                 "layers, counted in the budget, in GiB (default: sized by the "
+                                                 "model's residency plan, two or three layers; every layer that "
+                                                 "fits beside it stays resident)")
+    stream_kv_tokens: int | None = _option(None, "KV tokens (all its sessions together) a streamed model's "
+                                                 "residency plan keeps device room for; KV past it pages to host "
+                                                 "(default: the model's context length)")
     disable_kv_swap: bool = _option(False, "never page KV caches to host memory (isolates weight streaming from "
                                            "KV paging)")
     host_swap_gb: float | None = _option(None, "cap on host memory for KV paged out of the budget, in GiB; past "
@@ -200,11 +204,6 @@ class Reply:
     policy: CodecPolicy = CodecPolicy()
 
 
-def default_ring_bytes(device: torch.device) -> int:
-    """2 GiB on a GPU: a few 13B/70B layers in flight; 16 MiB on a CPU, a few tiny-model layers."""
-    return 2 << 30 if device.type == "cuda" else 16 << 20
-
-
 def _dtype(name: object) -> torch.dtype:
     if not isinstance(name, str) or name not in DTYPES:
         raise BadRequest(f"unknown dtype {quote(name)}")
@@ -278,9 +277,8 @@ class Server:
         self.budget = DeviceBudget(self.device, None if config.vram_budget_gb is None
                                    else int(config.vram_budget_gb * GIB))
         host_swap = None if config.host_swap_gb is None else int(config.host_swap_gb * GIB)
-        ring = (int(config.ring_buffer_gb * GIB) if config.ring_buffer_gb is not None
-                else default_ring_bytes(self.device))
-        self.weights = WeightCache(self.budget, ring_bytes=ring)
+        ring = int(config.ring_buffer_gb * GIB) if config.ring_buffer_gb is not None else None
+        self.weights = WeightCache(self.budget, ring_bytes=ring, stream_kv_tokens=config.stream_kv_tokens)
         # Fast by default where it pays, on CUDA; a CPU decodes exactly unless a load asks.
         self.fast = FastPath(self.budget, self.weights, config.fast_max_len,
                              default_on=self.device.type == "cuda" and not config.exact)
@@ -419,7 +417,8 @@ class Server:
             "sessions": self.sessions.owned_by(peer), "sessions_expired": self.sessions.expired,
             "models": [{"fingerprint": m.fingerprint, "bytes": m.weight_bytes, "complete": m.complete,
                         "sessions": m.users - (not m.complete), "streamed": m.streamed,
-                        "device_bytes": m.device_bytes, "ring_bytes": m.ring_bytes, "stream": m.stream_stats()}
+                        "device_bytes": m.device_bytes, "ring_bytes": m.ring_bytes, "stream": m.stream_stats(),
+                        "residency": m.plan.as_dict() if m.plan is not None else None}
                        for m in self.weights.models.values() if peer in m.peers],
             "cache": {"hits": counters.hits, "misses": counters.misses, "evictions": counters.evictions,
                       "uploaded_bytes": counters.uploaded_bytes},

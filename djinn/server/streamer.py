@@ -7,7 +7,9 @@ copy stream loads layers a few ahead of compute in chunks; forward pre-hooks poi
 layer's parameters at views into the ring just before it runs and post-hooks point
 them back at the host blob, so the unmodified HF model (and its KV cache, which
 lives in activations and buffers, never in parameters) runs as usual. Embeddings,
-final norm, lm_head and rotary buffers stay resident on the device.
+final norm, lm_head and rotary buffers stay resident on the device, and so do the
+decoder layers a residency plan (`djinn.server.residency`) keeps there: only the
+others go through the ring, in stack order, wrapping to the first at a forward's end.
 
 Ordering, all without device-wide syncs:
 - compute waits on a layer's *ready* event (recorded on the copy stream after its
@@ -36,7 +38,7 @@ from djinn.errors import BadRequest
 
 __all__ = [
     "ALIGNMENT", "Placement", "RingAllocator", "RingBuffer", "RingTooSmall", "StreamStats",
-    "StreamingHandle", "find_decoder_layers", "fits_in_budget", "stream_model",
+    "StreamingHandle", "find_decoder_layers", "fits_in_budget", "packed_layer_bytes", "stream_model",
 ]
 
 # Every tensor inside a layer blob, and every layer in the ring, starts on a 256-byte
@@ -149,7 +151,7 @@ class RingBuffer:
 
 
 class _Load:
-    """One layer's trip through the ring."""
+    """One layer's trip through the ring (`layer`: its position among the streamed layers)."""
     __slots__ = ("layer", "offset", "nbytes", "start", "ready", "done",
                  "consumed", "computed", "cancelled")
 
@@ -297,6 +299,54 @@ class _LayerSpec:
     host_views: tuple[torch.Tensor, ...] = ()
 
 
+def _layout(layer: nn.Module, alignment: int) -> _LayerSpec:
+    params = tuple(layer.parameters())
+    offsets, end = [], 0
+    for p in params:
+        offsets.append(end)
+        end = _align(end + p.numel() * p.element_size(), alignment)
+    return _LayerSpec(layer, params, tuple(offsets), max(end, alignment))
+
+
+def packed_layer_bytes(layer: nn.Module, alignment: int = ALIGNMENT) -> int:
+    """The bytes a decoder layer takes in the ring (and in host memory) once packed; works on meta layers."""
+    return _layout(layer, alignment).nbytes
+
+
+class _HostArena:
+    """One host allocation for every streamed layer, page-locked on CUDA at its exact size.
+
+    torch's pinned allocator rounds a request up to a power of two (a 17.8 GB arena takes
+    32 GiB, a 115 GB one 128 GiB: more than the GPU host has), so the memory is allocated
+    as ordinary host memory and registered with the driver (`cudaHostRegister`), which
+    pins exactly its pages. Unregistered on `close`, or when dropped."""
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+        self._registered = False
+        if pin:
+            # Fault the pages in with torch's threads first: the driver would fault them one
+            # by one on one thread while pinning.
+            self.tensor.zero_()
+            error = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+            if int(error) != 0:
+                raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.2f} GiB of host memory for the streamed "
+                                   f"layers failed with CUDA error {int(error)} ({error}); the host may not allow "
+                                   f"that much page-locked memory (ulimit -l, the container's memlock limit)")
+            self._registered = True
+
+    def close(self) -> None:
+        if self._registered:
+            self._registered = False
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the driver may be gone; the pages go with the process
+            pass
+
+
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of decoder layers: its nn.ModuleList holding the most parameters
     (`model.model.layers` for Llama/Mistral, `model.transformer.h` for GPT-2)."""
@@ -320,7 +370,8 @@ class StreamingHandle:
     """
 
     def __init__(self, model: nn.Module, *, device: str | torch.device, capacity_bytes: int,
-                 chunk_bytes: int, prefetch_depth: int, alignment: int = ALIGNMENT):
+                 chunk_bytes: int, prefetch_depth: int, alignment: int = ALIGNMENT,
+                 resident_layers: Iterable[int] = ()):
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         if prefetch_depth < 0:
@@ -334,24 +385,34 @@ class StreamingHandle:
         self.device = device
         self.chunk_bytes = chunk_bytes  # may be changed between forwards (the chunk sweep does)
         self.layers = find_decoder_layers(model)
-        specs = [self._layout(layer, alignment) for layer in self.layers]
+        resident = sorted(set(resident_layers))
+        if resident and not (0 <= resident[0] and resident[-1] < len(self.layers)):
+            raise ValueError(f"resident layers {resident} outside the model's {len(self.layers)} decoder layers")
+        if len(resident) == len(self.layers):
+            raise ValueError("every decoder layer is resident: nothing to stream (load the model without a ring)")
+        self.resident_layers = tuple(resident)
+        # The decoder layers that stream, in stack order; `_specs` and loads index into it.
+        self.streamed_layers = tuple(i for i in range(len(self.layers)) if i not in set(resident))
+        specs = [_layout(self.layers[i], alignment) for i in self.streamed_layers]
         self.prefetch_depth = min(prefetch_depth, len(specs))
 
         largest = max(range(len(specs)), key=lambda i: specs[i].nbytes)
         if specs[largest].nbytes > capacity_bytes:
             raise RingTooSmall(
                 f"ring of {capacity_bytes} bytes ({capacity_bytes / 2**20:.1f} MiB) cannot hold "
-                f"decoder layer {largest} of {type(model).__name__}: {specs[largest].nbytes} bytes "
+                f"decoder layer {self.streamed_layers[largest]} of {type(model).__name__}: "
+                f"{specs[largest].nbytes} bytes "
                 f"({specs[largest].nbytes / 2**20:.1f} MiB); give the ring at least that much")
-        self._check_no_shared_parameters(specs)
+        self._check_no_shared_parameters()
 
         self._orig_param_device: dict[nn.Parameter, torch.device] = {}
         self._orig_buffer_device: list[tuple[nn.Module, str, torch.device]] = []
+        self._arena: _HostArena | None = None
         with torch.no_grad():
             self._pack(specs)
             self._place_resident()
         self._specs = specs
-        self.layer_bytes = tuple(spec.nbytes for spec in specs)  # packed blob sizes, in layer order
+        self.layer_bytes = tuple(spec.nbytes for spec in specs)  # packed blob sizes of the streamed layers
         self.ring = RingBuffer(capacity_bytes, device, alignment)
         if device.type == "cuda":
             self._copier = _CudaCopier(device)  # after the ring: its stream waits for the allocation
@@ -368,26 +429,18 @@ class StreamingHandle:
         self._counts = dict(bytes_streamed=0, layer_loads=0, bytes_copied=0, wraps=0, waits=0,
                             deferrals=0, cancelled_loads=0)
         self._hooks = []
-        for index, layer in enumerate(self.layers):
-            self._hooks.append(layer.register_forward_pre_hook(self._make_pre_hook(index)))
-            self._hooks.append(layer.register_forward_hook(self._make_post_hook(index), always_call=True))
+        for position, index in enumerate(self.streamed_layers):
+            layer = self.layers[index]
+            self._hooks.append(layer.register_forward_pre_hook(self._make_pre_hook(position)))
+            self._hooks.append(layer.register_forward_hook(self._make_post_hook(position), always_call=True))
         self._issue_ahead()  # the first forward starts with its first layers in flight
 
     # -- setup --------------------------------------------------------------------
 
-    @staticmethod
-    def _layout(layer: nn.Module, alignment: int) -> _LayerSpec:
-        params = tuple(layer.parameters())
-        offsets, end = [], 0
-        for p in params:
-            offsets.append(end)
-            end = _align(end + p.numel() * p.element_size(), alignment)
-        return _LayerSpec(layer, params, tuple(offsets), max(end, alignment))
-
-    def _check_no_shared_parameters(self, specs: list[_LayerSpec]) -> None:
+    def _check_no_shared_parameters(self) -> None:
         owner: dict[int, int] = {}
-        for index, spec in enumerate(specs):
-            for p in spec.params:
+        for index, layer in enumerate(self.layers):
+            for p in layer.parameters():
                 if owner.setdefault(id(p), index) != index:
                     raise ValueError(f"parameter shared by decoder layers {owner[id(p)]} and {index}: "
                                      "streaming needs each layer to own its weights")
@@ -397,11 +450,10 @@ class StreamingHandle:
                 raise ValueError(f"parameter {name} is also a decoder-layer weight (tied); cannot stream it")
 
     def _pack(self, specs: list[_LayerSpec]) -> None:
-        # One host arena for all blobs: pinned allocations are rounded up to a power of
-        # two by torch's host allocator, so one arena wastes less than one per layer.
+        # One host arena for all blobs, pinned at its exact size (`_HostArena`).
         total = sum(spec.nbytes for spec in specs)
-        pin = self.device.type == "cuda"
-        arena = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+        self._arena = _HostArena(total, pin=self.device.type == "cuda")
+        arena = self._arena.tensor
         start = 0
         for spec in specs:
             spec.blob = arena[start:start + spec.nbytes]
@@ -546,6 +598,8 @@ class StreamingHandle:
                 p.data = p.data.to(device)
             for module, name, device in self._orig_buffer_device:
                 module._buffers[name] = module._buffers[name].to(device)
+        # Host-origin weights are views of the arena still: it stays allocated, unpinned.
+        self._arena.close()
         self._issued.clear()
         self._views.clear()
         self.ring = None
@@ -563,14 +617,15 @@ def _computed(load: _Load) -> bool:
 
 
 def stream_model(model: nn.Module, *, device: str | torch.device, capacity_bytes: int,
-                 chunk_bytes: int = 64 << 20, prefetch_depth: int = 2,
-                 alignment: int = ALIGNMENT) -> StreamingHandle:
+                 chunk_bytes: int = 64 << 20, prefetch_depth: int = 2, alignment: int = ALIGNMENT,
+                 resident_layers: Iterable[int] = ()) -> StreamingHandle:
     """Stream `model`'s decoder layers through a `capacity_bytes` ring on `device`.
 
-    Moves the small always-resident parts (embeddings, final norm, lm_head, buffers) to
-    `device`, packs each decoder layer into one host blob (pinned when `device` is
-    CUDA) and installs the hooks; the model is then called as usual. Raises
-    `RingTooSmall` when the largest layer does not fit in the ring.
+    Moves the always-resident parts (embeddings, final norm, lm_head, buffers) and the
+    decoder layers in `resident_layers` to `device`, packs each other decoder layer into
+    one host blob (pinned when `device` is CUDA; a layer already on the device is copied
+    out to it) and installs the hooks; the model is then called as usual. Raises
+    `RingTooSmall` when the largest streamed layer does not fit in the ring.
     """
-    return StreamingHandle(model, device=device, capacity_bytes=capacity_bytes,
-                           chunk_bytes=chunk_bytes, prefetch_depth=prefetch_depth, alignment=alignment)
+    return StreamingHandle(model, device=device, capacity_bytes=capacity_bytes, chunk_bytes=chunk_bytes,
+                           prefetch_depth=prefetch_depth, alignment=alignment, resident_layers=resident_layers)

@@ -9,9 +9,13 @@ the memory budget.
 
 A model whose weights alone exceed the budget is streamed (seed 003): it is built in
 host memory, receives its upload there, and once complete its decoder layers run
-through a fixed ring on the device (`streamer.stream_model`) while the embeddings,
-final norm and lm_head stay resident. Only those resident parts and the ring count
-against the budget.
+through a ring on the device (`streamer.stream_model`) while the embeddings, final
+norm, lm_head and as many decoder layers as fit stay resident. Which layers, and the
+ring's size, are a residency plan (`djinn.server.residency`) made at register time
+against the budget's room, leaving free the KV of `stream_kv_tokens` tokens and the
+budget's forward reserve; the resident parts and the ring count against the budget.
+The plan is not remade as KV grows: sessions past its reserve page their KV to host
+(or fail with out_of_memory) through the same budget as any other session.
 """
 from __future__ import annotations
 
@@ -30,14 +34,21 @@ from djinn import host_memory
 from djinn.errors import BadRequest, LimitExceeded, ModelNotFound, OutOfMemory, UploadIncomplete, quote
 from djinn.server.device_budget import DeviceBudget
 from djinn.server.limits import ServerLimits, checked_config, implied_tensors
-from djinn.server.streamer import (ALIGNMENT, RingTooSmall, StreamingHandle, find_decoder_layers, fits_in_budget,
-                                   stream_model)
+from djinn.server.residency import ResidencyPlan, plan_residency
+from djinn.server.streamer import (RingTooSmall, StreamingHandle, find_decoder_layers, fits_in_budget,
+                                   packed_layer_bytes, stream_model)
 from djinn.units import gib, human
 
 if TYPE_CHECKING:
     from djinn.server.fast_decode import FastDecode
 
 log = logging.getLogger("djinn.server.weights")
+
+# A decode layer's compute over its copy time on a GPU, for the residency plan's prefetch
+# depth: its compute reads the layer from device memory, its copy crosses PCIe. H200: 4.8
+# TB/s HBM against ~55 GB/s Gen5 (0.011); the seed's L4: 300 GB/s GDDR6 against ~25 GB/s
+# Gen4 (0.08). 0.2 bounds both with room: any value below 0.5 gives the same depth.
+GPU_DECODE_COMPUTE_PER_TRANSFER = 0.2
 
 
 @dataclass(frozen=True)
@@ -58,8 +69,8 @@ class CachedModel:
     digests: dict[str, bytes] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
     users: int = 0  # open sessions, and one while its upload is in progress
-    streamed_bytes: int = 0  # weights kept in host memory and streamed through the ring; 0: all resident
     ring_bytes: int = 0  # capacity of the device ring the streamed layers run through
+    plan: ResidencyPlan | None = None  # a streamed model's resident layers and ring
     stream: StreamingHandle | None = None  # installed when a streamed model's upload completes
     config_key: str = ""  # the registered config, canonical: a re-register must match it
     peers: set[bytes] = field(default_factory=set)  # connections that registered it: what `stats` shows them
@@ -84,7 +95,7 @@ class CachedModel:
     @property
     def device_bytes(self) -> int:
         """What the model holds of the device budget: its weights, or, streamed, its resident parts and ring."""
-        return self.weight_bytes - self.streamed_bytes + self.ring_bytes
+        return self.plan.device_bytes if self.plan is not None else self.weight_bytes
 
     def stream_stats(self) -> dict | None:
         if self.stream is None:
@@ -126,10 +137,11 @@ class CacheCounters:
 class WeightCache:
     limits: ServerLimits = ServerLimits()  # the server sets its own
 
-    def __init__(self, budget: DeviceBudget, ring_bytes: int = 0):
+    def __init__(self, budget: DeviceBudget, ring_bytes: int | None = None, stream_kv_tokens: int | None = None):
         self.budget = budget
         self.device = budget.device
-        self.ring_bytes = ring_bytes  # ring of each model too large for the budget
+        self.ring_bytes = ring_bytes  # ring of each model too large for the budget; None: its plan sizes it
+        self.stream_kv_tokens = stream_kv_tokens  # KV a streamed model's plan reserves; None: its context
         self.models: dict[str, CachedModel] = {}
         self.names: dict[str, str] = {}  # name -> fingerprint of the models the server loaded itself
         self.counters = CacheCounters()
@@ -166,7 +178,7 @@ class WeightCache:
                                 f"({self.limits.upload_ttl_s:.0f} s idle)")
         self.counters.misses += 1
         weight_bytes = sum(math.prod(e.shape) * e.dtype.itemsize for e in expected.values())
-        streamed_bytes = 0
+        plan = None
         if fits_in_budget(weight_bytes, self.budget.limit_bytes):
             self._make_room(weight_bytes, fingerprint)
             try:
@@ -176,9 +188,9 @@ class WeightCache:
                                   f"{exc}") from None
         else:
             _check_host_memory(weight_bytes, what)
-            model, streamed_bytes = self._host_model_to_stream(fingerprint, config, dtype, weight_bytes)
+            model, plan = self._host_model_to_stream(fingerprint, config, dtype, weight_bytes)
         cached = CachedModel(fingerprint, model, config, dtype, expected, weight_bytes,
-                             streamed_bytes=streamed_bytes, ring_bytes=self.ring_bytes if streamed_bytes else 0,
+                             ring_bytes=plan.ring_bytes if plan else 0, plan=plan,
                              config_key=_config_key(config_values), peers={peer})
         cached.users += 1  # the upload in progress holds the model: eviction skips it until complete
         self.models[fingerprint] = cached
@@ -304,42 +316,55 @@ class WeightCache:
                               f"in use and the KV caches: {self.budget.describe()}")
 
     def _host_model_to_stream(self, fingerprint: str, config, dtype: torch.dtype,
-                              weight_bytes: int) -> tuple[torch.nn.Module, int]:
-        """A model whose weights exceed the budget, built in host memory; and its decoder layers' bytes.
+                              weight_bytes: int) -> tuple[torch.nn.Module, ResidencyPlan]:
+        """A model whose weights exceed the budget, built in host memory; and its residency plan.
 
         Refused before any upload when even streamed it cannot run here: its largest layer
-        does not fit the ring, or its resident parts and the ring exceed the budget."""
+        does not fit a given ring, or its resident parts, the ring and the KV reserve
+        exceed the budget's room."""
         model = _host_skeleton(config, dtype, self.device)
         layers = find_decoder_layers(model)
-        streamed = sum(p.numel() * p.element_size() for p in layers.parameters())
-        # The streamer packs each tensor of a layer on an ALIGNMENT boundary.
-        largest = max(sum(_aligned(p.numel() * p.element_size()) for p in layer.parameters()) for layer in layers)
+        layer_bytes = tuple(packed_layer_bytes(layer) for layer in layers)
+        fixed = weight_bytes - sum(p.numel() * p.element_size() for p in layers.parameters())
         ring = self.ring_bytes
-        if largest > ring:
-            raise RingTooSmall(f"model {fingerprint}: a decoder layer of {largest / 2**20:.1f} MiB does not fit the "
-                               f"{ring / 2**20:.1f} MiB ring; start the server with a larger --ring-buffer-gb")
-        device_bytes = weight_bytes - streamed + ring
-        if not fits_in_budget(device_bytes, self.budget.limit_bytes):
-            raise OutOfMemory(f"model {fingerprint} does not fit even streamed: its resident parts "
-                              f"({gib(weight_bytes - streamed)}) and the {gib(ring)} ring exceed "
-                              f"the {gib(self.budget.limit_bytes)} budget")
-        self._make_room(device_bytes, fingerprint)
-        log.info("model %s (%s) exceeds the %s budget: streaming through a %s ring (%s of layers stay in host "
-                 "memory)", fingerprint, gib(weight_bytes), gib(self.budget.limit_bytes), gib(ring), gib(streamed))
-        return model, streamed
+        if ring is not None and max(layer_bytes) > ring:
+            raise RingTooSmall(f"model {fingerprint}: a decoder layer of {max(layer_bytes) / 2**20:.1f} MiB does not "
+                               f"fit the {ring / 2**20:.1f} MiB ring; start the server with a larger --ring-buffer-gb")
+        kv_tokens = self.stream_kv_tokens if self.stream_kv_tokens is not None else models.max_positions(config)
+        kv = models.kv_bytes_per_token(config, dtype) * kv_tokens
+        minimum = fixed + (ring if ring is not None else 2 * max(layer_bytes)) + kv
+        if not fits_in_budget(minimum, self.budget.limit_bytes - self.budget.reserve_bytes):
+            raise OutOfMemory(f"model {fingerprint} does not fit even streamed: its always-resident parts "
+                              f"({gib(fixed)}), a ring and the KV of {kv_tokens} tokens ({gib(kv)}) exceed the "
+                              f"{gib(self.budget.limit_bytes)} budget; lower --stream-kv-tokens or raise the budget")
+        self._make_room(minimum, fingerprint)
+        reserve = self.budget.reserve_bytes
+        try:
+            plan = plan_residency(
+                available_bytes=self.budget.room() + reserve, layer_bytes=layer_bytes, fixed_bytes=fixed,
+                kv_bytes=kv, activation_bytes=reserve, ring_bytes=ring,
+                compute_per_transfer=GPU_DECODE_COMPUTE_PER_TRANSFER if self.device.type == "cuda" else None)
+        except OutOfMemory as exc:
+            raise OutOfMemory(f"model {fingerprint} does not fit even streamed beside the models in use: "
+                              f"{exc}") from None
+        log.info("model %s (%s) exceeds the %s budget: streaming through a %s ring; residency plan: %s",
+                 fingerprint, gib(weight_bytes), gib(self.budget.limit_bytes), gib(plan.ring_bytes), plan.why)
+        return model, plan
 
     def _start_streaming(self, cached: CachedModel) -> None:
+        plan = cached.plan
         try:
-            cached.stream = stream_model(cached.model, device=self.device, capacity_bytes=cached.ring_bytes)
+            cached.stream = stream_model(cached.model, device=self.device, capacity_bytes=plan.ring_bytes,
+                                         prefetch_depth=plan.prefetch_depth, resident_layers=plan.resident_layers)
         except (torch.OutOfMemoryError, RingTooSmall) as exc:
             del self.models[cached.fingerprint]
             if isinstance(exc, RingTooSmall):
                 raise
             raise OutOfMemory(f"model {cached.fingerprint}: its resident parts and the "
                               f"{gib(cached.ring_bytes)} ring do not fit on {self.device}: {exc}") from None
-        log.info("model %s streams %d decoder layers (%s) through a %s ring on %s", cached.fingerprint,
-                 len(cached.stream.layer_bytes), gib(sum(cached.stream.layer_bytes)), gib(cached.ring_bytes),
-                 self.device)
+        log.info("model %s streams %d decoder layers (%s) through a %s ring on %s; %d stay resident",
+                 cached.fingerprint, len(cached.stream.layer_bytes), gib(sum(cached.stream.layer_bytes)),
+                 gib(cached.ring_bytes), self.device, len(plan.resident_layers))
 
 
 def _host_skeleton(config, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
@@ -428,7 +453,4 @@ def _check_host_memory(weight_bytes: int, what: str) -> None:
         raise OutOfMemory(f"{what}: its {weight_bytes / 2**30:.2f} GiB of weights stream from host memory, "
                           f"which has {available / 2**30:.2f} GiB available")
 
-
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
