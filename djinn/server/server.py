@@ -301,6 +301,7 @@ class _RejectionLog:
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
+        policy = BatchPolicy(config.max_batch, config.step_token_budget, config.batch_wait_ms)  # before any socket
         self.device = resolve_device(config.device)
         auth_token = config.auth_token
         if auth_token is None and config.auth_token_file is not None:
@@ -356,8 +357,7 @@ class Server:
         self.requests_served = 0
         self._stopping = False
         self._rejections = _RejectionLog()
-        self.scheduler = Scheduler(BatchPolicy(config.max_batch, config.step_token_budget, config.batch_wait_ms),
-                                   self)
+        self.scheduler = Scheduler(policy, self)
 
     @property
     def address(self) -> str:
