@@ -24,12 +24,14 @@ def plot_multitenant(data: dict, path: Path | str) -> Path:
     left.plot(n, [median[0] * k for k in n], linestyle=":", color="grey", label="N × (N=1)")
     left.set(xscale="log", xlabel="concurrent tenants N", ylabel="tokens/s, all tenants",
              title="Aggregate decode throughput")
+    left.minorticks_off()
     left.set_xticks(n, [str(k) for k in n])
     left.legend(fontsize=8)
     for key, label, style in (("per_token_ms_p50", "per-token p50", "-"), ("per_token_ms_p99", "per-token p99", "-"),
                               ("queue_ms_p50", "server queue p50", "--"), ("queue_ms_p99", "server queue p99", "--")):
         right.plot(n, [p[key] for p in points], linestyle=style, marker="o", label=label)
     right.set(xscale="log", xlabel="concurrent tenants N", ylabel="ms", title="Per-token latency and queue time")
+    right.minorticks_off()
     right.set_xticks(n, [str(k) for k in n])
     right.legend(fontsize=8)
     env = data.get("environment", {})
