@@ -177,7 +177,7 @@ def test_a_failed_batch_leaves_every_session_as_it_was(make_executor, prompts, f
     before = [[(k.clone(), v.clone()) for k, v in kv.to_pairs(s.cache)] for s in sessions]
     batch = [BatchedStep(s, executor.decode_ids(s, t[:, :1]), None) for s, t in zip(sessions, fed)]
 
-    def half_then_fail(model, steps):
+    def half_then_fail(model, steps, stacks):
         for step in steps[:2]:  # two sessions' caches grow, then the forward dies
             for layer, (k, v) in enumerate(kv.to_pairs(step.session.cache)):
                 step.session.cache.update(k[..., -1:, :], v[..., -1:, :], layer)
@@ -206,3 +206,40 @@ def test_sessions_that_cannot_join_a_batch_say_why(make_executor, prompts, tiny_
     finally:
         executor.cancel(parked)
     assert unbatched_reason(parked) is None, "cancelled, it may join again"
+
+
+def _storage(session) -> int:
+    return kv.to_pairs(session.cache)[0][0].untyped_storage().data_ptr()
+
+
+def test_a_steady_batch_appends_to_its_stacked_cache_exactly_as_a_restack_would(make_executor, prompts, fed):
+    executor, cached = make_executor(1 << 30)
+
+    def run(restack_every_step: bool):
+        sessions = [executor.sessions.open(cached, b"peer") for _ in prompts]
+        for s, p in zip(sessions, prompts):
+            executor.session_step(s, p)
+        logits = []
+        for i in range(NEW_TOKENS):
+            if restack_every_step:
+                executor.stacks.release()
+            batch = [BatchedStep(s, executor.decode_ids(s, t[:, i:i + 1]), None) for s, t in zip(sessions, fed)]
+            logits.append(torch.cat(executor.batched_step(batch)))
+            assert len({_storage(s) for s in sessions}) == 1, "every session's cache is a view of the stacked one"
+        return sessions, torch.stack(logits)
+
+    _, restacked = run(True)
+    before = executor.stacks.reused, executor.stacks.restacked
+    sessions, reused = run(False)
+    assert (executor.stacks.reused - before[0], executor.stacks.restacked - before[1]) == (NEW_TOKENS - 1, 1)
+    assert torch.equal(reused, restacked), "the reused stacked cache holds exactly what a restack copies"
+    # One leaves: it gets its own copy, and the next batch restacks without it.
+    batch = [BatchedStep(s, executor.decode_ids(s, t[:, :1]), None) for s, t in zip(sessions[:2], fed)]
+    executor.batched_step(batch)
+    left = sessions[2]
+    assert _storage(left) not in {_storage(s) for s in sessions[:2]}, "the departed session holds its own copy"
+    assert left.length == PROMPT_LENGTHS[2] + NEW_TOKENS and left.kv_bytes == left.count_kv_bytes()
+    # A paged-out member breaks the reuse too: it is paged back in and restacked.
+    executor.sessions.page_out(sessions[0])
+    executor.batched_step([BatchedStep(s, executor.decode_ids(s, t[:, 1:2]), None) for s, t in zip(sessions[:2], fed)])
+    assert not sessions[0].host and _storage(sessions[0]) == _storage(sessions[1])

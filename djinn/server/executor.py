@@ -21,7 +21,7 @@ import torch
 from djinn import kv, models
 from djinn.decoding import Padding, forward_last
 from djinn.errors import BadRequest, OutOfMemory
-from djinn.server.batching import BatchedStep, stacked_bytes, stacked_forward
+from djinn.server.batching import BatchedStep, StackedCache, stacked_bytes, stacked_forward
 from djinn.server.breakpoints import ParkedForward, check_layer, num_decoder_layers
 from djinn.server.device_budget import DeviceBudget
 from djinn.server.limits import checked_config, implied_tensors
@@ -43,6 +43,7 @@ class Executor:
         self.weights = weights
         self.sessions = sessions
         self._skeletons: dict[str, torch.nn.Module] = {}
+        self.stacks = StackedCache()  # the last batched step's KV, for the next step of the same batch
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -141,7 +142,7 @@ class Executor:
             raise ValueError("a batched step runs the sessions of one model")
         with self._forward_errors():
             return self.sessions.step_batch([step.session for step in steps], stacked_bytes(steps),
-                                            lambda: stacked_forward(model, steps))
+                                            lambda: stacked_forward(model, steps, self.stacks))
 
     def _graph_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor | None:
         """A step through the session's graph slot; None when a new session gets no slot."""

@@ -591,7 +591,8 @@ class Server:
             "cache": {"hits": counters.hits, "misses": counters.misses, "evictions": counters.evictions,
                       "uploaded_bytes": counters.uploaded_bytes},
             "paging": self.sessions.summary(),
-            "scheduler": self.scheduler.summary(),
+            "scheduler": {**self.scheduler.summary(), "stacks_reused": self.executor.stacks.reused,
+                          "stacks_restacked": self.executor.stacks.restacked},
             "latency": _latency_of(self.sessions.sessions[h] for h in self.sessions.owned_handles(peer)),
             "requests_served": self.requests_served,
         }, {})
