@@ -59,7 +59,8 @@ class Tenant:
         self.index = index
         self.log_path = log_dir / f"tenant-{index:02d}.log"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "CUDA_VISIBLE_DEVICES": ""}  # a tenant computes nothing: no CUDA context per process on the GPU
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.multitenant_worker", address, model],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,

@@ -7,7 +7,8 @@ the wire, and no process holds a copy of a 7B model), says `hello`, then serves 
 from its parent (`benchmarks.multitenant.Tenants`). Each command is prepared, answered
 with `ready`, and run when the parent sends `go`, so N tenants start together:
 - `generate`: greedy full_djinn decoding of a prompt; the client's per-step wall time and
-  the server's queue and compute time of every step, the tokens, and when it ran;
+  the server's queue and compute time of every step, the tokens, and when it ran (and, for
+  a solo reference, every step's logits saved to a safetensors file);
 - `teacher_forced`: the prompt, then the given tokens fed one by one, every step's logits
   saved to a safetensors file (tensors never travel through the JSON or a pickle);
 - `upload`: register and upload a seeded model of a catalogue shape (the "upload does
@@ -38,10 +39,14 @@ def say(reply: dict) -> None:
 def _generate(remote, command: dict):
     prompt = torch.tensor(command["prompt"], dtype=torch.long)
 
+    logits_out = command.get("logits_out")  # the solo reference: its logits too (lossless zstd on the wire)
+
     def run() -> dict:
         started = time.monotonic()
-        sequences = remote.generate(prompt, max_new_tokens=command["new_tokens"])
+        sequences = remote.generate(prompt, max_new_tokens=command["new_tokens"], return_logits=bool(logits_out))
         ended = time.monotonic()
+        if logits_out:
+            save_file({"logits": remote.last_logits.float().contiguous()}, logits_out)
         steps = remote.last_stats.steps
         return {"start": started, "end": ended, "tokens": sequences[:, prompt.shape[1]:].tolist(),
                 "wall_ms": [s.wall_ms for s in steps], "queue_ms": [s.queue_ms for s in steps],

@@ -28,7 +28,7 @@ def rounds(gain16: float, p99_growth: float, gain4: float = 3.0) -> list[Tenancy
 
 
 def test_scaling_within_the_gpu_goals_passes():
-    verdict = multitenant_criteria(rounds(12.0, 1.5), EXACT_ALL, None, on_gpu=True)
+    verdict = multitenant_criteria(rounds(12.0, 1.5), EXACT_ALL, [], on_gpu=True)
     assert verdict.passed, verdict.summary()
     assert verdict.check("throughput_N16_over_N1").outcome is Outcome.PASSED
     assert verdict.check("throughput_N4_over_N1").outcome is Outcome.SKIPPED, "the CPU's goal, not the GPU's"
@@ -37,34 +37,39 @@ def test_scaling_within_the_gpu_goals_passes():
 @pytest.mark.parametrize("gain16,growth,failing", [(5.0, 1.5, "throughput_N16_over_N1"),
                                                     (12.0, 3.0, "p99_per_token_N16_over_N1")])
 def test_too_little_gain_or_too_much_tail_fails_with_its_interval(gain16, growth, failing):
-    verdict = multitenant_criteria(rounds(gain16, growth), EXACT_ALL, None, on_gpu=True)
+    verdict = multitenant_criteria(rounds(gain16, growth), EXACT_ALL, [], on_gpu=True)
     assert [c.name for c in verdict.failures] == [failing]
     assert "whole interval" in verdict.failures[0].message
 
 
 def test_on_a_cpu_only_the_four_tenant_goal_is_judged():
-    verdict = multitenant_criteria(rounds(1.0, 9.0, gain4=1.2), EXACT_ALL, None, on_gpu=False)
+    verdict = multitenant_criteria(rounds(1.0, 9.0, gain4=1.2), EXACT_ALL, [], on_gpu=False)
     assert [c.name for c in verdict.failures] == ["throughput_N4_over_N1"]
     assert verdict.check("p99_per_token_N16_over_N1").outcome is Outcome.SKIPPED
 
 
 def test_a_silently_wrong_tenant_or_an_inexact_solo_run_fails():
-    wrong = multitenant_criteria(rounds(12, 1.5), {1: ["exact"], 4: ["equivalent", "silently_wrong"]}, None, True)
+    wrong = multitenant_criteria(rounds(12, 1.5), {1: ["exact"], 4: ["equivalent", "silently_wrong"]}, [], True)
     assert [c.name for c in wrong.failures] == ["tenants_equivalent_to_solo"] and "{4: [1]}" in wrong.failures[0].message
-    inexact = multitenant_criteria(rounds(12, 1.5), {1: ["equivalent"]}, None, True)
+    inexact = multitenant_criteria(rounds(12, 1.5), {1: ["equivalent"]}, [], True)
     assert [c.name for c in inexact.failures] == ["tenants_equivalent_to_solo"]
 
 
 def test_an_upload_that_stalls_decode_fails_on_a_gpu():
     rng = np.random.default_rng(1)
     solo = tuple(rng.normal(8, 0.2, 1000))
-    calm = UploadStall(solo, tuple(rng.normal(9, 0.2, 1000)))
-    stalled = UploadStall(solo, tuple(np.concatenate([rng.normal(9, 0.2, 900), np.full(100, 40.0)])))
-    assert multitenant_criteria(rounds(12, 1.5), EXACT_ALL, calm, True).passed
-    verdict = multitenant_criteria(rounds(12, 1.5), EXACT_ALL, stalled, True)
-    assert [c.name for c in verdict.failures] == ["upload_stall_p99"]
-    assert multitenant_criteria(rounds(12, 1.5), EXACT_ALL, stalled, False).check(
-        "upload_stall_p99").outcome is Outcome.SKIPPED
+    small, large = 4 << 20, 32 << 20
+    calm = UploadStall(small, solo, tuple(rng.normal(9, 0.2, 1000)))
+    stalled = UploadStall(small, solo, tuple(np.concatenate([rng.normal(9, 0.2, 900), np.full(100, 40.0)])))
+    assert multitenant_criteria(rounds(12, 1.5), EXACT_ALL, [calm], True).passed
+    verdict = multitenant_criteria(rounds(12, 1.5), EXACT_ALL, [stalled], True)
+    assert [c.name for c in verdict.failures] == ["upload_stall_p99_chunk4MiB"]
+    assert multitenant_criteria(rounds(12, 1.5), EXACT_ALL, [stalled], False).check(
+        "upload_stall_p99_chunk4MiB").outcome is Outcome.SKIPPED
+    oversized = UploadStall(large, stalled.solo_step_ms, stalled.during_upload_ms)
+    reported = multitenant_criteria(rounds(12, 1.5), EXACT_ALL, [calm, oversized], True)
+    assert reported.passed and reported.check("upload_stall_p99_chunk32MiB").outcome is Outcome.SKIPPED, \
+        "a message larger than the judged size is reported beside the verdict"
 
 
 def test_percentile_ratio_brackets_the_ratio_of_tails():

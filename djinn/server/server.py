@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import secrets
@@ -402,18 +403,22 @@ class Server:
     def receive(self, timeout_ms: float, limit: int) -> list[Queued]:
         """Every request that has arrived, up to `limit`, after waiting up to `timeout_ms` for the first;
         those refused before they ran are answered here."""
+        # Whole milliseconds, rounded up: a sub-millisecond wait (the batch's stragglers) must block,
+        # not spin on the cores the clients need to send their next step.
         if len(self.sockets) == 1:  # the receive waits itself: no poll call per request
-            ready, wait_ms = self.sockets, int(timeout_ms)
+            ready, wait_ms = self.sockets, math.ceil(timeout_ms)
         else:
-            polled = dict(self._poller.poll(timeout_ms))
+            polled = dict(self._poller.poll(math.ceil(timeout_ms)))
             ready, wait_ms = [s for s in self.sockets if s.zmq_socket in polled], 0
         arrived: list[Queued] = []
+        received = 0  # refused ones count too: a flood of them must not hold the turn
         for sock in ready:
-            while len(arrived) < limit:
+            while received < limit:
                 incoming = sock.receive(wait_ms)
                 wait_ms = 0
                 if incoming is None:
                     break
+                received += 1
                 if incoming.error is not None:
                     self._rejections.warn(incoming.error)
                     sock.reply_error(incoming.peer, incoming.request_id, incoming.error)
