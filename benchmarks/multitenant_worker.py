@@ -18,6 +18,7 @@ Replies are lines that start with MARK; anything else a library prints is not on
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -67,6 +68,7 @@ def _teacher_forced(remote, command: dict):
 
 
 def _upload(client, command: dict):
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # seeding GBs of weights, before `ready`
     model = models.build(command["model"], seed=command.get("seed", 1), dtype=DTYPES[command["dtype"]],
                          num_layers=command.get("num_layers"))
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
