@@ -95,3 +95,19 @@ def unpaired_ratio(numerator: Sequence[float], denominator: Sequence[float], *, 
     low, high = _interval(resampled, confidence)
     return RatioEstimate(float(np.median(a) / np.median(b)), low, high, min(len(a), len(b)), confidence,
                          paired=False)
+
+
+def percentile_ratio(numerator: Sequence[float], denominator: Sequence[float], q: float, *,
+                     confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = BOOTSTRAP_SEED) -> RatioEstimate:
+    """Ratio of the q-th percentiles of two independent samples (a tail latency against another's),
+    each resampled on its own; `ratio` is that of the samples' own percentiles."""
+    a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    if not len(a) or not len(b):
+        raise ValueError("a ratio needs samples on both sides")
+    rng = np.random.default_rng(seed)
+    resampled = (np.percentile(a[rng.integers(0, len(a), size=(resamples, len(a)))], q, axis=1)
+                 / np.percentile(b[rng.integers(0, len(b), size=(resamples, len(b)))], q, axis=1))
+    low, high = _interval(resampled, confidence)
+    return RatioEstimate(float(np.percentile(a, q) / np.percentile(b, q)), low, high, min(len(a), len(b)),
+                         confidence, paired=False)

@@ -13,7 +13,8 @@ Writes into DIR (default `reports/<json stem>/`):
 - any other group (ring buffer, exp3, transport, ...): the median time per benchmark,
   and the bandwidth per baseline where extra_info has one.
 - an exp3 resume or oversubscription JSON (`exp3/<stamp>-*.json`) instead: its figure,
-  redrawn by `benchmarks.exp3_figures`.
+  redrawn by `benchmarks.exp3_figures`; a multitenant JSON (`multitenant/<stamp>.json`): its
+  throughput and p99 against N (`benchmarks.report.multitenant`).
 
 The package: `formatting` (a benchmark entry, numbers, results.csv, figure helpers), `exp2_1`
 (figures 6a-6d, its table), `gap` (the seeds' table and figure), `generic` (every other group);
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from benchmarks.exp3_figures import plot_memory_virtualization, plot_resume_crossover
+from benchmarks.report.multitenant import plot_multitenant
 from benchmarks.report.exp2_1 import (_exp2_1_markdown, no_gpu_note, plot_exp2_1_bytes, plot_exp2_1_gpu,
                                       plot_exp2_1_latency, plot_exp2_1_split)
 from benchmarks.report.formatting import EXP2_1, GAP, Benchmark, _median_iqr, _slug, _write_csv, csv_rows, needs_log
@@ -38,10 +40,11 @@ from benchmarks.report.gap import GapRow, gap_markdown, plot_gap, write_gap_tabl
 from benchmarks.report.generic import _generic_markdown, plot_group_bandwidth, plot_group_times
 
 # What tests and the benchmarks use of the package, beside build_report and main.
-__all__ = ["Benchmark", "ReportPaths", "_median_iqr", "build_report", "exp3_figure", "load_benchmarks", "main",
+__all__ = ["Benchmark", "ReportPaths", "_median_iqr", "build_report", "own_json_figure", "load_benchmarks", "main",
            "needs_log", "no_gpu_note", "write_gap_table"]
-# exp3 writes its own JSON (not pytest-benchmark's); djinn-report redraws its figure from it.
-EXP3_FIGURES = {"exp3_resume": plot_resume_crossover, "exp3_oversubscription": plot_memory_virtualization}
+# exp3 and multitenant write their own JSON (not pytest-benchmark's); djinn-report redraws the figure from it.
+OWN_JSON_FIGURES = {"exp3_resume": plot_resume_crossover, "exp3_oversubscription": plot_memory_virtualization,
+                    "multitenant": plot_multitenant}
 
 
 @dataclass(frozen=True)
@@ -134,13 +137,13 @@ def build_report(json_path: Path | str, out_dir: Path | str | None = None) -> Re
     return ReportPaths(out_dir, results_csv, summary_md, tuple(figures), gap_csv, gap_md)
 
 
-def exp3_figure(json_path: Path, out_dir: Path | None) -> Path | None:
-    """An exp3 JSON's figure, redrawn; None when the file is not one of exp3's."""
+def own_json_figure(json_path: Path, out_dir: Path | None) -> Path | None:
+    """An exp3 or multitenant JSON's figure, redrawn; None when the file is not one of theirs."""
     try:
         data = json.loads(json_path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    plot = EXP3_FIGURES.get(data.get("experiment")) if isinstance(data, dict) else None
+    plot = OWN_JSON_FIGURES.get(data.get("experiment")) if isinstance(data, dict) else None
     if plot is None:
         return None
     out_dir = out_dir if out_dir is not None else Path("reports") / json_path.stem
@@ -151,10 +154,11 @@ def exp3_figure(json_path: Path, out_dir: Path | None) -> Path | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="djinn-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("json_path", type=Path,
-                        help="a pytest-benchmark --benchmark-json file, or an exp3 resume/oversubscription JSON")
+                        help="a pytest-benchmark --benchmark-json file, or an exp3 resume/oversubscription or "
+                             "multitenant JSON")
     parser.add_argument("--out-dir", type=Path, default=None, help="default: reports/<json stem>/")
     args = parser.parse_args(argv)
-    if (figure := exp3_figure(args.json_path, args.out_dir)) is not None:
+    if (figure := own_json_figure(args.json_path, args.out_dir)) is not None:
         print(f"wrote:\n  {figure}")
         return 0
     try:

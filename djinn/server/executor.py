@@ -21,6 +21,7 @@ import torch
 from djinn import kv, models
 from djinn.decoding import Padding, forward_last
 from djinn.errors import BadRequest, OutOfMemory
+from djinn.server.batching import BatchedStep, StackedCache, stacked_bytes, stacked_forward
 from djinn.server.breakpoints import ParkedForward, check_layer, num_decoder_layers
 from djinn.server.device_budget import DeviceBudget
 from djinn.server.fast_decode import FAST_EAGER, HF_EAGER, SlotFailed
@@ -43,6 +44,7 @@ class Executor:
         self.weights = weights
         self.sessions = sessions
         self._skeletons: dict[str, torch.nn.Module] = {}
+        self.stacks = StackedCache()  # the last batched step's KV, for the next step of the same batch
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -134,6 +136,21 @@ class Executor:
         if fast is not None:
             fast.steps[HF_EAGER] += 1
         return logits
+
+    def decode_ids(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor:
+        """A decode step's token ids, checked against the session as its solo step checks them."""
+        return self._step_ids(session, ids)
+
+    def batched_step(self, steps: list[BatchedStep]) -> list[torch.Tensor]:
+        """The decode steps of several sessions of one model as one forward (`djinn.server.batching`);
+        each session's logits. A failure rolls every session back; an allocation failure is not
+        retried here (the server then steps the sessions one by one, with the store's retries)."""
+        model = steps[0].session.model.model
+        if any(step.session.model.model is not model for step in steps):
+            raise ValueError("a batched step runs the sessions of one model")
+        with self._forward_errors():
+            return self.sessions.step_batch([step.session for step in steps], stacked_bytes(steps),
+                                            lambda: stacked_forward(model, steps, self.stacks))
 
     def _fast_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor | None:
         """A step through the session's fast-path slot; None when the step decodes with HF instead."""

@@ -1,6 +1,8 @@
 """The Djinn server: one ROUTER socket, one request loop, one handler per op.
 
-Requests are served one at a time (the device is one queue anyway). A handler
+Each turn of the loop reads every request that has arrived and lets the scheduler
+(`djinn.server.scheduler`) pick what runs: the waiting decodes of several sessions as one
+batched forward, a chunk of a long prefill, then the other requests one at a time. A handler
 raises `DjinnError` for anything the client got wrong; the loop turns it into an
 error reply and serves the next request, so one client's bad request never touches
 another's session. Every reply carries the server's timings and the request's
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import secrets
@@ -28,12 +31,14 @@ from djinn.errors import BadRequest, DjinnError, LimitExceeded, TooLarge, quote
 from djinn.modes import DECODE_CHOICES, SHIPPED_WEIGHT_PREFIX
 from djinn.reproducibility import deterministic_kernels
 from djinn.sampling import Sampler
+from djinn.server.batching import BatchedStep, unbatched_reason
 from djinn.server.breakpoints import limit_parked, parked_room
 from djinn.server.device_budget import DeviceBudget
 from djinn.server.executor import Executor
 from djinn.server.fast_decode import FastPath
 from djinn.server.fault_injection import install_from_env
 from djinn.server.limits import ServerLimits, host_limits
+from djinn.server.scheduler import BatchPolicy, PrefillJob, Queued, Scheduler
 from djinn.server.session_store import Session, SessionStore
 from djinn.server.step_options import StepOptions, stateless_padding
 from djinn.server.weight_cache import TensorEntry, WeightCache
@@ -49,6 +54,7 @@ POLL_MS = 200  # how often the loop wakes to expire sessions and check for shutd
 MAX_LOGGED_CHARS = 500  # of a failed request's error, in the log
 FINGERPRINT = re.compile(r"[0-9a-f]{32}")  # models.fingerprint: a 16-byte blake2b, hex
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+STEP_OPS = ("prefill", "decode")  # the ops whose queue and compute time each session keeps
 
 
 def _path(value: str | None) -> Path | None:
@@ -127,6 +133,16 @@ class ServerConfig:
                                          "bit; the default decode attention kernel of a GPU does not")
     malloc_tuning: bool = _option(True, "keep glibc's default allocator settings (large receives then page-fault "
                                         "fresh buffers: ~5x slower on a VM)", flag="--no-malloc-tuning")
+    # Continuous batching (djinn.server.scheduler): 32 sessions is the multitenant experiment's largest N.
+    max_batch: int = _option(32, "sessions whose decode steps run as one batched forward, at most")
+    # A chunk of 512 prompt tokens costs a few decode steps of a 7B model, so a long prompt
+    # delays the sessions decoding beside it by about that much per turn instead of all at once.
+    step_token_budget: int = _option(512, "tokens one turn of the loop feeds the model, at most: a batch's decode "
+                                          "tokens plus a chunk of a long prefill")
+    # Long enough for a client process to read its reply and send its next step on a loaded
+    # host; a batch waits only for the peers of the last one, and only until they are back.
+    batch_wait_ms: float = _option(2.0, "how long a turn waits for the clients of the last batch to send their "
+                                        "next step before it plans the next batch, in ms")
     log_level: str = _option("INFO", "log level", choices=LOG_LEVELS)
     # Not options: set by code that builds a server in-process.
     auth_token: str | None = None  # the token itself (the CLI reads it from auth_token_file)
@@ -240,6 +256,28 @@ def _registered_tensors(message: Message, limits: Limits) -> list[TensorEntry]:
     return parsed
 
 
+@dataclass(frozen=True)
+class _Step:
+    """A prefill or decode as `_begin_step` checked it."""
+    session: Session
+    options: StepOptions
+    ids: object  # the request's input_ids (the executor checks them)
+    padding: Padding | None
+    starts: bool
+
+
+def _latency_of(sessions) -> dict:
+    """The queue and compute time of a client's open sessions' steps, summed."""
+    steps = batched = 0
+    queue_ms = compute_ms = 0.0
+    for session in sessions:
+        steps += session.latency.steps
+        batched += session.latency.batched_steps
+        queue_ms += session.latency.queue_ms
+        compute_ms += session.latency.compute_ms
+    return {"steps": steps, "batched_steps": batched, "queue_ms": queue_ms, "compute_ms": compute_ms}
+
+
 class _RejectionLog:
     """Warnings for requests refused before they ran, at most `per_second` a second: anyone
     who reaches the port chooses how many there are (105 MB of log in 0.68 s had been one
@@ -266,6 +304,7 @@ class _RejectionLog:
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
+        policy = BatchPolicy(config.max_batch, config.step_token_budget, config.batch_wait_ms)  # before any socket
         self.device = resolve_device(config.device)
         auth_token = config.auth_token
         if auth_token is None and config.auth_token_file is not None:
@@ -322,6 +361,7 @@ class Server:
         self.requests_served = 0
         self._stopping = False
         self._rejections = _RejectionLog()
+        self.scheduler = Scheduler(policy, self)
 
     @property
     def address(self) -> str:
@@ -353,42 +393,181 @@ class Server:
             self.weights.expire_uploads()
         except Exception:
             log.exception("expiring idle sessions and uploads failed")
-        if len(self.sockets) == 1:  # the receive waits itself: no poll call per request
-            ready, wait_ms = self.sockets, timeout_ms
-        else:
-            polled = dict(self._poller.poll(timeout_ms))
-            ready, wait_ms = [s for s in self.sockets if s.zmq_socket in polled], 0
-        for sock in ready:
-            incoming = sock.receive(wait_ms)
-            if incoming is not None:
-                self._handle(sock, incoming)
+        try:
+            self.scheduler.iterate(timeout_ms)
+        except Exception as exc:  # a scheduler bug: what it held is answered, the loop goes on
+            log.exception("a turn of the scheduler failed")
+            for job in self.scheduler.prefills:  # a prompt half in the cache would decode silently wrong
+                self.sessions.rollback(job.session, 0)
+            for queued in self.scheduler.abandon():
+                self._failed(queued.sock, queued.incoming, exc)
 
-    def _handle(self, sock: ServerSocket, incoming: Incoming) -> None:
-        if incoming.error is not None:
-            self._rejections.warn(incoming.error)
-            sock.reply_error(incoming.peer, incoming.request_id, incoming.error)
+    # -- the scheduler's engine (djinn.server.scheduler.Engine) ---------------------------
+    def receive(self, timeout_ms: float, limit: int) -> list[Queued]:
+        """Every request that has arrived, up to `limit`, after waiting up to `timeout_ms` for the first;
+        those refused before they ran are answered here."""
+        # Whole milliseconds, rounded up: a sub-millisecond wait (the batch's stragglers) must block,
+        # not spin on the cores the clients need to send their next step.
+        if len(self.sockets) == 1:  # the receive waits itself: no poll call per request
+            ready, wait_ms = self.sockets, math.ceil(timeout_ms)
+        else:
+            polled = dict(self._poller.poll(math.ceil(timeout_ms)))
+            ready, wait_ms = [s for s in self.sockets if s.zmq_socket in polled], 0
+        arrived: list[Queued] = []
+        received = 0  # refused ones count too: a flood of them must not hold the turn
+        for sock in ready:
+            while received < limit:
+                incoming = sock.receive(wait_ms)
+                wait_ms = 0
+                if incoming is None:
+                    break
+                received += 1
+                if incoming.error is not None:
+                    self._rejections.warn(incoming.error)
+                    sock.reply_error(incoming.peer, incoming.request_id, incoming.error)
+                    continue
+                handle = incoming.message.args.get("session")
+                arrived.append(Queued(sock, incoming, handle if isinstance(handle, str) else None))
+        return arrived
+
+    def batchable(self, queued: Queued) -> tuple[Session, int] | None:
+        """The session and rows of a decode that may join a batch; None for anything else."""
+        if queued.op != "decode" or queued.handle is None:
+            return None
+        session = self.sessions.sessions.get(queued.handle)
+        if session is None or unbatched_reason(session) is not None:
+            return None
+        return session, session.batch
+
+    def prefill_tokens(self, queued: Queued) -> int | None:
+        """The tokens of a prefill that may run in chunks; None for anything else."""
+        ids = queued.incoming.message.tensors.get("input_ids")
+        session = self.sessions.sessions.get(queued.handle) if queued.handle is not None else None
+        if (queued.op != "prefill" or session is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2
+                or self.sessions.fast is not None and self.sessions.fast.wanted(session.decode)
+                or session.model.streamed):
+            return None  # a fast-path slot or the ring takes a prompt whole
+        return ids.numel()
+
+    def serve(self, queued: Queued) -> None:
+        self._handle(queued.sock, queued.incoming)
+
+    def decode_batch(self, batch: list[Queued]) -> None:
+        """The decodes of several sessions as one forward; each answered (or failed) on its own."""
+        started = time.perf_counter()
+        members: list[tuple[Queued, _Step, BatchedStep]] = []
+        for queued in batch:
+            try:
+                step = self._begin_step(queued.incoming.message)
+                ids = self.executor.decode_ids(step.session, step.ids)
+                members.append((queued, step, BatchedStep(step.session, ids, step.padding)))
+            except Exception as exc:
+                self._failed(queued.sock, queued.incoming, exc)
+        if len(members) < 2:  # alone after all: the solo step, bit for bit
+            for queued, _step, _member in members:
+                self._handle(queued.sock, queued.incoming)
             return
+        try:
+            logits = self.executor.batched_step([member for _queued, _step, member in members])
+            if TEST_STEP_SLEEP_S:
+                time.sleep(TEST_STEP_SLEEP_S)
+            self.executor.synchronize()
+        except Exception as exc:  # torch.OutOfMemoryError included
+            # Every session is as it was: each runs alone, with the store's retries and its own error.
+            log.log(logging.INFO if isinstance(exc, (DjinnError, torch.OutOfMemoryError)) else logging.ERROR,
+                    "a batch of %d sessions failed (%s): stepping them one by one", len(members),
+                    str(exc)[:MAX_LOGGED_CHARS])
+            for queued, _step, _member in members:
+                self._handle(queued.sock, queued.incoming)
+            return
+        finished = time.perf_counter()
+        for (queued, step, _member), rows in zip(members, logits):
+            try:
+                reply = self._finish_step(step, rows)
+            except Exception as exc:
+                self._failed(queued.sock, queued.incoming, exc)
+                continue
+            self._answer(queued.sock, queued.incoming, reply, started, finished, batch=len(members))
+
+    def begin_prefill(self, queued: Queued) -> PrefillJob | None:
+        """A long prefill, checked whole, to run in chunks; None when it failed (and was answered)."""
+        try:
+            step = self._begin_step(queued.incoming.message)
+            if not step.starts:
+                raise BadRequest(f"'prefill' on session {step.session.handle} holding {step.session.length} tokens")
+            cached = step.session.model
+            ids = self.executor.token_ids(step.ids, "input_ids", cached.vocab_size, 0, cached.max_positions)
+        except Exception as exc:
+            self._failed(queued.sock, queued.incoming, exc)
+            return None
+        return PrefillJob(queued, step.session, ids.shape[0], ids.shape[1], _Step(step.session, step.options, ids,
+                                                                                    step.padding, True))
+
+    def prefill_chunk(self, job: PrefillJob, tokens: int) -> bool:
+        """The next `tokens` of the prompt (each row); the reply once the last chunk ran."""
+        step: _Step = job.state
+        session, start = step.session, job.done_tokens
+        end = min(start + tokens, job.total_tokens)
+        padding = step.padding
+        chunk_padding = None if padding is None else Padding(padding.mask[:, :end], padding.positions[:, start:end])
+        began = time.perf_counter()
+        try:
+            if self.sessions.sessions.get(session.handle) is not session:
+                raise BadRequest(f"session {session.handle} was closed during its prefill")
+            logits = self.executor.session_step(session, step.ids[:, start:end], chunk_padding)
+            self.executor.synchronize()
+            job.compute_s += time.perf_counter() - began
+            job.done_tokens = end
+            if end < job.total_tokens:
+                return False
+            reply = self._finish_step(step, logits)
+        except Exception as exc:
+            self.sessions.rollback(session, 0)  # the chunks before it are undone: the session is empty again
+            self._failed(job.queued.sock, job.queued.incoming, exc)
+            return True
+        self._answer(job.queued.sock, job.queued.incoming, reply, job.started, job.started + job.compute_s, batch=1)
+        return True
+
+    # -- answering ------------------------------------------------------------------------
+    def _handle(self, sock: ServerSocket, incoming: Incoming) -> None:
         message = incoming.message
         started = time.perf_counter()
         try:
             reply = self.handlers[message.op](incoming)
             self.executor.synchronize()
-            finished = time.perf_counter()
-            timings = {"queue_ms": (started - incoming.received_at) * 1e3, "compute_ms": (finished - started) * 1e3,
-                       "request_payload_bytes": message.payload_bytes,
-                       "request_framing_bytes": message.framing_bytes}
+        except Exception as exc:
+            self._failed(sock, incoming, exc)
+            return
+        self._answer(sock, incoming, reply, started, time.perf_counter(), batch=1)
+
+    def _answer(self, sock: ServerSocket, incoming: Incoming, reply: Reply, started: float, finished: float,
+                batch: int) -> None:
+        """Send a reply with the server's timings; a step's are kept in its session's latency too."""
+        message = incoming.message
+        queue_ms, compute_ms = (started - incoming.received_at) * 1e3, (finished - started) * 1e3
+        timings = {"queue_ms": queue_ms, "compute_ms": compute_ms, "batch": batch,
+                   "request_payload_bytes": message.payload_bytes, "request_framing_bytes": message.framing_bytes}
+        try:
             sock.reply(incoming.peer, incoming.request_id, {**reply.args, "server": timings}, reply.tensors,
                        reply.policy)
-        except DjinnError as err:
-            log.info("%s failed: %s", message.op, str(err)[:MAX_LOGGED_CHARS])
-            sock.reply_error(incoming.peer, incoming.request_id, err)
+        except Exception as exc:
+            self._failed(sock, incoming, exc)
             return
-        except Exception as exc:  # a bug must not take the server down
-            log.exception("%s raised", message.op)
-            sock.reply_error(incoming.peer, incoming.request_id,
-                             DjinnError(f"{message.op} failed on the server: {type(exc).__name__} {quote(str(exc), 300)}"))
-            return
+        if message.op in STEP_OPS:
+            session = self.sessions.sessions.get(message.args.get("session"))
+            if session is not None:
+                session.latency.record(queue_ms, compute_ms, batch)
         self.requests_served += 1
+
+    def _failed(self, sock: ServerSocket, incoming: Incoming, exc: Exception) -> None:
+        op = incoming.message.op
+        if isinstance(exc, DjinnError):
+            log.info("%s failed: %s", op, str(exc)[:MAX_LOGGED_CHARS])
+            sock.reply_error(incoming.peer, incoming.request_id, exc)
+            return
+        log.exception("%s raised", op, exc_info=exc)  # a bug must not take the server down
+        sock.reply_error(incoming.peer, incoming.request_id,
+                         DjinnError(f"{op} failed on the server: {type(exc).__name__} {quote(str(exc), 300)}"))
 
     # -- ops -----------------------------------------------------------------------
     def hello(self, incoming: Incoming) -> Reply:
@@ -424,6 +603,9 @@ class Server:
                       "uploaded_bytes": counters.uploaded_bytes},
             "paging": self.sessions.summary(),
             "decode_paths": self.fast.summary(),
+            "scheduler": {**self.scheduler.summary(), "stacks_reused": self.executor.stacks.reused,
+                          "stacks_restacked": self.executor.stacks.restacked},
+            "latency": _latency_of(self.sessions.sessions[h] for h in self.sessions.owned_handles(peer)),
             "requests_served": self.requests_served,
         }, {})
 
@@ -477,7 +659,14 @@ class Server:
 
     def step(self, incoming: Incoming) -> Reply:
         """prefill and decode: the KV, padding and sampler stay in the session; the token (or logits) come back."""
-        message = incoming.message
+        step = self._begin_step(incoming.message)
+        logits = self.executor.session_step(step.session, step.ids, step.padding)
+        if TEST_STEP_SLEEP_S:
+            time.sleep(TEST_STEP_SLEEP_S)
+        return self._finish_step(step, logits)
+
+    def _begin_step(self, message: Message) -> "_Step":
+        """A step's session, options, ids and padding, checked; nothing about the session changes."""
         session = self.sessions.get(message.args.get("session"), _fingerprint(message))
         self.executor.not_parked(session)
         starts = message.op == "prefill"
@@ -493,14 +682,16 @@ class Server:
             padding = session.padding
             if padding is not None and isinstance(ids, torch.Tensor) and ids.dim() == 2:
                 padding = padding.next(ids.shape[1])  # other ids: the executor says what is wrong with them
-        logits = self.executor.session_step(session, ids, padding)
-        if TEST_STEP_SLEEP_S:
-            time.sleep(TEST_STEP_SLEEP_S)
-        if starts:
-            session.sampler = Sampler.build(session.model.model, options.sampling, ids, options.attention_mask,
+        return _Step(session, options, ids, padding, starts)
+
+    def _finish_step(self, step: "_Step", logits: torch.Tensor) -> Reply:
+        """After the step's forward: the session's sampler and padding move on; its reply."""
+        session, options = step.session, step.options
+        if step.starts:
+            session.sampler = Sampler.build(session.model.model, options.sampling, step.ids, options.attention_mask,
                                             self.device)
-        session.padding = padding
-        token, scores = self._sampler(session).pick(ids, logits)
+        session.padding = step.padding
+        token, scores = self._sampler(session).pick(step.ids, logits)
         return self._logits_reply(options, token, logits, scores,
                                   {"length": session.length, "io_wait_ms": session.last_io_wait_ms})
 

@@ -36,7 +36,7 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from transformers import DynamicCache
@@ -48,6 +48,7 @@ from djinn.sampling import Sampler
 from djinn.server.breakpoints import ParkedForward
 from djinn.server.device_budget import DeviceBudget
 from djinn.server.fast_decode import FastPath, FastSlot
+from djinn.server.step_latency import StepLatency
 from djinn.server.weight_cache import CachedModel
 from djinn.units import gib, human
 
@@ -125,6 +126,7 @@ class Session:
     # Set by the step that made them current (the server's, after its forward succeeded):
     padding: Padding | None = None  # a padded batch's mask and positions as of the last step
     sampler: Sampler | None = None  # picks each next token: HF's processors and the seeded generator
+    latency: StepLatency = field(default_factory=StepLatency)  # its steps' queue and compute time
 
     @property
     def length(self) -> int:
@@ -158,7 +160,8 @@ class Session:
         return {"state": self.state.value, "length": self.length, "kv_bytes": self.kv_bytes,
                 "host_bytes": self.host_bytes, "layers_paged": len(self.host),
                 "parked_layer": self.breakpoint.layer if self.breakpoint else None, "decode_path": self.path,
-                "last_io_wait_ms": self.last_io_wait_ms, "oom_retries": self.oom_retries, **self.paging.as_dict()}
+                "last_io_wait_ms": self.last_io_wait_ms, "oom_retries": self.oom_retries, **self.paging.as_dict(),
+                "latency": self.latency.as_dict()}
 
 
 class SessionStore:
@@ -218,7 +221,11 @@ class SessionStore:
 
     def owned_by(self, owner: bytes) -> int:
         """How many open sessions the peer holds."""
-        return len(self._by_owner.get(owner, set()) & self.sessions.keys())
+        return len(self.owned_handles(owner))
+
+    def owned_handles(self, owner: bytes) -> set[str]:
+        """The handles of the peer's open sessions."""
+        return self._by_owner.get(owner, set()) & self.sessions.keys()
 
     def get(self, handle: object, fingerprint: object, touch: bool = True) -> Session:
         """The session behind a handle; `touch` marks it used (for the TTL and the LRU order)."""
@@ -354,6 +361,53 @@ class SessionStore:
                     raise OutOfMemory(f"forward ran out of device memory with every session's KV paged out; "
                                       f"{self.budget.describe()}: {_first_line(exc)}") from None
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def step_batch(self, sessions: Sequence[Session], new_kv_bytes: int, run: Callable[[], T]) -> T:
+        """`run()`, one forward over several sessions (the scheduler's batched decode) adding
+        `new_kv_bytes` of KV in all, as one transaction: room for it and for every session's
+        paged-out layers (no session of the batch paged out to make it), their pages in, the
+        forward; on any failure every session back where it started, and idle.
+
+        An allocation failure is not retried here: after the rollback it propagates, and the
+        caller runs the sessions one by one through `step`, which retries each."""
+        starts = [(session, session.length) for session in sessions]
+        try:
+            self._admit_together(sessions, new_kv_bytes)
+            for session in sessions:
+                if session.cache is None:
+                    session.cache = kv.from_pairs([])
+                session.state = SessionState.RUNNING
+            with self.budget.measure():
+                result = run()
+        except BaseException as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                self._synchronize()
+            for session, start in starts:
+                self.rollback(session, start)
+                session.state = SessionState.IDLE
+            raise
+        for session in sessions:
+            session.state = SessionState.IDLE
+            session.recount()
+        return result
+
+    def _admit_together(self, sessions: Sequence[Session], new_bytes: int) -> None:
+        """`admit` for a batch: the shortfall of all of them at once, paged out of sessions outside it."""
+        started = time.perf_counter()
+        missing = sum(s.host_bytes for s in sessions)
+        over = self.budget.shortfall(missing + new_bytes)
+        if over > 0:
+            if not self.swap:
+                raise OutOfMemory(f"a batch of {len(sessions)} sessions needs {human(new_bytes + missing)} more: "
+                                  f"{self.budget.describe()}; KV swap is disabled")
+            freed = self.page_out_lru(over, keep=tuple(sessions))
+            if freed < over:
+                freed += self.budget.release_cached()
+            if freed < over:
+                raise OutOfMemory(f"a batch of {len(sessions)} sessions needs {human(new_bytes + missing)} more, "
+                                  f"more than paging out every other session frees: {self.budget.describe()}")
+        for session in sessions:
+            session.last_io_wait_ms = (self.page_in(session) - started) * 1e3
 
     def admit(self, session: Session, new_bytes: int, while_paging_in: Callable[[], None] | None = None,
               started: float | None = None) -> None:
@@ -543,15 +597,17 @@ class SessionStore:
                 self._time(session, "in", started)
         return ready_at
 
-    def page_out_lru(self, want_bytes: int, keep: Session | None) -> int:
+    def page_out_lru(self, want_bytes: int, keep: Session | tuple[Session, ...] | None) -> int:
         """Free `want_bytes` of device KV from the least recently used other sessions, to make room
-        for `keep` (whose own pages come back next); the bytes freed."""
+        for `keep` (one session, or a batch's; whose own pages come back next); the bytes freed."""
+        kept = keep if isinstance(keep, tuple) else (() if keep is None else (keep,))
+        credit = sum(s.host_bytes for s in kept)
         freed = 0
         for victim in sorted(self.sessions.values(), key=lambda s: s.last_used):
             if freed >= want_bytes:
                 break
-            if victim is not keep and (victim.kv_bytes or victim.decoder is not None):
-                freed += self.page_out(victim, want_bytes - freed, host_credit=keep.host_bytes if keep else 0)
+            if all(victim is not k for k in kept) and (victim.kv_bytes or victim.decoder is not None):
+                freed += self.page_out(victim, want_bytes - freed, host_credit=credit)
         return freed
 
     @staticmethod

@@ -1,0 +1,257 @@
+"""Iteration-level scheduling: which waiting requests the request loop serves in its next turn.
+
+Orca's idea (OSDI '22) as vLLM's scheduler runs it: the unit of scheduling is one model
+iteration, not one request. Each turn of the loop takes every request that has arrived,
+then runs
+  1. one batched decode step: the decodes waiting for distinct sessions of one model, at
+     most `max_batch` sessions and `step_token_budget` tokens (`djinn.server.batching`);
+     a session that must run alone (`batching.unbatched_reason`) is served as any other op;
+  2. one chunk of a long prefill, in the tokens the batch left of the budget, while other
+     sessions are decoding (alone, a prefill runs whole, bit for bit what it was);
+  3. other requests (uploads, registers, opens, solo steps, stats) in arrival order, for
+     as long as the decode step took (at least one): an upload is interleaved with the
+     steps, one chunk per turn, instead of holding every session until it is whole.
+Sessions join a batch with their next decode and leave it by not sending one: there is no
+membership to keep. Order is kept per client connection (a request waits while an earlier
+one of its peer does) and per session (one step of a session per turn).
+
+A batch of synchronous clients comes back staggered: each client reads its reply and sends
+its next step. The loop waits up to `batch_wait_ms` for the peers of the last batch before
+it plans, so that one straggler does not split the next batch in two.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol
+
+from djinn.server.session_store import Session
+from djinn.transport import Incoming
+
+# How many arrivals one turn reads from the sockets beyond its batch: bounds the memory a
+# burst can hold in the queue (the rest waits in libzmq's buffers and the peers' HWM).
+QUEUE_PER_BATCH_SLOT = 4
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """The scheduler's limits; the server's `ServerConfig` fields of the same names set them."""
+    max_batch: int
+    step_token_budget: int
+    batch_wait_ms: float
+
+    def __post_init__(self):
+        if self.max_batch < 1 or self.step_token_budget < 1 or self.batch_wait_ms < 0:
+            raise ValueError(f"batching needs max_batch >= 1, step_token_budget >= 1 and batch_wait_ms >= 0, "
+                             f"got {self.max_batch}, {self.step_token_budget}, {self.batch_wait_ms}")
+
+
+@dataclass(eq=False)  # compared by identity: the queue removes the very arrival it served
+class Queued:
+    """An arrival waiting for its turn: where to answer it and, for session ops, which session."""
+    sock: object  # the ServerSocket it came on (and is answered on)
+    incoming: Incoming
+    handle: str | None  # the 'session' argument, when it names one
+
+    @property
+    def peer(self) -> bytes:
+        return self.incoming.peer
+
+    @property
+    def op(self) -> str:
+        return self.incoming.message.op
+
+
+@dataclass
+class PrefillJob:
+    """A prefill that runs in chunks between batched steps; the server's `begin_prefill` builds it."""
+    queued: Queued
+    session: Session
+    rows: int
+    total_tokens: int  # per row
+    state: object  # the server's parsed step (options, ids, padding)
+    done_tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    compute_s: float = 0.0
+
+
+@dataclass
+class SchedulerCounters:
+    iterations: int = 0  # turns that ran anything
+    batches: int = 0  # batched forwards of two or more sessions
+    batched_sessions: int = 0  # session steps in them, summed
+    largest_batch: int = 0
+    solo_decodes: int = 0  # decodes that ran alone (one waiting, or `unbatched_reason`)
+    prefill_chunks: int = 0
+    chunked_prefills: int = 0
+    deferred: int = 0  # requests left for a later turn by the time slice or the limits
+    straggler_waits: int = 0
+    straggler_wait_ms: float = 0.0
+
+    def as_dict(self) -> dict:
+        mean = self.batched_sessions / self.batches if self.batches else None
+        return {**asdict(self), "mean_batch": mean}
+
+
+@dataclass(frozen=True)
+class Plan:
+    batch: list[Queued]  # decodes of distinct sessions of one model
+    batch_tokens: int
+    prefill: Queued | None  # a prefill to start in chunks
+    others: list[Queued]  # in arrival order
+
+
+class Engine(Protocol):
+    """What the scheduler asks of the server."""
+
+    def receive(self, timeout_ms: float, limit: int) -> list[Queued]: ...
+
+    def batchable(self, queued: Queued) -> tuple[Session, int] | None: ...  # (session, rows) of a batchable decode
+
+    def prefill_tokens(self, queued: Queued) -> int | None: ...  # a chunkable prefill's tokens, all rows
+
+    def serve(self, queued: Queued) -> None: ...
+
+    def decode_batch(self, batch: list[Queued]) -> None: ...
+
+    def begin_prefill(self, queued: Queued) -> PrefillJob | None: ...  # None: answered (an error)
+
+    def prefill_chunk(self, job: PrefillJob, tokens: int) -> bool: ...  # True: finished (answered)
+
+
+class Scheduler:
+    def __init__(self, policy: BatchPolicy, engine: Engine, clock: Callable[[], float] = time.perf_counter):
+        self.policy = policy
+        self.engine = engine
+        self.clock = clock
+        self.queue: list[Queued] = []
+        self.prefills: list[PrefillJob] = []  # in arrival order; the first one runs
+        self.counters = SchedulerCounters()
+        self._last_decoders: set[bytes] = set()  # peers whose decodes ran last turn
+
+    @property
+    def queue_limit(self) -> int:
+        return QUEUE_PER_BATCH_SLOT * self.policy.max_batch
+
+    def iterate(self, timeout_ms: float) -> None:
+        """One turn: read what arrived (waiting up to `timeout_ms` when there is nothing to do), then serve."""
+        idle = not self.queue and not self.prefills
+        self._read(timeout_ms if idle else 0)
+        self._wait_for_stragglers()
+        if not self.queue and not self.prefills:
+            self._last_decoders = set()
+            return
+        self.counters.iterations += 1
+        plan = self._plan()
+        batch, prefill, others = plan.batch, plan.prefill, plan.others
+        step_started = self.clock()
+        decoders = {q.peer for q in batch}
+        if len(batch) > 1:
+            self.counters.batches += 1
+            self.counters.batched_sessions += len(batch)
+            self.counters.largest_batch = max(self.counters.largest_batch, len(batch))
+            self.engine.decode_batch(batch)
+        elif batch:
+            self.counters.solo_decodes += 1
+            self.engine.serve(batch[0])
+        for queued in batch:
+            self.queue.remove(queued)
+        decoding = bool(batch) or bool(self._last_decoders)
+        if prefill is not None:
+            self.queue.remove(prefill)
+            job = self.engine.begin_prefill(prefill)
+            if job is not None:
+                self.prefills.append(job)
+                self.counters.chunked_prefills += 1
+        if self.prefills:
+            job = self.prefills[0]
+            room = self.policy.step_token_budget - plan.batch_tokens
+            tokens = max(1, room // job.rows) if decoding else job.total_tokens - job.done_tokens
+            self.counters.prefill_chunks += 1
+            if self.engine.prefill_chunk(job, tokens):
+                self.prefills.pop(0)
+        step_s = self.clock() - step_started
+        self._serve_others(others, step_s if (batch or self.prefills) else None)
+        self._last_decoders = decoders | {q.peer for q in others if q.op == "decode"}
+
+    def abandon(self) -> list[Queued]:
+        """Everything queued or in progress, dropped (after a failure of the scheduler itself) for the
+        caller to answer; a prefill in chunks leaves its session as it is, its next request fails."""
+        dropped = [*self.queue, *(job.queued for job in self.prefills)]
+        self.queue, self.prefills, self._last_decoders = [], [], set()
+        return dropped
+
+    def summary(self) -> dict:
+        return {**self.counters.as_dict(), "queued": len(self.queue), "prefills_in_progress": len(self.prefills),
+                **asdict(self.policy)}
+
+    # -- reading ----------------------------------------------------------------------
+    def _read(self, timeout_ms: float) -> None:
+        room = self.queue_limit - len(self.queue)
+        if room > 0:
+            self.queue.extend(self.engine.receive(timeout_ms, room))
+
+    def _wait_for_stragglers(self) -> None:
+        """Wait (up to `batch_wait_ms`) for the peers of the last batch to send their next request."""
+        if len(self._last_decoders) < 2 or not self.policy.batch_wait_ms:
+            return
+        started = self.clock()
+        deadline = started + self.policy.batch_wait_ms / 1e3
+        waited = False
+        while self._last_decoders - {q.peer for q in self.queue}:
+            left_ms = (deadline - self.clock()) * 1e3
+            if left_ms <= 0 or len(self.queue) >= self.queue_limit:
+                break
+            waited = True
+            self._read(left_ms)
+        if waited:
+            self.counters.straggler_waits += 1
+            self.counters.straggler_wait_ms += (self.clock() - started) * 1e3
+
+    # -- planning ---------------------------------------------------------------------
+    def _plan(self) -> "Plan":
+        """This turn's batch, the prefill to start in chunks (if any) and the other requests, in order."""
+        blocked = {job.queued.peer for job in self.prefills}  # peers with an earlier request not yet served
+        busy = {job.queued.handle for job in self.prefills}  # sessions with a step this turn (or in chunks)
+        batch: list[Queued] = []
+        others: list[Queued] = []
+        prefill = None
+        model, tokens = None, 0
+        decoding = bool(self._last_decoders) or any(q.op == "decode" for q in self.queue)
+        for queued in self.queue:
+            if queued.peer in blocked or (queued.handle is not None and queued.handle in busy):
+                blocked.add(queued.peer)
+                continue
+            found = self.engine.batchable(queued)
+            if found is not None:
+                session, rows = found
+                if model is None or (session.model is model and len(batch) < self.policy.max_batch
+                                     and tokens + rows <= self.policy.step_token_budget):
+                    model = session.model
+                    batch.append(queued)
+                    busy.add(queued.handle)
+                    tokens += rows
+                else:
+                    self.counters.deferred += 1
+                    blocked.add(queued.peer)
+                continue
+            if queued.handle is not None:
+                busy.add(queued.handle)
+            chunked = self.engine.prefill_tokens(queued) if decoding else None
+            if (prefill is None and not self.prefills and chunked is not None
+                    and chunked > self.policy.step_token_budget - tokens):
+                prefill = queued
+                blocked.add(queued.peer)  # its later requests wait for the whole prefill
+                continue
+            others.append(queued)
+        return Plan(batch, tokens, prefill, others)
+
+    def _serve_others(self, others: list[Queued], slice_s: float | None) -> None:
+        """`others` in order, for up to `slice_s` (at least one); all of them when None."""
+        started = self.clock()
+        for index, queued in enumerate(others):
+            if index and slice_s is not None and self.clock() - started >= slice_s:
+                self.counters.deferred += len(others) - index
+                return
+            self.queue.remove(queued)
+            self.engine.serve(queued)

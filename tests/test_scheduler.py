@@ -1,0 +1,185 @@
+"""The scheduler's policy (djinn.server.scheduler) against a scripted engine: what runs in each turn.
+
+No model and no sockets: the engine records what the scheduler asked of it and a fake clock
+stands for the time each piece of work takes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+from djinn.server.scheduler import BatchPolicy, PrefillJob, Queued, Scheduler
+
+MODEL_A, MODEL_B = object(), object()
+
+
+def request(peer: str, op: str, handle: str | None = None, tokens: int = 1) -> Queued:
+    message = SimpleNamespace(op=op, args={}, tensors={})
+    return Queued(None, SimpleNamespace(peer=peer.encode(), message=message), handle)
+
+
+@dataclass
+class ScriptedEngine:
+    """Sessions are handles mapped to (model, rows); prefills to their prompt tokens."""
+    sessions: dict = field(default_factory=dict)
+    prompts: dict = field(default_factory=dict)
+    arrivals: list = field(default_factory=list)
+    calls: list = field(default_factory=list)
+    now: float = 0.0
+    batch_s: float = 0.010  # what a batched step takes on the fake clock
+    other_s: float = 0.004  # what any other request takes
+
+    def clock(self) -> float:
+        return self.now
+
+    def receive(self, timeout_ms, limit):
+        taken, self.arrivals = self.arrivals[:limit], self.arrivals[limit:]
+        return taken
+
+    def batchable(self, queued):
+        if queued.op != "decode" or queued.handle not in self.sessions:
+            return None
+        model, rows = self.sessions[queued.handle]
+        return SimpleNamespace(model=model), rows
+
+    def prefill_tokens(self, queued):
+        return self.prompts.get(queued.handle) if queued.op == "prefill" else None
+
+    def serve(self, queued):
+        self.now += self.other_s
+        self.calls.append(("serve", queued.op, queued.handle))
+
+    def decode_batch(self, batch):
+        self.now += self.batch_s
+        self.calls.append(("batch", [q.handle for q in batch]))
+
+    def begin_prefill(self, queued):
+        return PrefillJob(queued, SimpleNamespace(batch=1), 1, self.prompts[queued.handle], None)
+
+    def prefill_chunk(self, job, tokens):
+        end = min(job.done_tokens + tokens, job.total_tokens)
+        self.calls.append(("chunk", job.queued.handle, end - job.done_tokens))
+        job.done_tokens = end
+        return end == job.total_tokens
+
+
+def scheduler(engine: ScriptedEngine, max_batch=8, budget=64, wait_ms=0.0) -> Scheduler:
+    return Scheduler(BatchPolicy(max_batch, budget, wait_ms), engine, clock=engine.clock)
+
+
+def test_waiting_decodes_of_distinct_sessions_run_as_one_batch():
+    engine = ScriptedEngine(sessions={h: (MODEL_A, 1) for h in "abc"})
+    engine.arrivals = [request("p1", "decode", "a"), request("p2", "decode", "b"), request("p3", "decode", "c")]
+    sched = scheduler(engine)
+    sched.iterate(0)
+    assert engine.calls == [("batch", ["a", "b", "c"])]
+    assert sched.counters.batches == 1 and sched.counters.largest_batch == 3 and not sched.queue
+
+
+def test_one_step_per_session_per_turn_and_a_peers_order_is_kept():
+    engine = ScriptedEngine(sessions={h: (MODEL_A, 1) for h in "ab"})
+    engine.arrivals = [request("p1", "decode", "a"), request("p1", "decode", "a"), request("p1", "session_stats", "a"),
+                       request("p2", "decode", "b")]
+    sched = scheduler(engine)
+    sched.iterate(0)
+    assert engine.calls == [("batch", ["a", "b"])], "a's second decode and its stats wait for the next turn"
+    sched.iterate(0)
+    assert engine.calls[1:] == [("serve", "decode", "a")]
+    sched.iterate(0)
+    assert engine.calls[2:] == [("serve", "session_stats", "a")]
+
+
+def test_the_batch_respects_max_batch_and_the_token_budget():
+    engine = ScriptedEngine(sessions={"a": (MODEL_A, 1), "b": (MODEL_A, 1), "c": (MODEL_A, 1), "wide": (MODEL_A, 6)})
+    engine.arrivals = [request("p1", "decode", "a"), request("p2", "decode", "b"), request("p3", "decode", "c")]
+    sched = scheduler(engine, max_batch=2)
+    sched.iterate(0)
+    assert engine.calls == [("batch", ["a", "b"])] and sched.counters.deferred == 1
+    sched.iterate(0)
+    assert engine.calls[1:] == [("serve", "decode", "c")], "the deferred one runs next turn (alone: a batch of one)"
+    engine.calls.clear()
+    engine.arrivals = [request("p1", "decode", "a"), request("p4", "decode", "wide"), request("p2", "decode", "b")]
+    sched = scheduler(engine, max_batch=8, budget=7)
+    sched.iterate(0)
+    assert engine.calls == [("batch", ["a", "wide"])], "b's token would pass the budget of 7"
+
+
+def test_a_batch_holds_one_model_and_the_other_models_decodes_come_next():
+    engine = ScriptedEngine(sessions={"a": (MODEL_A, 1), "x": (MODEL_B, 1), "b": (MODEL_A, 1), "y": (MODEL_B, 1)})
+    engine.arrivals = [request(p, "decode", h) for p, h in (("p1", "a"), ("p2", "x"), ("p3", "b"), ("p4", "y"))]
+    sched = scheduler(engine)
+    sched.iterate(0)
+    sched.iterate(0)
+    assert engine.calls == [("batch", ["a", "b"]), ("batch", ["x", "y"])]
+
+
+def test_other_requests_get_a_slice_as_long_as_the_step_and_the_rest_wait():
+    engine = ScriptedEngine(sessions={h: (MODEL_A, 1) for h in "ab"}, batch_s=0.010, other_s=0.004)
+    uploads = [request("up", "upload_weights") for _ in range(6)]
+    engine.arrivals = [request("p1", "decode", "a"), *uploads, request("p2", "decode", "b")]
+    sched = scheduler(engine)
+    sched.iterate(0)
+    served = [c for c in engine.calls if c[0] == "serve"]
+    assert engine.calls[0] == ("batch", ["a", "b"])
+    assert len(served) == 3, "4 ms uploads after a 10 ms step: three start within the step's time"
+    assert len(sched.queue) == 3 and sched.counters.deferred == 3
+    sched.iterate(0)  # no decode waits: the rest of the uploads run
+    assert not sched.queue
+
+
+def test_a_long_prefill_runs_in_chunks_beside_the_decoding_sessions():
+    engine = ScriptedEngine(sessions={h: (MODEL_A, 1) for h in "ab"}, prompts={"long": 100, "short": 10})
+    engine.arrivals = [request("p1", "decode", "a"), request("p2", "decode", "b"), request("p3", "prefill", "long"),
+                       request("p3", "decode", "long")]
+    sched = scheduler(engine, budget=34)
+    sched.iterate(0)
+    assert engine.calls == [("batch", ["a", "b"]), ("chunk", "long", 32)], "the budget less the batch's 2 tokens"
+    for _ in range(3):
+        engine.arrivals = [request("p1", "decode", "a"), request("p2", "decode", "b")]
+        sched.iterate(0)
+    chunks = [c[2] for c in engine.calls if c[0] == "chunk"]
+    assert chunks == [32, 32, 32, 4] and sum(chunks) == 100
+    assert ("serve", "decode", "long") not in engine.calls, "its decode waited for the whole prefill"
+    sched.iterate(0)
+    assert engine.calls[-1] == ("serve", "decode", "long")
+
+
+def test_a_prefill_with_nobody_decoding_runs_whole():
+    engine = ScriptedEngine(prompts={"long": 100})
+    engine.arrivals = [request("p3", "prefill", "long")]
+    sched = scheduler(engine, budget=16)
+    sched.iterate(0)
+    assert engine.calls == [("serve", "prefill", "long")]
+
+
+def test_the_turn_waits_for_the_last_batchs_stragglers_only_up_to_batch_wait_ms():
+    engine = ScriptedEngine(sessions={h: (MODEL_A, 1) for h in "ab"})
+    engine.arrivals = [request("p1", "decode", "a"), request("p2", "decode", "b")]
+    sched = scheduler(engine, wait_ms=5.0)
+    sched.iterate(0)
+    late = request("p2", "decode", "b")
+    reads = []
+
+    def receive(timeout_ms, limit):  # p1 is back at once, p2 on the second read
+        reads.append(timeout_ms)
+        engine.now += 0.001
+        return [request("p1", "decode", "a")] if len(reads) == 1 else [late] if len(reads) == 2 else []
+    engine.receive = receive
+    sched.iterate(0)
+    assert engine.calls[-1] == ("batch", ["a", "b"]) and sched.counters.straggler_waits == 1
+    engine.calls.clear()
+    before = engine.now
+    sched.iterate(0)  # now nobody comes back: the wait gives up after 5 ms of the fake clock
+    assert 0.005 <= engine.now - before <= 0.007 and not engine.calls
+    engine.now += 1.0
+    before = engine.now
+    sched.iterate(0)  # nothing ran last turn: nobody is waited for
+    assert engine.now - before <= 0.001
+
+
+@pytest.mark.parametrize("args", [(0, 64, 0.0), (4, 0, 0.0), (4, 64, -1.0)])
+def test_bad_limits_are_refused(args):
+    with pytest.raises(ValueError, match="batching needs"):
+        BatchPolicy(*args)
