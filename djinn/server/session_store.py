@@ -431,7 +431,7 @@ class SessionStore:
         a layer left resident keeps its slot tensor until its next step replaces it. Without room for
         a copy the views are taken too: the session keeps its KV either way."""
         slot = session.decoder
-        views = slot.pairs(copy=False)
+        views = slot.pairs()
         pairs = None
         if copy:
             try:
