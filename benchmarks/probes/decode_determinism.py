@@ -121,10 +121,16 @@ def _spawn(name: str, workspace: str | None, deterministic: bool, backends: tupl
         env[CUBLAS_VARIABLE] = workspace
     argv = [sys.executable, "-m", "benchmarks.probes.decode_determinism", "--child", name,
             "--backends", ",".join(backends), "--runs", str(runs)]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
-    if done.returncode != 0:
-        raise SystemExit(f"the {name} process failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        error = f"the {name} process ran past {CHILD_TIMEOUT_S} s"
+    else:
+        if done.returncode == 0:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        error = f"the {name} process failed (exit {done.returncode}): {done.stderr[-1500:]}"
+    print(error, file=sys.stderr, flush=True)  # recorded for each backend; the other settings still run
+    return [{"attention": backend, "error": error} for backend in backends]
 
 
 def combine(name: str, workspace: str | None, deterministic: bool, first: list[dict],
