@@ -24,6 +24,14 @@ def from_pairs(pairs: KVPairs) -> DynamicCache:
     return cache
 
 
+def wrap(pairs: KVPairs) -> DynamicCache:
+    """A cache holding exactly these tensors, uncopied (`from_pairs` copies them in)."""
+    cache = from_pairs([(torch.empty_like(k, device="meta"), torch.empty_like(v, device="meta")) for k, v in pairs])
+    for index, (keys, values) in enumerate(pairs):
+        set_layer(cache, index, keys, values)
+    return cache
+
+
 def nbytes(pairs: KVPairs) -> int:
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in pairs)
 

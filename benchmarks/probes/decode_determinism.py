@@ -121,10 +121,16 @@ def _spawn(name: str, workspace: str | None, deterministic: bool, backends: tupl
         env[CUBLAS_VARIABLE] = workspace
     argv = [sys.executable, "-m", "benchmarks.probes.decode_determinism", "--child", name,
             "--backends", ",".join(backends), "--runs", str(runs)]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
-    if done.returncode != 0:
-        raise SystemExit(f"the {name} process failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        error = f"the {name} process ran past {CHILD_TIMEOUT_S} s"
+    else:
+        if done.returncode == 0:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        error = f"the {name} process failed (exit {done.returncode}): {done.stderr[-1500:]}"
+    print(error, file=sys.stderr, flush=True)  # recorded for each backend; the other settings still run
+    return [{"attention": backend, "error": error} for backend in backends]
 
 
 def combine(name: str, workspace: str | None, deterministic: bool, first: list[dict],
@@ -183,6 +189,17 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("decode_determinism needs a CUDA device: this torch sees none")
     results: list[ConfigResult] = []
+
+    def write() -> str:
+        report = {"probe": "decode_determinism", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                  "model": MODEL, "dtype": "float16", "prompt_tokens": 72, "new_tokens": NEW_TOKENS, "batch": 1,
+                  "results": [asdict(r) for r in results], "recommended": recommend(results)}
+        text = json.dumps(report, indent=1)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        return text
+
     for name in args.settings.split(","):
         workspace, det = settings[name]
         started = time.perf_counter()
@@ -194,14 +211,8 @@ def main() -> None:
             print(f"  {r.attention:14s} {r.ms_per_token_median or float('nan'):7.2f} ms/token  repeats "
                   f"{r.repeats_in_process}  across processes {r.same_across_processes}"
                   f"{'  ' + r.error if r.error else ''}", file=sys.stderr, flush=True)
-    report = {"probe": "decode_determinism", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "model": MODEL, "dtype": "float16", "prompt_tokens": 72, "new_tokens": NEW_TOKENS, "batch": 1,
-              "results": [asdict(r) for r in results], "recommended": recommend(results)}
-    text = json.dumps(report, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+        write()  # after each setting: a run cut short by a time limit keeps what it measured
+    print(write())
 
 
 if __name__ == "__main__":

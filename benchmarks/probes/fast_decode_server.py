@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -149,6 +150,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("fast_decode_server needs a CUDA device: this torch sees none")
+    # Killed by a time limit (`timeout`): stop the servers and write what was measured so far.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("fast_decode_server: terminated, partial results written"))
     names = args.models.split(",")
     prompt = torch.tensor([json.loads(PROMPT_FILE.read_text())["token_ids"]])
     random_prompt = torch.randint(0, models.CATALOGUE[names[0]].config().vocab_size, prompt.shape,

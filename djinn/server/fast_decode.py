@@ -283,11 +283,10 @@ class FastSlot:
             self._graph_out = _decode_step(self.model, self.caches, self.ids, self.position)
         self._graph = graph
 
-    def pairs(self, copy: bool) -> kv.KVPairs:
-        """The slot's tokens as ordinary KV pairs: copies, or views of the static caches."""
-        views = [(self.caches[2 * i][:, :, :self.length], self.caches[2 * i + 1][:, :, :self.length])
-                 for i in range(len(self.model.layers))]
-        return [(k.clone(), v.clone()) for k, v in views] if copy else views
+    def pairs(self) -> kv.KVPairs:
+        """The slot's tokens as ordinary KV pairs: views of the static caches."""
+        return [(self.caches[2 * i][:, :, :self.length], self.caches[2 * i + 1][:, :, :self.length])
+                for i in range(len(self.model.layers))]
 
     @torch.no_grad()
     def load(self, pairs: kv.KVPairs) -> None:

@@ -476,25 +476,28 @@ class SessionStore:
         self.rollback(session, bp.start_length)
         session.state = SessionState.IDLE
 
-    def leave_fast_path(self, session: Session) -> None:
-        """The session's KV out of its slot into ordinary pairs (a copy), and the slot back: before
-        a breakpoint, past the slot's length, or after its graph failed."""
-        slot, session.decoder = session.decoder, None
-        session.cache = kv.from_pairs(slot.pairs(copy=True)) if slot.length else None
-        self.fast.release(slot)
-        session.recount()
+    def leave_fast_path(self, session: Session, *, copy: bool = True) -> None:
+        """The session's KV out of its slot into an ordinary cache: before a breakpoint, past the slot's
+        length, after its graph failed (a copy, and the slot goes back), or before a page-out (`copy`
+        False: views of the slot's tokens, which the page-out moves to host layer by layer).
 
-    def _page_from_slot(self, session: Session) -> None:
-        """Before a fast-path session's page-out: its cache becomes views of the slot's tokens, which the
-        page-out moves to host layer by layer, and the slot is dropped, so no other session writes
-        into the views; a layer left resident keeps its slot tensor until its next step copies it."""
-        slot, session.decoder = session.decoder, None
-        views = slot.pairs(copy=False)
-        session.cache = kv.from_pairs([(torch.empty_like(k, device="meta"), torch.empty_like(v, device="meta"))
-                                       for k, v in views])
-        for index, (k, v) in enumerate(views):
-            kv.set_layer(session.cache, index, k, v)
-        self.fast.drop(slot)
+        A slot whose tokens stay referenced as views is dropped, so no other session writes into them;
+        a layer left resident keeps its slot tensor until its next step replaces it. Without room for
+        a copy the views are taken too: the session keeps its KV either way."""
+        slot = session.decoder
+        views = slot.pairs()
+        pairs = None
+        if copy:
+            try:
+                pairs = [(k.clone(), v.clone()) for k, v in views]
+            except torch.OutOfMemoryError:
+                pairs = None
+        session.decoder = None
+        session.cache = kv.wrap(pairs or views) if slot.length else None
+        if pairs is None:
+            self.fast.drop(slot)
+        else:
+            self.fast.release(slot)
         session.recount()
 
     def rollback(self, session: Session, length: int) -> None:
@@ -524,7 +527,7 @@ class SessionStore:
         be exceeded by that much until A's pages are in.
         """
         if session.decoder is not None:
-            self._page_from_slot(session)
+            self.leave_fast_path(session, copy=False)
         freed = 0
         host_bytes = self.host_bytes - host_credit
         # The host's own limit, asked once per call (a read of /proc and the cgroup's files).
