@@ -48,10 +48,10 @@ class Pool:
 
 @pytest.fixture(scope="module")
 def static_pool(server_launcher):
-    # Started side by side, without the allocator re-exec (a second torch import each): on the loaded
-    # 2-core host a server takes ~30 s to come up otherwise.
-    with ThreadPoolExecutor(SERVERS) as threads:
-        started = list(threads.map(lambda _: server_launcher.start("pool", cpu_server(*SERVER_OPTIONS)), range(SERVERS)))
+    # Without the allocator re-exec (a second torch import each): on the loaded 2-core host a
+    # server takes ~30 s to come up otherwise. One after another: a server gets SIGTERM when the
+    # thread that started it ends (PR_SET_PDEATHSIG), so no pool of threads may start them.
+    started = [server_launcher.start("pool", cpu_server(*SERVER_OPTIONS)) for _ in range(SERVERS)]
     servers = {s.host_port: s for s in started}
     return Pool(list(servers), lambda address: servers[address].process.kill())
 
