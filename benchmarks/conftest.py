@@ -89,6 +89,22 @@ def pytest_addoption(parser):
     exp3.addoption("--djinn-exp3-budget-gb", "--exp3-budget-gb", type=float, default=None,
                    help="the oversubscription server's --vram-budget-gb, GiB (default on a GPU: the server's own, "
                         "what the device has free; on a CPU, the weights and 40%% of the sessions' KV)")
+    scale = parser.getgroup("djinn-scale", "Djinn: a pool of servers, one per GPU (-m scale)")
+    scale.addoption("--djinn-scale-servers", default="auto", metavar="N,N,...",
+                    help="pool sizes (default: 1,2,4 servers up to the GPUs, one GPU each; 1,2 on a CPU)")
+    scale.addoption("--djinn-scale-clients-per-server", type=int, default=2,
+                    help="client processes per server, each decoding one full_djinn session (default: 2, so "
+                         "that a server always has the next request queued)")
+    scale.addoption("--djinn-scale-pool", default="auto", choices=("auto", "static", "ray"),
+                    help="servers as Ray actors (ray), launched by the suite (static), or ray where it is "
+                         "installed (auto)")
+    scale.addoption("--djinn-scale-model", default="auto",
+                    help="auto (tiny-llama on CPU, llama-2-7b on a GPU), or a catalogue name or checkpoint path "
+                         "that every server loads (--model)")
+    scale.addoption("--djinn-scale-new-tokens", type=int, default=None,
+                    help="tokens each client decodes per round (default: 32 on a GPU, 8 on a CPU)")
+    scale.addoption("--djinn-scale-rounds", type=int, default=None,
+                    help="measured rounds per pool size (default: 5 on a GPU, 3 on a CPU)")
 
 
 def pytest_collection_modifyitems(config, items):
