@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import os
 import queue
 import time
 import traceback
@@ -165,10 +164,3 @@ def pool_sizes(requested: str, gpus: int) -> tuple[int, ...]:
     if gpus and sizes[-1] > gpus:
         raise ValueError(f"--djinn-scale-servers {requested}: one GPU per server, and this host has {gpus}")
     return sizes
-
-
-def gpu_ids(count: int, environ=os.environ) -> list[str]:
-    """The ids of the GPUs this process may use, for each server's CUDA_VISIBLE_DEVICES."""
-    visible = environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(count)]
-    return ids[:count]

@@ -27,7 +27,8 @@ from djinn.server.server import ServerConfig
 from benchmarks.goals.scale import ScalePoint, scale_criteria
 from benchmarks.launcher import ServerSpec
 from benchmarks.results import device_name
-from benchmarks.scale_workload import Workload, gpu_ids, pool_sizes, run_workload
+from benchmarks.gpu_workers import gpu_ids
+from benchmarks.scale_workload import Workload, pool_sizes, run_workload
 from benchmarks.threads import THREADS
 
 pytestmark = pytest.mark.scale
