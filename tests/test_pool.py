@@ -171,3 +171,14 @@ def test_one_replica_per_model_keeps_each_model_on_one_server(static_pool, tiny_
             assert client.connection.session_address(session.handle) == holder
         assert torch.equal(remote.generate(prompt, max_new_tokens=3), hf_greedy(tiny_model, prompt, 3)[0])
         assert [m["servers"] for m in client.stats()["models"]] == [[holder]]
+
+
+@pytest.mark.parametrize("mode", ["partially_aware", "semantic_blind"])
+def test_stateless_steps_go_round_the_servers(static_pool, tiny_model, make_prompt, hf_greedy, mode):
+    prompt = make_prompt(tiny_model, 5)
+    with djinn.connect(static_pool.target) as client:
+        served_before = [s["requests_served"] for s in client.stats()["servers"]]
+        out = client.load(tiny_model, mode=mode).generate(prompt, max_new_tokens=4)
+        served = [s["requests_served"] - b for s, b in zip(client.stats()["servers"], served_before)]
+        assert torch.equal(out, hf_greedy(tiny_model, prompt, 4)[0])
+        assert sum(1 for n in served if n > 1) >= 2  # the steps (KV in each request) were spread over servers
