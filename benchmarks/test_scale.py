@@ -97,9 +97,10 @@ def ray_cluster(scale):
         yield None
         return
     import ray
-    from djinn.pool.ray_pool import NAMESPACE
+    from djinn.pool.ray_pool import NAMESPACE, OBJECT_STORE_BYTES
     ray.init(address="local", num_gpus=scale.gpus, include_dashboard=False, namespace=NAMESPACE,
-             log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="djinn-ray-"))
+             log_to_driver=False, object_store_memory=OBJECT_STORE_BYTES,
+             _temp_dir=tempfile.mkdtemp(prefix="djinn-ray-"))
     yield ray
     ray.shutdown()
 

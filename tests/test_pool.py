@@ -59,10 +59,10 @@ def static_pool(server_launcher):
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray", reason="the Ray pool needs ray (pip install 'djinn[ray]')")
-    from djinn.pool.ray_pool import NAMESPACE
+    from djinn.pool.ray_pool import NAMESPACE, OBJECT_STORE_BYTES
     # A cluster of this test's own (address="local": never another helper's), small: 2 cores here.
     ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, namespace=NAMESPACE,
-             object_store_memory=80 << 20, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="djinn-ray-"))
+             object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="djinn-ray-"))
     yield ray
     ray.shutdown()
 

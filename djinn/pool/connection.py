@@ -37,8 +37,8 @@ SESSION_OPS = frozenset({"prefill", "decode", "run_to_layer", "resume", "cancel"
                          "close_session"})
 REPROBE_S = 2.0  # how often placement looks for lost servers again (each look costs a hello each)
 PROBE_TIMEOUT_S = 0.5  # a lost server's hello: a dead address costs a placement this much
-# stats figures that are not added up over the servers: each server's own, in `servers`
-PER_SERVER_STATS = ("memory", "paging", "cache")
+# `stats` figures added up over the servers (dicts key by key); each server's own are under "servers"
+ADDED_STATS = ("sessions", "sessions_expired", "sessions_open", "requests_served", "memory", "paging", "cache")
 
 
 @dataclass
@@ -284,8 +284,7 @@ class PoolConnection:
                 entry = models.setdefault(model["fingerprint"], {**model, "sessions": 0, "servers": []})
                 entry["sessions"] += model.get("sessions", 0)
                 entry["servers"].append(server["address"])
-        added = {k: _added([s[k] for s in per_server if k in s])
-                 for k in ("sessions", "sessions_expired", "sessions_open", "requests_served", *PER_SERVER_STATS)}
+        added = {k: _added([s[k] for s in per_server if k in s]) for k in ADDED_STATS}
         return _reply({**added, "models": list(models.values()), "servers": per_server,
                        "lost": [{"address": m.address, "error": str(m.lost)} for m in self.members.values()
                                 if not m.live]})

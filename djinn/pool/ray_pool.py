@@ -28,6 +28,7 @@ try:
 except ImportError as exc:  # the optional extra
     raise ImportError("a Ray pool of Djinn servers needs ray: pip install 'djinn[ray]'") from exc
 
+import djinn
 from djinn.server.process import READY_TIMEOUT_S, ServerProcess
 from djinn.server.server import ServerConfig
 
@@ -37,6 +38,9 @@ ADDRESS_WAIT_S = 1.0  # how long the directory waits for a restarting server bef
 STOP_TIMEOUT_S = 30.0
 POLL_S = 0.2  # how often `wait_for` asks again
 WILDCARD_HOSTS = ("0.0.0.0", "::", "*")
+# The pool never puts a tensor in Ray's object store (each server's ZeroMQ endpoint carries them):
+# a cluster started for it needs no more than this, above Ray's floor of 75 MiB.
+OBJECT_STORE_BYTES = 100 << 20
 
 
 class ServerSupervisor:
@@ -83,6 +87,14 @@ def _gpus_per_server(servers: int, gpus_per_server: float | None) -> float:
     return gpus_per_server
 
 
+def _runtime_env() -> dict:
+    """The actor imports this djinn, the driver's: a checkout run from its root (pytest's rootdir on
+    sys.path) is on no Ray worker's path otherwise."""
+    source = str(Path(djinn.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
 def ensure_ray() -> None:
     """Join the running Ray cluster (RAY_ADDRESS, else the local one) unless this process already has."""
     if not ray.is_initialized():
@@ -113,7 +125,7 @@ class RayPool:
         for index in range(servers):
             actor_name = f"{name}{ACTOR_SUFFIX}{index}"
             options = {"name": actor_name, "namespace": NAMESPACE, "num_gpus": gpus, "num_cpus": 0,
-                       "max_restarts": max_restarts, "max_task_retries": -1,
+                       "max_restarts": max_restarts, "max_task_retries": -1, "runtime_env": _runtime_env(),
                        **({"lifetime": "detached"} if detached else {})}
             actors.append(actor_class.options(**options).remote(argv, dict(env or {}), os.fspath(log_dir),
                                                                 actor_name))
