@@ -12,6 +12,7 @@ client's tokens the same at every size, sessions spread evenly. It writes
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from contextlib import contextmanager
@@ -49,11 +50,7 @@ def pytest_generate_tests(metafunc):
 
 
 def _ray_installed() -> bool:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("ray") is not None
 
 
 @dataclass(frozen=True)
