@@ -1,11 +1,12 @@
 """The benchmark suite's infrastructure: options, the server, the model, collectors, results.
 
-Benchmarks share one device and must run serially (`-n 0`); correctness tests in
-tests/ are the ones to run with `-n auto`.
+Benchmarks share one device and run serially (`-n 0`), or on a GPU host one GPU per xdist
+worker (`benchmarks/gpu_workers.py`); correctness tests in tests/ are the ones to run with `-n auto`.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from djinn.telemetry.pcie import cuda_unavailable_reason, measure_pcie_peak
 from djinn.telemetry.wire_capture import WireCapture, capture_available
 
 from benchmarks.collectors import NVML_INTERVAL_S, Collectors
+from benchmarks.gpu_workers import XDIST_GPUS_VARIABLE, gpu_ids, pin_worker, xdist_refusal
 from benchmarks.launcher import ServerSpec
 from benchmarks.ledger import Ledger
 from benchmarks.results import ResultsWriter
@@ -92,6 +94,22 @@ def pytest_addoption(parser):
     exp3.addoption("--djinn-exp3-budget-gb", "--exp3-budget-gb", type=float, default=None,
                    help="the oversubscription server's --vram-budget-gb, GiB (default on a GPU: the server's own, "
                         "what the device has free; on a CPU, the weights and 40%% of the sessions' KV)")
+    scale = parser.getgroup("djinn-scale", "Djinn: a pool of servers, one per GPU (-m scale)")
+    scale.addoption("--djinn-scale-servers", default="auto", metavar="N,N,...",
+                    help="pool sizes (default: 1,2,4 servers up to the GPUs, one GPU each; 1,2 on a CPU)")
+    scale.addoption("--djinn-scale-clients-per-server", type=int, default=2,
+                    help="client processes per server, each decoding one full_djinn session (default: 2, so "
+                         "that a server always has the next request queued)")
+    scale.addoption("--djinn-scale-pool", default="auto", choices=("auto", "static", "ray"),
+                    help="servers as Ray actors (ray), launched by the suite (static), or ray where it is "
+                         "installed (auto)")
+    scale.addoption("--djinn-scale-model", default="auto",
+                    help="auto (tiny-llama on CPU, llama-2-7b on a GPU), or a catalogue name or checkpoint path "
+                         "that every server loads (--model)")
+    scale.addoption("--djinn-scale-new-tokens", type=int, default=None,
+                    help="tokens each client decodes per round (default: 32 on a GPU, 8 on a CPU)")
+    scale.addoption("--djinn-scale-rounds", type=int, default=None,
+                    help="measured rounds per pool size (default: 5 on a GPU, 3 on a CPU)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -110,9 +128,14 @@ _WRITER = pytest.StashKey["ResultsWriter"]()
 
 
 def pytest_configure(config):
-    if getattr(config.option, "numprocesses", None) and any("benchmarks" in str(a) for a in config.args):
-        raise pytest.UsageError("the benchmarks share one device and must run serially: drop -n for benchmarks/ "
-                                "(run the correctness tests in tests/ with -n auto instead)")
+    workers = getattr(config.option, "numprocesses", None)
+    if workers and any("benchmarks" in str(a) for a in config.args):  # the controller: a GPU for each worker
+        gpus = gpu_ids(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        refusal = xdist_refusal(workers if isinstance(workers, int) else len(gpus) + 1, len(gpus))
+        if refusal:
+            raise pytest.UsageError(refusal)
+        os.environ[XDIST_GPUS_VARIABLE] = ",".join(gpus)  # the workers inherit it
+    pin_worker()  # a worker: its one GPU, before anything touches CUDA
     # djinn-compare tests timings on the per-round samples, which the JSON holds only when asked.
     if hasattr(config.option, "benchmark_save_data"):
         config.option.benchmark_save_data = True

@@ -34,6 +34,7 @@ class ServerSpec:
     disable_kv_swap: bool = False
     log_level: str = "INFO"
     extra: tuple[str, ...] = ()  # options a test adds (tests of the CLI itself)
+    env: tuple[tuple[str, str], ...] = ()  # variables of this server only (a pool's CUDA_VISIBLE_DEVICES)
 
 
 def cpu_server(*args: str) -> ServerSpec:
@@ -61,7 +62,7 @@ def server_argv(spec: ServerSpec) -> list[str]:
 
 def server_environment(spec: ServerSpec, threads: ThreadPlan, base: dict[str, str] | None = None) -> dict[str, str]:
     env = child_environment(os.environ if base is None else base, spec.deterministic)
-    return {**env, **threads.server_environment()}
+    return {**env, **threads.server_environment(), **dict(spec.env)}
 
 
 @dataclass

@@ -16,6 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from transformers import GenerationConfig
@@ -26,6 +27,7 @@ from djinn.decoding import Padding, forward_last, greedy
 from djinn.errors import ModelNotFound
 from djinn.models import config_dict
 from djinn.modes import DECODE_CHOICES, SHIPPED_WEIGHT_PREFIX, Mode, resolve
+from djinn.pool import PlacementPolicy, PoolConnection, directory_for
 from djinn.sampling import Sampler
 from djinn.transport import DEFAULT_TIMEOUT_S, ByteCounters, ClientConnection, Codec, OutgoingTensor, TensorKind
 from djinn.transport.security import ClientSecurity
@@ -48,19 +50,30 @@ def server_address(address: str | None = None) -> str:
     raise ValueError(f"no server address: pass one or set {SERVER_ENV}=host:port")
 
 
-def connect(address: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+def connect(address: str | Sequence[str] | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
             auth_token_file: str | Path | None = None, curve_server_key_file: str | Path | None = None,
-            curve_client_key_file: str | Path | None = None, hello_timeout_s: float = HELLO_TIMEOUT_S) -> "Client":
+            curve_client_key_file: str | Path | None = None, hello_timeout_s: float = HELLO_TIMEOUT_S,
+            placement: PlacementPolicy = PlacementPolicy()) -> "Client":
     """A client of the server at `address`, confirmed by a ZeroMQ handshake within
     `hello_timeout_s` and then a `hello`.
 
+    `address` may name a pool instead (`djinn.pool.directory`): a list of addresses, a string
+    of them separated by commas, or `ray:NAME`; the client is the same, its requests go to the
+    server holding their model or session, and `placement` says how many servers hold each
+    uploaded model (every one by default).
     `timeout_s` is each request's; a server that is not there (or refuses these
     credentials) fails here, fast, naming the address. CURVE (`--curve-secret-key-file`
     on the server) needs the server's public key file and this client's secret key file.
     """
     token = Path(auth_token_file).read_text().strip() if auth_token_file else None
     security = ClientSecurity.from_files(token, curve_server_key_file, curve_client_key_file)
-    connection = ClientConnection(server_address(address), timeout_s=timeout_s, auth_token=token, security=security)
+    address = address if address is not None and not isinstance(address, str) else server_address(address)
+    pool = directory_for(address)
+    if pool is not None:
+        connection = PoolConnection(pool, timeout_s=timeout_s, auth_token=token, security=security,
+                                    placement=placement)
+    else:
+        connection = ClientConnection(address, timeout_s=timeout_s, auth_token=token, security=security)
     try:
         connection.confirm(hello_timeout_s)
     except BaseException:
@@ -150,7 +163,7 @@ class ServedModel:
 
 
 class Client:
-    def __init__(self, connection: ClientConnection):
+    def __init__(self, connection: ClientConnection | PoolConnection):
         self.connection = connection
 
     @property

@@ -83,6 +83,13 @@ class ServerLost(DjinnError, ConnectionError):
     code = "server_lost"
 
 
+class SessionLost(ServerLost):
+    """A session of a pool whose server is gone (it exited, was killed, or restarted): its KV
+    cache went with it. The pool's other servers and their sessions go on; a new session is
+    placed on a live server."""
+    code = "session_lost"
+
+
 class ServerRestarted(DjinnError):
     """The server answering now is another process than the one this client connected to."""
     code = "server_restarted"
@@ -91,7 +98,7 @@ class ServerRestarted(DjinnError):
 _BY_CODE = {cls.code: cls for cls in (
     DjinnError, ProtocolError, BadHeader, UnsupportedVersion, UnknownOp, FrameMismatch,
     TooLarge, Unauthenticated, BadRequest, UnsupportedArgument, ModelNotFound, SessionNotFound,
-    UploadIncomplete, OutOfMemory, LimitExceeded, DjinnTimeout, ServerLost, ServerRestarted)}
+    UploadIncomplete, OutOfMemory, LimitExceeded, DjinnTimeout, ServerLost, SessionLost, ServerRestarted)}
 
 # What an error message may quote of a value a peer sent: enough to recognise it, never
 # enough to turn a 1 MB field into a 1 MB reply and log line.

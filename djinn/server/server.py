@@ -594,6 +594,8 @@ class Server:
         return Reply({
             "memory": memory,
             "sessions": self.sessions.owned_by(peer), "sessions_expired": self.sessions.expired,
+            # The server's own count, no handle: a pool places a new session on its least-loaded server.
+            "sessions_open": len(self.sessions.sessions),
             "models": [{"fingerprint": m.fingerprint, "bytes": m.weight_bytes, "complete": m.complete,
                         "sessions": m.users - (not m.complete), "streamed": m.streamed,
                         "device_bytes": m.device_bytes, "ring_bytes": m.ring_bytes, "stream": m.stream_stats(),

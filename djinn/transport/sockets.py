@@ -220,13 +220,13 @@ class ClientConnection:
 
     def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, auth_token: str | None = None,
                  limits: Limits = Limits(), policy: CodecPolicy = CodecPolicy(), context: zmq.Context | None = None,
-                 security: ClientSecurity | None = None):
+                 security: ClientSecurity | None = None, counters: ByteCounters | None = None):
         self.address = endpoint(address)
         self.timeout_s = timeout_s
         self.auth_token = auth_token
         self.limits = limits
         self.policy = policy
-        self.counters = ByteCounters()
+        self.counters = counters if counters is not None else ByteCounters()  # a pool's members share one
         self.server_instance: str | None = None  # from `hello`: which server process answered
         self._ids = itertools.count(1)
         self._failed: DjinnError | None = None  # the error that said the server stopped answering
