@@ -38,11 +38,15 @@ SOL_PACKET = 263
 PACKET_IGNORE_OUTGOING = 23  # frames this process sends are not read back (Linux >= 4.20)
 SO_TIMESTAMPNS = 35  # SO_TIMESTAMPNS_OLD: struct timespec in the control message
 SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
 PACKET_VNET_HDR = 15  # each frame read and written with its virtio_net_hdr
 VNET_HDR_BYTES = 10
 PR_SET_TIMERSLACK = 29
 PR_SET_PDEATHSIG = 1
 RCVBUF_BYTES = 64 << 20  # a burst of the link's queue while this process is descheduled
+# What this process's frames may hold in the tbf queue behind it (more than the link's queue
+# bytes, djinn.link.emulated.queue_bytes): past it, a send would fail and the frame be lost.
+SNDBUF_BYTES = 128 << 20
 MAX_FRAME = VNET_HDR_BYTES + 65535 + 18  # the header, veth's largest MTU, Ethernet and one VLAN tag
 _TIMESPEC = struct.Struct("ll")
 _CMSG_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
@@ -60,6 +64,7 @@ def _open(interface: str) -> socket.socket:
     sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF_BYTES)
+    sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SNDBUF_BYTES)
     sock.bind((interface, ETH_P_ALL))
     sock.setblocking(False)
     return sock

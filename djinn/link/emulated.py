@@ -7,11 +7,11 @@ binary: the GPU host has neither):
 * a veth pair: ``dl<token>c`` stays in this (the client's) namespace, ``dl<token>s`` is the
   server's; a /30 of 10.213.0.0/16 on the two ends and nowhere else (the client's end gets the
   connected route of that /30 only);
-* on each end's egress: tbf at the spec's rate (so each direction is shaped), and half the RTT of
-  delay on each direction:
-  - ``netem`` (the kernel's, a child of tbf) where the kernel has sch_netem;
-  - else the user-space delay line (`djinn.link.delay_line`) in a third namespace
-    ``...-wire`` between the two ends, which forwards every frame after half the RTT each way.
+* each direction shaped at the spec's rate by tbf, with half the RTT of delay:
+  - where the kernel has sch_netem: tbf on each end's egress and ``netem`` (its child) under it;
+  - else the user-space delay line (`djinn.link.delay_line`) in a third namespace ``...-wire``
+    between the two ends, which forwards every frame after half the RTT each way, and tbf on the
+    wire namespace's two egresses (after the delay line; see `_build`).
 * with ``gso=off`` in the spec, ``gso_max_segs`` 1 on every end: TCP hands the qdisc and the
   capture MTU-sized frames, as a NIC without offloads puts them on the wire. By default the stack
   sends 64 KiB super-frames, as to a NIC with TSO: tbf and netem count each of its segments'
@@ -311,19 +311,26 @@ class EmulatedLink:
             index = ipr.link_lookup(ifname=client_if)[0]
             ipr.addr("add", index=index, address=client_addr, prefixlen=net.prefixlen)
             ipr.link("set", index=index, state="up")
-            _shape(ipr, index, self.spec, use_netem)
+            if use_netem:
+                _shape(ipr, index, self.spec, with_netem=True)
         with NetNS(server_ns) as ns:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
             index = ns.link_lookup(ifname=server_if)[0]
             ns.addr("add", index=index, address=server_addr, prefixlen=net.prefixlen)
             ns.link("set", index=index, state="up")
-            _shape(ns, index, self.spec, use_netem)
+            if use_netem:
+                _shape(ns, index, self.spec, with_netem=True)
         self.ends = LinkEnds(server_ns, wire_ns, client_if, server_if, client_addr, server_addr,
                              "netem" if use_netem else "userspace")
         if wire_ns is not None:
             with NetNS(wire_ns) as ns:
                 for name in (f"dl{self._token}wc", f"dl{self._token}ws"):
-                    ns.link("set", index=ns.link_lookup(ifname=name)[0], state="up")
+                    index = ns.link_lookup(ifname=name)[0]
+                    ns.link("set", index=index, state="up")
+                    # The rate on the wire's own egress, after the delay line: a frame the line
+                    # has read is freed on the sender's side, so TCP's small-queue limit (about
+                    # 1 ms of its pacing rate may wait in qdiscs) never couples to the queue.
+                    _shape(ns, index, self.spec, with_netem=False)
             self._stack.callback(self._stop_delay_line)
             self._start_delay_line(wire_ns, self.spec)
         _wait_reachable(server_addr)
