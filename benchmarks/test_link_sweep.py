@@ -9,7 +9,8 @@ link's RTT is changed in place between points, so no weights are uploaded twice.
   RTT by ICMP echo. A decode step of full_djinn is one round trip, so it should grow by the RTT.
 - `test_blind_throughput[rtt=...]`: semantic_blind over the link, which ships the whole model
   every step, with the wire capture on the link's veth: the link's Ethernet bytes per second of
-  its steps against the shaped rate, and the capture's payload against the transport's counters.
+  the steps' transfer time (and of whole steps) against the shaped rate, and the capture's
+  payload against the transport's counters.
 - `test_link_verdict`: the goals (benchmarks.goals.link) on what this session measured; writes
   `link/<stamp>/sweep.json` and its figure (`benchmarks.report.link`) under --djinn-results.
 
@@ -160,17 +161,20 @@ def test_blind_throughput(sweep_rtt, sweep_link, sweep_server, sweep_client, ben
         benchmark.pedantic(run_once, rounds=plan.runs, warmup_rounds=0, iterations=1)
         per_byte, captured = 1.0, None
     counted = sum(s.bytes_sent + s.bytes_received for s in stats)
-    run_bps = tuple((s.bytes_sent + s.bytes_received) * per_byte * 8 / (sum(st.wall_ms for st in s.steps) / 1e3)
-                    for s in stats)
-    point = ThroughputPoint(sweep_rtt, sweep_link.spec.rate_bps, run_bps, counted, captured)
+    bits = [(s.bytes_sent + s.bytes_received) * per_byte * 8 for s in stats]
+    run_bps = tuple(b / (s.transfer_ms / 1e3) for b, s in zip(bits, stats))
+    step_bps = tuple(b / (s.total_ms / 1e3) for b, s in zip(bits, stats))
+    point = ThroughputPoint(sweep_rtt, sweep_link.spec.rate_bps, run_bps, step_bps, counted, captured)
     benchmark.extra_info.update({"link": sweep_link.describe(), "rtt_s": sweep_rtt, "model": bench_model.name,
                                  "runs": plan.runs, "new_tokens": plan.new_tokens, "run_wire_bps": list(run_bps),
+                                 "run_step_bps": list(step_bps),
                                  "wire_basis": "capture" if ok else f"transport payload (no capture: {reason})",
                                  "counted_bytes": counted, "captured_payload_bytes": captured,
                                  "rate_fraction_median": point.rate_fraction.median})
     ledger.record(LEDGER, ("throughput", sweep_rtt), point)
-    progress(f"rtt {format_time(sweep_rtt)}: semantic_blind at {statistics.median(run_bps) / 1e9:.3f} Gbit/s, "
-             f"{point.rate_fraction.median:.1%} of {sweep_link.spec.rate_bps / 1e9:g} Gbit/s; capture "
+    progress(f"rtt {format_time(sweep_rtt)}: semantic_blind's transfers at {statistics.median(run_bps) / 1e9:.3f} "
+             f"Gbit/s, {point.rate_fraction.median:.1%} of {sweep_link.spec.rate_bps / 1e9:g} Gbit/s (whole steps "
+             f"{statistics.median(step_bps) / 1e9:.3f}); capture "
              f"{captured} B vs counters {counted} B")
 
 

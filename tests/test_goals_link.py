@@ -18,7 +18,7 @@ def latency(rtt_s: float, grown_ms: float) -> LatencyPoint:
 
 def throughput(rtt_s: float, fraction: float, rate: int = ACCEPTANCE_RATE_BPS, captured: int | None = 10**8,
                counted: int = 10**8) -> ThroughputPoint:
-    return ThroughputPoint(rtt_s, rate, (rate * fraction,) * 3, counted, captured)
+    return ThroughputPoint(rtt_s, rate, (rate * fraction,) * 3, (rate * fraction * 0.8,) * 3, counted, captured)
 
 
 def outcomes(verdict) -> dict[str, set[Outcome]]:

@@ -6,8 +6,11 @@ At the acceptance link, 1 Gbit/s with a 1 ms round trip:
   its bootstrap interval: it fails only when the whole interval lies outside 0.8..1.2. The growth
   is judged at every swept RTT of at least `MIN_JUDGED_RTT_S`, whatever the rate: below it the
   host's own jitter is the same size as the RTT.
-- semantic_blind's throughput (Ethernet bytes the link carried per second of its steps) within
-  10% of the shaped rate: blind ships the whole model every step, so its steps are the rate's.
+- semantic_blind's throughput within 10% of the shaped rate: the Ethernet bytes the link carried
+  per second of the steps' transfer time (wall time neither queued nor computing on the server,
+  as the server reports it: the wire and (de)serialisation). Blind ships the whole model every
+  step, so its transfers run at the link's rate; the figure over whole steps (server compute
+  included) is reported beside it.
 - the capture on the link's veth agrees with the transport's counters within 2%.
 """
 from __future__ import annotations
@@ -45,7 +48,8 @@ class ThroughputPoint:
     """semantic_blind over the link at one RTT."""
     rtt_s: float
     rate_bps: int
-    run_wire_bps: tuple[float, ...]  # per run: Ethernet bits on the link / seconds of its steps
+    run_wire_bps: tuple[float, ...]  # per run: Ethernet bits on the link / seconds of its transfers
+    run_step_bps: tuple[float, ...]  # per run: the same bits / seconds of its whole steps
     counted_bytes: int  # the transport's framed bytes over the measured runs, both ways
     captured_payload_bytes: int | None  # the capture's unique TCP payload over the same runs (None: no capture)
 
@@ -73,7 +77,7 @@ def _throughput_checks(throughput: Mapping[float, ThroughputPoint]) -> list[Chec
     if point is None:
         return [skipped(name, f"semantic_blind did not run at {ACCEPTANCE_RTT_S * 1e3:g} ms RTT")]
     fraction = point.rate_fraction
-    message = (f"semantic_blind at {fraction.median:.1%} of the shaped {point.rate_bps / 1e9:g} Gbit/s "
+    message = (f"{name}: semantic_blind at {fraction.median:.1%} of the shaped {point.rate_bps / 1e9:g} Gbit/s "
                f"(IQR {fraction.q1:.1%}-{fraction.q3:.1%}, {fraction.n} runs), bound ±{THROUGHPUT_TOLERANCE:.0%}")
     if point.rate_bps != ACCEPTANCE_RATE_BPS:
         return [skipped(name, f"{message}: judged only at the acceptance rate, 1 Gbit/s", fraction.median)]
@@ -97,7 +101,7 @@ def _capture_checks(throughput: Mapping[float, ThroughputPoint]) -> list[Check]:
             checks.append(skipped(name, "no wire capture on the link (needs CAP_NET_RAW)"))
             continue
         checks.append(exact(name, off <= CAPTURE_AGREEMENT,
-                            f"capture {point.captured_payload_bytes} B vs counters {point.counted_bytes} B: "
+                            f"{name}: capture {point.captured_payload_bytes} B vs counters {point.counted_bytes} B: "
                             f"{off:.3%} apart (bound {CAPTURE_AGREEMENT:.0%})", off, CAPTURE_AGREEMENT))
     return checks or [skipped("capture_equals_counters", "semantic_blind did not run over the link")]
 
@@ -112,7 +116,7 @@ def link_report(latency: Mapping[float, LatencyPoint], throughput: Mapping[float
     """The sweep's figures as JSON: one row per RTT (medians and IQRs, in ms and bit/s)."""
     rows = []
     for rtt in sorted(set(latency) | set(throughput)):
-        row: dict = {"rtt_ms": rtt * 1e3}
+        row: dict = {"rtt_ms": round(rtt * 1e3, 6)}
         if (lat := latency.get(rtt)) is not None:
             for side in ("link", "loopback", "native"):
                 row.update(Spread.of(getattr(lat, f"{side}_step_ms")).as_dict(f"{side}_step", "ms"))
@@ -122,6 +126,7 @@ def link_report(latency: Mapping[float, LatencyPoint], throughput: Mapping[float
             row["growth_ms"] = statistics.median(lat.link_step_ms) - statistics.median(lat.loopback_step_ms)
         if (tp := throughput.get(rtt)) is not None:
             row.update(Spread.of(tp.run_wire_bps).as_dict("blind_wire", "bps"))
+            row.update(Spread.of(tp.run_step_bps).as_dict("blind_step", "bps"))
             row["rate_bps"] = tp.rate_bps
             row["blind_rate_fraction_median"] = tp.rate_fraction.median
             row["counted_bytes"] = tp.counted_bytes

@@ -3,7 +3,7 @@
 Left: per-token latency against the link's RTT: full_djinn over the link, full_djinn over
 loopback and native_pytorch (medians with IQR bars), and loopback + RTT, where a decode step that
 costs one round trip should lie. Right: semantic_blind's throughput over the link against the
-shaped rate. Drawn on `matplotlib.figure.Figure` (Agg), no pyplot.
+shaped rate, over the steps' transfer time and over whole steps. Drawn on `matplotlib.figure.Figure` (Agg), no pyplot.
 """
 from __future__ import annotations
 
@@ -42,7 +42,10 @@ def plot_link_sweep(data: dict, path: Path | str) -> Path:
         errors = [[m - p["blind_wire_bps_q1"] / 1e9 for m, p in zip(medians, blind)],
                   [p["blind_wire_bps_q3"] / 1e9 - m for m, p in zip(medians, blind)]]
         right.errorbar(x, medians, yerr=errors, color="#c44e52", marker="o", capsize=3,
-                       label="semantic_blind over the link")
+                       label="semantic_blind's transfers")
+        if all("blind_step_bps_median" in p for p in blind):
+            right.plot(x, [p["blind_step_bps_median"] / 1e9 for p in blind], color="#c44e52", marker="o",
+                       linestyle=":", label="semantic_blind's whole steps")
         rate = blind[0]["rate_bps"] / 1e9
         right.axhline(rate, color="black", linestyle="--", label=f"shaped rate {rate:g} Gbit/s")
         right.axhspan(rate * 0.9, rate * 1.1, color="black", alpha=0.07, label="±10%")

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
-import math
 import os
 import secrets
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -52,7 +52,7 @@ PREFIX = "djinn-link-"
 SUBNET = ipaddress.ip_network("10.213.0.0/16")  # private; one /30 per link
 # Held while an address is picked and assigned, so parallel links (other pytest workers) never
 # pick the same /30.
-ALLOCATION_LOCK = Path("/run/djinn-link.lock")
+ALLOCATION_LOCK = Path(tempfile.gettempdir()) / "djinn-link.lock"
 ETH_HLEN = 14
 MIN_FRAME = 64  # Ethernet's minimum frame: the most packets a queue of N bytes can hold
 # Linux's largest default receive window (net.ipv4.tcp_rmem[2], 6 MiB) with room for slow start's
@@ -295,7 +295,6 @@ class EmulatedLink:
         for name in filter(None, (server_ns, wire_ns)):
             netns.create(name)
             self._stack.callback(netns.remove, name)
-        ALLOCATION_LOCK.parent.mkdir(parents=True, exist_ok=True)
         with open(ALLOCATION_LOCK, "a") as lock, IPRoute() as ipr:
             fcntl.flock(lock, fcntl.LOCK_EX)
             net = _free_subnet(ipr)
