@@ -337,7 +337,8 @@ class EmulatedLink:
     @staticmethod
     def _change_netem(ipr, interface: str, spec: LinkSpec) -> None:
         index = ipr.link_lookup(ifname=interface)[0]
-        ipr.tc("change", "netem", index, handle="10:", parent="1:1", delay=_delay_us(spec),
+        # replace: creates or changes, so a netem that some tc call already changed cannot make it fail.
+        ipr.tc("replace", "netem", index, handle="10:", parent="1:1", delay=_delay_us(spec),
                limit=queue_bytes(spec) // MIN_FRAME)
 
     def _start_delay_line(self, wire_ns: str, spec: LinkSpec) -> None:
