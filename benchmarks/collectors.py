@@ -48,12 +48,13 @@ class RegionTelemetry:
 
 
 class Collectors:
-    def __init__(self, gpu_index: int | None, port: int | None):
+    def __init__(self, gpu_index: int | None, port: int | None, interface: str = "lo"):
         self.gpu_index = gpu_index
         self.port = port
+        self.interface = interface
         ok, reason = nvml_available(gpu_index or 0) if gpu_index is not None else (False, "the run is on the CPU")
         self.nvml_reason = None if ok else reason
-        ok, reason = capture_available() if port is not None else (False, "no server port to watch")
+        ok, reason = capture_available(interface) if port is not None else (False, "no server port to watch")
         self.wire_reason = None if ok else reason
 
     @contextmanager
@@ -62,7 +63,7 @@ class Collectors:
                                     wire_reason=self.wire_reason if watch_wire else "local baseline: no wire")
         with ExitStack() as stack:
             sampler = stack.enter_context(NvmlSampler(self.gpu_index, NVML_INTERVAL_S)) if not self.nvml_reason else None
-            capture = (stack.enter_context(WireCapture(self.port))
+            capture = (stack.enter_context(WireCapture(self.port, self.interface))
                        if watch_wire and not self.wire_reason else None)
             yield telemetry
         telemetry.nvml = sampler.summary if sampler else None

@@ -18,6 +18,8 @@ from djinn.client import RemoteModel, load_local
 from djinn.modes import resolve as resolve_mode
 from djinn.reproducibility import KernelConfig, current_kernel_config, deterministic_region
 from djinn import models
+from djinn.link import LinkSpecError, parse_link_spec
+from djinn.link.emulated import EmulatedLink, link_unavailable_reason
 from djinn.telemetry.nvml import NvmlSampler, nvml_available
 from djinn.telemetry.hbm import HbmBandwidth, measure_hbm
 from djinn.telemetry.pcie import cuda_unavailable_reason, measure_pcie_peak
@@ -48,6 +50,9 @@ def pytest_addoption(parser):
     suite.addoption("--djinn-model", default="auto",
                     help="auto (tiny-llama on CPU, llama-2-7b on a GPU), a catalogue name, or a local checkpoint path")
     suite.addoption("--djinn-device", default="auto", help="auto, cpu or cuda:N")
+    suite.addoption("--djinn-link", default=None, metavar="RATE[,rtt=TIME][,mtu=N][,gso=on|off][,delay=KIND]",
+                    help="run the servers behind an emulated link (djinn.link: their own network namespace, "
+                         "a veth pair shaped by tc), e.g. 25gbit,rtt=50us; needs root")
     suite.addoption("--djinn-runs", type=int, default=None,
                     help="measured runs per baseline (default: the seed's 25 after 5 discarded; 10 after 2 on "
                          "models over 1 GB, benchmarks/plans.py says why)")
@@ -58,6 +63,17 @@ def pytest_addoption(parser):
                     help="new tokens per semantic_blind run (default: all of them for models under 1 GB, else 3)")
     suite.addoption("--djinn-blind-runs", type=int, default=None,
                     help="measured semantic_blind runs (default: --djinn-runs for models under 1 GB, else 2)")
+    link = parser.getgroup("djinn-link", "Djinn: the link sweep (-m link_sweep)")
+    link.addoption("--djinn-sweep-rate", default=None, metavar="RATE",
+                   help="the sweep link's rate (default: --djinn-link's, else 1gbit on CPU and 25gbit on a GPU)")
+    link.addoption("--djinn-sweep-rtts", default="0,50us,200us,1ms,5ms", metavar="TIME,TIME,...",
+                   help="round trips the sweep sets on the link")
+    link.addoption("--djinn-sweep-rounds", type=int, default=15,
+                   help="interleaved rounds (native, loopback, link) per RTT")
+    link.addoption("--djinn-sweep-tokens", type=int, default=16, help="new tokens of each full_djinn round")
+    link.addoption("--djinn-sweep-blind-runs", type=int, default=3, help="semantic_blind runs per RTT")
+    link.addoption("--djinn-sweep-blind-rtts", default="1ms", metavar="TIME,TIME,...",
+                   help="round trips semantic_blind runs at (it ships the whole model every token)")
     gap = parser.getgroup("djinn-gap", "Djinn: the semantic translation gap (-m gap)")
     gap.addoption("--djinn-gap-trials", type=int, default=3, help="trials per phase and mode")
     ring = parser.getgroup("djinn-ring", "Djinn: ring-buffer streaming (-m ring_buffer)")
@@ -136,6 +152,12 @@ def pytest_configure(config):
             raise pytest.UsageError(refusal)
         os.environ[XDIST_GPUS_VARIABLE] = ",".join(gpus)  # the workers inherit it
     pin_worker()  # a worker: its one GPU, before anything touches CUDA
+    link = config.getoption("--djinn-link", None)
+    if link is not None:
+        try:
+            parse_link_spec(link)
+        except LinkSpecError as exc:
+            raise pytest.UsageError(f"--djinn-link: {exc}") from None
     # djinn-compare tests timings on the per-round samples, which the JSON holds only when asked.
     if hasattr(config.option, "benchmark_save_data"):
         config.option.benchmark_save_data = True
@@ -155,9 +177,13 @@ def _kernels_in_extra_info(request, server_launcher):
     extra_info = request.getfixturevalue("benchmark").extra_info if "benchmark" in request.fixturenames else None
     yield
     if extra_info is not None:
+        servers = server_launcher.describe()
         extra_info["kernels"] = {
             "pytest": current_kernel_config().as_dict(),
-            "servers": {s["name"]: s["kernels"] for s in server_launcher.describe()}}
+            "servers": {s["name"]: s["kernels"] for s in servers}}
+        links = {s["name"]: s["link"] for s in servers if s["link"]}
+        if links:
+            extra_info["links"] = links
 
 
 @pytest.hookimpl(trylast=True)
@@ -230,12 +256,28 @@ class ExternalServer:
 
 
 @pytest.fixture(scope="session")
-def djinn_server(pytestconfig, bench_device, server_launcher):
-    """A server on the benchmark's device, started once per session (or --djinn-server)."""
+def djinn_link(pytestconfig):
+    """The emulated link of --djinn-link for the session's servers (None: loopback); skips with the
+    reason where namespaces cannot be made. Torn down at the end, also after a failure."""
+    text = pytestconfig.getoption("--djinn-link")
+    if text is None:
+        yield None
+        return
+    reason = link_unavailable_reason()
+    if reason:
+        pytest.skip(f"--djinn-link {text}: {reason}")
+    with EmulatedLink(parse_link_spec(text)) as link:
+        yield link
+
+
+@pytest.fixture(scope="session")
+def djinn_server(pytestconfig, bench_device, server_launcher, djinn_link):
+    """A server on the benchmark's device, started once per session (or --djinn-server), behind
+    --djinn-link's link when one is given."""
     external = pytestconfig.getoption("--djinn-server")
     if external:
         return ExternalServer(external)
-    return server_launcher.start("djinn", ServerSpec(bench_device))
+    return server_launcher.start("djinn", ServerSpec(bench_device), link=djinn_link)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -256,10 +298,11 @@ def djinn_client(djinn_server):
 
 
 @pytest.fixture(scope="session")
-def djinn_fast_server(bench_device, server_launcher):
+def djinn_fast_server(bench_device, server_launcher, djinn_link):
     """A second server as a user starts one: the GPU's default kernels and, on CUDA, the fast path
     by default (its loads ask for it by name, so a CPU runs the same forward eagerly)."""
-    return server_launcher.start("djinn-fast", ServerSpec(bench_device, deterministic=False, exact=False))
+    return server_launcher.start("djinn-fast", ServerSpec(bench_device, deterministic=False, exact=False),
+                                 link=djinn_link)
 
 
 @pytest.fixture(scope="session")
@@ -299,19 +342,24 @@ def wire_capture():
     return WireCapture
 
 
+def _capture_interface(link: EmulatedLink | None) -> str:
+    # Over a link the capture watches the client's veth end: Ethernet frames as the link carries them.
+    return link.client_interface if link is not None else "lo"
+
+
 @pytest.fixture
-def collectors(bench_device, djinn_server) -> Collectors:
+def collectors(bench_device, djinn_server, djinn_link) -> Collectors:
     """NVML + wire capture around a measured region, each where it can run."""
-    return Collectors(_gpu_index(bench_device), djinn_server.port)
+    return Collectors(_gpu_index(bench_device), djinn_server.port, _capture_interface(djinn_link))
 
 
 @pytest.fixture
-def fast_collectors(bench_device, djinn_fast_server) -> Collectors:
-    return Collectors(_gpu_index(bench_device), djinn_fast_server.port)
+def fast_collectors(bench_device, djinn_fast_server, djinn_link) -> Collectors:
+    return Collectors(_gpu_index(bench_device), djinn_fast_server.port, _capture_interface(djinn_link))
 
 
 # Telemetry has its own fixtures, which skip or record their reasons; the doctor leaves it out.
-DOCTOR_TELEMETRY_CHECKS = ("nvml", "wire_capture")
+DOCTOR_TELEMETRY_CHECKS = ("nvml", "wire_capture", "network_link")
 
 
 @pytest.fixture(scope="session")

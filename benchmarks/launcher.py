@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from djinn.link.emulated import EmulatedLink
 from djinn.reproducibility import CUBLAS_VARIABLE, child_environment
 from djinn.server.process import ServerProcess
 
@@ -71,6 +72,7 @@ class StartedServer:
     spec: ServerSpec
     process: ServerProcess
     started_by: str  # the test (node id) whose fixture or body started it
+    link: dict | None = None  # the emulated link it serves behind (EmulatedLink.describe), None on loopback
 
 
 @dataclass
@@ -81,11 +83,14 @@ class ServerLauncher:
     current_test: Callable[[], str] = lambda: "(session)"  # the node id of the test running now
     servers: list[StartedServer] = field(default_factory=list)
 
-    def start(self, name: str, spec: ServerSpec) -> ServerProcess:
+    def start(self, name: str, spec: ServerSpec, link: EmulatedLink | None = None) -> ServerProcess:
+        """A server of `spec`; with `link`, inside the link's server namespace, listening on its address."""
         log = self.log_dir / f"{len(self.servers):02d}-{name}.log"
-        process = ServerProcess(*server_argv(spec), log_path=log, env=server_environment(spec, self.threads),
-                                inherit_env=False)
-        self.servers.append(StartedServer(name, spec, process, self.current_test()))
+        on_link = ["--host", link.server_address] if link is not None else []
+        process = ServerProcess(*server_argv(spec), *on_link, log_path=log, env=server_environment(spec, self.threads),
+                                inherit_env=False, netns=link.server_netns if link is not None else None)
+        self.servers.append(StartedServer(name, spec, process, self.current_test(),
+                                          link.describe() if link is not None else None))
         return process.start()
 
     def started_by(self, nodeid: str) -> list[StartedServer]:
@@ -95,7 +100,7 @@ class ServerLauncher:
         return [{"name": s.name, "argv": server_argv(s.spec), "threads": self.threads.server_threads,
                  "kernels": {"deterministic": s.spec.deterministic,
                              CUBLAS_VARIABLE: s.process.env.get(CUBLAS_VARIABLE)},
-                 "log": str(s.process.log_path)} for s in self.servers]
+                 "link": s.link, "log": str(s.process.log_path)} for s in self.servers]
 
     def stop_all(self) -> None:
         for server in reversed(self.servers):

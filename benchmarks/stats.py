@@ -111,3 +111,18 @@ def percentile_ratio(numerator: Sequence[float], denominator: Sequence[float], q
     low, high = _interval(resampled, confidence)
     return RatioEstimate(float(np.percentile(a, q) / np.percentile(b, q)), low, high, min(len(a), len(b)),
                          confidence, paired=False)
+
+
+def paired_difference_over(numerator: Sequence[float], denominator: Sequence[float], scale: float, *,
+                           confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
+                           seed: int = BOOTSTRAP_SEED) -> RatioEstimate:
+    """(median(numerator) - median(denominator)) / scale of interleaved rounds, with the paired
+    bootstrap interval: how much of `scale` (a link's round trip) a latency grew by."""
+    a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or not len(a) or scale <= 0:
+        raise ValueError(f"paired samples need two equal, non-empty lengths and a positive scale; got {a.shape}, "
+                         f"{b.shape} and {scale}")
+    picks = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    resampled = (np.median(a[picks], axis=1) - np.median(b[picks], axis=1)) / scale
+    low, high = _interval(resampled, confidence)
+    return RatioEstimate(float((np.median(a) - np.median(b)) / scale), low, high, len(a), confidence, paired=True)

@@ -59,6 +59,7 @@ def run_checks(
     require_gpu: bool,
     *,
     require_capture: bool = False,
+    require_link: bool = False,
     measure_pcie: bool = True,
     pcie_size_mb: int = 1024,
     pcie_repeats: int = 5,
@@ -82,7 +83,16 @@ def run_checks(
     checks.append(_guarded("host_memory", True, _host_memory))
     checks.append(_guarded("nvml", require_gpu, lambda: nvml_available(device_index)))
     checks.append(_guarded("wire_capture", require_capture, lambda: capture_available(interface)))
+    checks.append(_guarded("network_link", require_link, _network_link))
     return checks
+
+
+def _network_link() -> tuple[bool, str]:
+    """Whether an emulated link (djinn.link: --djinn-link, the link sweep) can be built here."""
+    from djinn.link.emulated import describe_support, link_unavailable_reason
+
+    reason = link_unavailable_reason()
+    return (False, reason) if reason else (True, describe_support())
 
 
 def _cuda_detail() -> str:
@@ -138,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m djinn.doctor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--require-gpu", action="store_true", help="fail when CUDA, the GPU or NVML is unusable")
     parser.add_argument("--require-capture", action="store_true", help="fail when wire capture is not permitted")
+    parser.add_argument("--require-link", action="store_true",
+                        help="fail when an emulated network link (namespaces, veth, tc) cannot be built")
     parser.add_argument("--no-pcie", action="store_true", help="skip the PCIe bandwidth measurement")
     parser.add_argument("--pcie-size-mb", type=int, default=1024)
     parser.add_argument("--pcie-repeats", type=int, default=5)
@@ -147,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = run_checks(
         args.require_gpu,
         require_capture=args.require_capture,
+        require_link=args.require_link,
         measure_pcie=not args.no_pcie,
         pcie_size_mb=args.pcie_size_mb,
         pcie_repeats=args.pcie_repeats,

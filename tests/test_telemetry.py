@@ -473,14 +473,14 @@ def test_best_picks_the_highest_median_of_a_direction() -> None:
 def test_doctor_reports_every_item_and_its_exit_code(capsys) -> None:
     checks = doctor.run_checks(require_gpu=False, measure_pcie=False)
     names = [c.name for c in checks]
-    assert names == ["cuda", "gpu", "pinned_memory", "host_memory", "nvml", "wire_capture"]
+    assert names == ["cuda", "gpu", "pinned_memory", "host_memory", "nvml", "wire_capture", "network_link"]
     for c in checks:
         assert c.detail
         assert str(c).startswith(("PASS ", "FAIL ", "SKIP "))
     # Without --require-gpu a missing GPU is a SKIP, not a failure.
     code = doctor.main(["--no-pcie"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 6
+    assert len(lines) == 7
     assert code == (0 if all(c.ok for c in checks if c.required) else 1)
 
 

@@ -14,7 +14,8 @@ Writes into DIR (default `reports/<json stem>/`):
   and the bandwidth per baseline where extra_info has one.
 - an exp3 resume or oversubscription JSON (`exp3/<stamp>-*.json`) instead: its figure,
   redrawn by `benchmarks.exp3_figures`; a multitenant JSON (`multitenant/<stamp>.json`): its
-  throughput and p99 against N (`benchmarks.report.multitenant`).
+  throughput and p99 against N (`benchmarks.report.multitenant`); a link sweep's
+  `link/<stamp>/sweep.json`: its figure (`benchmarks.report.link`).
 
 The package: `formatting` (a benchmark entry, numbers, results.csv, figure helpers), `exp2_1`
 (figures 6a-6d, its table), `gap` (the seeds' table and figure), `generic` (every other group);
@@ -38,13 +39,15 @@ from benchmarks.report.exp2_1 import (_exp2_1_markdown, no_gpu_note, plot_exp2_1
 from benchmarks.report.formatting import EXP2_1, GAP, Benchmark, _median_iqr, _slug, _write_csv, csv_rows, needs_log
 from benchmarks.report.gap import GapRow, gap_markdown, plot_gap, write_gap_table
 from benchmarks.report.generic import _generic_markdown, plot_group_bandwidth, plot_group_times
+from benchmarks.report.link import plot_link_sweep
 
 # What tests and the benchmarks use of the package, beside build_report and main.
 __all__ = ["Benchmark", "ReportPaths", "_median_iqr", "build_report", "own_json_figure", "load_benchmarks", "main",
            "needs_log", "no_gpu_note", "write_gap_table"]
-# exp3 and multitenant write their own JSON (not pytest-benchmark's); djinn-report redraws the figure from it.
+# exp3, multitenant and the link sweep write their own JSON (not pytest-benchmark's); djinn-report
+# redraws their figures from it.
 OWN_JSON_FIGURES = {"exp3_resume": plot_resume_crossover, "exp3_oversubscription": plot_memory_virtualization,
-                    "multitenant": plot_multitenant}
+                    "multitenant": plot_multitenant, "link_sweep": plot_link_sweep}
 
 
 @dataclass(frozen=True)

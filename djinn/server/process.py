@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from djinn.netns_exec import SCRIPT as NETNS_EXEC
 from djinn.server.server import ServerConfig
 
 READY_PREFIX = "djinn server listening on "
@@ -55,10 +56,12 @@ def wait_for_ready_line(process: subprocess.Popen, prefix: str, timeout_s: float
 
 
 class ServerProcess:
-    """`djinn-server` with `config`'s options (`ServerConfig.argv`) and then `args`; port 0 unless given."""
+    """`djinn-server` with `config`'s options (`ServerConfig.argv`) and then `args`; port 0 unless given.
+    `netns`: run it inside that network namespace (an emulated link's server end, djinn.link)."""
 
     def __init__(self, *args: str, config: ServerConfig | None = None, log_path: Path,
-                 ready_timeout_s: float = READY_TIMEOUT_S, env: dict | None = None, inherit_env: bool = True):
+                 ready_timeout_s: float = READY_TIMEOUT_S, env: dict | None = None, inherit_env: bool = True,
+                 netns: str | None = None):
         args = [*(config.argv() if config is not None else []), *args]
         self.args = ["--port", "0", *args] if "--port" not in args else args
         self.log_path = Path(log_path)
@@ -67,6 +70,7 @@ class ServerProcess:
         # variables of this process (cuBLAS's workspace, thread counts) out of it.
         self.env = env
         self.inherit_env = inherit_env
+        self.netns = netns
         self.process: subprocess.Popen | None = None
         self.address: str | None = None
 
@@ -87,7 +91,10 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "djinn.server", *self.args], stdout=subprocess.PIPE,
+        command = [sys.executable, "-m", "djinn.server", *self.args]
+        if self.netns is not None:
+            command = [sys.executable, NETNS_EXEC, self.netns, "--", *command]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE,
                                         stderr=log, text=True, env=self._environment(),
                                         preexec_fn=_die_with_parent)
         log.close()

@@ -1,0 +1,136 @@
+"""The emulated link's goals (issue 20), as pure functions of the sweep's results.
+
+At the acceptance link, 1 Gbit/s with a 1 ms round trip:
+- full_djinn's per-token latency grows by the round trip, 1 ms ± 20%, over its loopback figure
+  (a decode step is one round trip). Judged on interleaved rounds, as the growth over the RTT with
+  its bootstrap interval: it fails only when the whole interval lies outside 0.8..1.2. The growth
+  is judged at every swept RTT of at least `MIN_JUDGED_RTT_S`, whatever the rate: below it the
+  host's own jitter is the same size as the RTT.
+- semantic_blind's throughput within 10% of the shaped rate: the Ethernet bytes the link carried
+  per second of the steps' transfer time (wall time neither queued nor computing on the server,
+  as the server reports it: the wire and (de)serialisation). Blind ships the whole model every
+  step, so its transfers run at the link's rate; the figure over whole steps (server compute
+  included) is reported beside it.
+- the capture on the link's veth agrees with the transport's counters within 2%.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Mapping
+
+from benchmarks.stats import RatioEstimate, Spread, paired_difference_over
+from benchmarks.verdict import Check, Verdict, at_least, at_most, exact, skipped
+
+ACCEPTANCE_RATE_BPS = 10**9
+ACCEPTANCE_RTT_S = 1e-3
+GROWTH_TOLERANCE = 0.20  # 1 ms ± 20%
+THROUGHPUT_TOLERANCE = 0.10
+CAPTURE_AGREEMENT = 0.02
+MIN_JUDGED_RTT_S = 1e-3
+
+
+@dataclass(frozen=True)
+class LatencyPoint:
+    """Interleaved rounds at one RTT: each round's median decode step, per side, in ms."""
+    rtt_s: float
+    link_step_ms: tuple[float, ...]  # full_djinn over the link
+    loopback_step_ms: tuple[float, ...]  # full_djinn over loopback
+    native_step_ms: tuple[float, ...]  # native_pytorch, beside them
+    ping_rtt_ms: float | None = None  # ICMP echo over the link, median
+
+    def growth_over_rtt(self) -> RatioEstimate:
+        return paired_difference_over(self.link_step_ms, self.loopback_step_ms, self.rtt_s * 1e3)
+
+
+@dataclass(frozen=True)
+class ThroughputPoint:
+    """semantic_blind over the link at one RTT."""
+    rtt_s: float
+    rate_bps: int
+    run_wire_bps: tuple[float, ...]  # per run: Ethernet bits on the link / seconds of its transfers
+    run_step_bps: tuple[float, ...]  # per run: the same bits / seconds of its whole steps
+    counted_bytes: int  # the transport's framed bytes over the measured runs, both ways
+    captured_payload_bytes: int | None  # the capture's unique TCP payload over the same runs (None: no capture)
+
+    @property
+    def rate_fraction(self) -> Spread:
+        return Spread.of([bps / self.rate_bps for bps in self.run_wire_bps])
+
+
+def _growth_checks(latency: Mapping[float, LatencyPoint]) -> list[Check]:
+    judged = [p for rtt, p in sorted(latency.items()) if rtt >= MIN_JUDGED_RTT_S]
+    if not judged:
+        return [skipped("latency_grows_by_rtt", f"no swept RTT of at least {MIN_JUDGED_RTT_S * 1e3:g} ms")]
+    checks = []
+    for point in judged:
+        growth = point.growth_over_rtt()
+        name = f"latency_growth_over_rtt_{point.rtt_s * 1e3:g}ms"
+        checks.append(at_least(name, growth, 1 - GROWTH_TOLERANCE))
+        checks.append(at_most(name, growth, 1 + GROWTH_TOLERANCE))
+    return checks
+
+
+def _throughput_checks(throughput: Mapping[float, ThroughputPoint]) -> list[Check]:
+    point = throughput.get(ACCEPTANCE_RTT_S)
+    name = "blind_throughput_at_shaped_rate"
+    if point is None:
+        return [skipped(name, f"semantic_blind did not run at {ACCEPTANCE_RTT_S * 1e3:g} ms RTT")]
+    fraction = point.rate_fraction
+    message = (f"{name}: semantic_blind at {fraction.median:.1%} of the shaped {point.rate_bps / 1e9:g} Gbit/s "
+               f"(IQR {fraction.q1:.1%}-{fraction.q3:.1%}, {fraction.n} runs), bound ±{THROUGHPUT_TOLERANCE:.0%}")
+    if point.rate_bps != ACCEPTANCE_RATE_BPS:
+        return [skipped(name, f"{message}: judged only at the acceptance rate, 1 Gbit/s", fraction.median)]
+    ok = abs(fraction.median - 1) <= THROUGHPUT_TOLERANCE
+    return [exact(name, ok, message, fraction.median, (1 - THROUGHPUT_TOLERANCE, 1 + THROUGHPUT_TOLERANCE))]
+
+
+def capture_agreement(point: ThroughputPoint) -> float | None:
+    """|captured - counted| / counted, None without a capture."""
+    if point.captured_payload_bytes is None or not point.counted_bytes:
+        return None
+    return abs(point.captured_payload_bytes - point.counted_bytes) / point.counted_bytes
+
+
+def _capture_checks(throughput: Mapping[float, ThroughputPoint]) -> list[Check]:
+    checks = []
+    for rtt, point in sorted(throughput.items()):
+        name = f"capture_equals_counters_rtt_{rtt * 1e3:g}ms"
+        off = capture_agreement(point)
+        if off is None:
+            checks.append(skipped(name, "no wire capture on the link (needs CAP_NET_RAW)"))
+            continue
+        checks.append(exact(name, off <= CAPTURE_AGREEMENT,
+                            f"{name}: capture {point.captured_payload_bytes} B vs counters {point.counted_bytes} B: "
+                            f"{off:.3%} apart (bound {CAPTURE_AGREEMENT:.0%})", off, CAPTURE_AGREEMENT))
+    return checks or [skipped("capture_equals_counters", "semantic_blind did not run over the link")]
+
+
+def link_criteria(latency: Mapping[float, LatencyPoint], throughput: Mapping[float, ThroughputPoint]) -> Verdict:
+    """Both mappings are keyed by the RTT in seconds."""
+    return Verdict("link_sweep", tuple(_growth_checks(latency) + _throughput_checks(throughput)
+                                       + _capture_checks(throughput)))
+
+
+def link_report(latency: Mapping[float, LatencyPoint], throughput: Mapping[float, ThroughputPoint]) -> dict:
+    """The sweep's figures as JSON: one row per RTT (medians and IQRs, in ms and bit/s)."""
+    rows = []
+    for rtt in sorted(set(latency) | set(throughput)):
+        row: dict = {"rtt_ms": round(rtt * 1e3, 6)}
+        if (lat := latency.get(rtt)) is not None:
+            for side in ("link", "loopback", "native"):
+                row.update(Spread.of(getattr(lat, f"{side}_step_ms")).as_dict(f"{side}_step", "ms"))
+            row["ping_rtt_ms"] = lat.ping_rtt_ms
+            if rtt > 0:
+                row["growth_over_rtt"] = lat.growth_over_rtt().as_dict()
+            row["growth_ms"] = statistics.median(lat.link_step_ms) - statistics.median(lat.loopback_step_ms)
+        if (tp := throughput.get(rtt)) is not None:
+            row.update(Spread.of(tp.run_wire_bps).as_dict("blind_wire", "bps"))
+            row.update(Spread.of(tp.run_step_bps).as_dict("blind_step", "bps"))
+            row["rate_bps"] = tp.rate_bps
+            row["blind_rate_fraction_median"] = tp.rate_fraction.median
+            row["counted_bytes"] = tp.counted_bytes
+            row["captured_payload_bytes"] = tp.captured_payload_bytes
+            row["capture_vs_counters"] = capture_agreement(tp)
+        rows.append(row)
+    return {"points": rows}

@@ -1,0 +1,203 @@
+"""The link sweep (issue 20): the seeds' two hosts as one machine's namespaces, RTT by RTT.
+
+One emulated link (djinn.link: the server in its own network namespace behind a veth pair, tbf at
+`--djinn-sweep-rate`, half of each RTT on each direction) holds one server for the whole sweep; the
+link's RTT is changed in place between points, so no weights are uploaded twice.
+
+- `test_full_djinn_latency[rtt=...]`: interleaved rounds of native_pytorch, full_djinn over
+  loopback and full_djinn over the link (each round's median decode step), and the link's own
+  RTT by ICMP echo. A decode step of full_djinn is one round trip, so it should grow by the RTT.
+- `test_blind_throughput[rtt=...]`: semantic_blind over the link, which ships the whole model
+  every step, with the wire capture on the link's veth: the link's Ethernet bytes per second of
+  the steps' transfer time (and of whole steps) against the shaped rate, and the capture's
+  payload against the transport's counters.
+- `test_link_verdict`: the goals (benchmarks.goals.link) on what this session measured; writes
+  `link/<stamp>/sweep.json` and its figure (`benchmarks.report.link`) under --djinn-results.
+
+Where namespaces cannot be made (no root, no kernel support) every test skips with the reason.
+"""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+import djinn
+from djinn.link import LinkSpec, parse_link_spec
+from djinn.link.emulated import EmulatedLink, link_unavailable_reason, ping_rtt_s
+from djinn.link.spec import format_time, parse_rate, parse_time
+from djinn.telemetry.wire_capture import WireCapture, capture_available
+
+from benchmarks.goals.link import LatencyPoint, ThroughputPoint, link_criteria, link_report
+from benchmarks.launcher import ServerSpec
+from benchmarks.plans import run_plan
+from benchmarks.stats import Spread
+
+LEDGER = "link_sweep"
+WARMUP_ROUNDS = 2
+PING_COUNT = 20
+CPU_RATE, GPU_RATE = "1gbit", "25gbit"  # the acceptance link on the CPU machine; the seeds' 25 GbE on a GPU
+
+pytestmark = pytest.mark.link_sweep
+
+
+def _rtts(text: str) -> list[float]:
+    return [parse_time(part, "rtt") for part in text.split(",") if part.strip()]
+
+
+def pytest_generate_tests(metafunc):
+    if "sweep_rtt" in metafunc.fixturenames:
+        rtts = _rtts(metafunc.config.getoption("--djinn-sweep-rtts"))
+        if metafunc.function.__name__ == "test_blind_throughput":
+            rtts = _rtts(metafunc.config.getoption("--djinn-sweep-blind-rtts")) or rtts
+        metafunc.parametrize("sweep_rtt", rtts, ids=[f"rtt={format_time(r)}" for r in rtts])
+
+
+@pytest.fixture(scope="module")
+def sweep_link(pytestconfig, bench_device):
+    """The sweep's link: --djinn-sweep-rate (else --djinn-link's rate, else the device's default), the
+    rest of --djinn-link's spec (MTU, GSO, delay element); its RTT is set by each test."""
+    reason = link_unavailable_reason()
+    if reason:
+        pytest.skip(f"link sweep: {reason}")
+    given = pytestconfig.getoption("--djinn-link")
+    base = parse_link_spec(given or (CPU_RATE if bench_device == "cpu" else GPU_RATE))
+    rate = pytestconfig.getoption("--djinn-sweep-rate")
+    spec = LinkSpec(parse_rate(rate) if rate else base.rate_bps, 0.0, base.mtu, base.gso, base.delay)
+    with EmulatedLink(spec) as link:
+        yield link
+
+
+@pytest.fixture(scope="module")
+def sweep_server(sweep_link, bench_device, server_launcher):
+    return server_launcher.start("link-sweep", ServerSpec(bench_device), link=sweep_link)
+
+
+@pytest.fixture(scope="module")
+def sweep_client(sweep_server):
+    with djinn.connect(sweep_server.host_port, timeout_s=900) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def loopback_client(request, bench_device, server_launcher):
+    """full_djinn over loopback: the session's server when it is on loopback, else one of its own."""
+    if request.config.getoption("--djinn-link") is None:
+        yield request.getfixturevalue("djinn_client")
+        return
+    server = server_launcher.start("link-sweep-loopback", ServerSpec(bench_device))
+    with djinn.connect(server.host_port, timeout_s=900) as client:
+        yield client
+
+
+def _median_step_ms(remote) -> float:
+    return statistics.median(s.wall_ms for s in remote.last_stats.steps[1:])
+
+
+def test_full_djinn_latency(sweep_rtt, sweep_link, sweep_client, loopback_client, bench_model, prompt_ids, benchmark,
+                            pytestconfig, ledger, progress):
+    benchmark.group = f"link_sweep-latency-{bench_model.name}"
+    sweep_link.set_rtt(sweep_rtt)
+    try:
+        ping = statistics.median(ping_rtt_s(sweep_link.server_address, PING_COUNT)) * 1e3
+    except OSError as exc:  # a raw ICMP socket needs CAP_NET_RAW; the sweep does not
+        progress(f"no ICMP echo over the link: {exc}")
+        ping = None
+    remotes = {"native": bench_model.load("native_pytorch", None),
+               "loopback": bench_model.load("full_djinn", loopback_client),
+               "link": bench_model.load("full_djinn", sweep_client)}
+    tokens = pytestconfig.getoption("--djinn-sweep-tokens")
+    steps: dict[str, list[float]] = {side: [] for side in remotes}
+
+    def run(side: str) -> None:
+        remotes[side].generate(prompt_ids, max_new_tokens=tokens)
+        steps[side].append(_median_step_ms(remotes[side]))
+
+    def reference_rounds() -> None:
+        run("native")
+        run("loopback")
+
+    for _ in range(WARMUP_ROUNDS):
+        reference_rounds()
+        run("link")
+    for samples in steps.values():
+        samples.clear()
+    benchmark.pedantic(run, args=("link",), setup=reference_rounds, rounds=pytestconfig.getoption("--djinn-sweep-rounds"),
+                       warmup_rounds=0, iterations=1)
+    point = LatencyPoint(sweep_rtt, tuple(steps["link"]), tuple(steps["loopback"]), tuple(steps["native"]), ping)
+    benchmark.extra_info.update({"link": sweep_link.describe(), "rtt_s": sweep_rtt, "ping_rtt_ms": ping,
+                                 "model": bench_model.name, "tokens": tokens,
+                                 **{f"{side}_step_ms_per_round": v for side, v in steps.items()},
+                                 **{k: v for side, v in steps.items()
+                                    for k, v in Spread.of(v).as_dict(f"{side}_step", "ms").items()}})
+    ledger.record(LEDGER, ("latency", sweep_rtt), point)
+    growth = statistics.median(point.link_step_ms) - statistics.median(point.loopback_step_ms)
+    shown = "n/a" if ping is None else f"{ping:.3f}"
+    progress(f"rtt {format_time(sweep_rtt)} (ping {shown} ms): link {statistics.median(point.link_step_ms):.3f}, "
+             f"loopback {statistics.median(point.loopback_step_ms):.3f}, native "
+             f"{statistics.median(point.native_step_ms):.3f} ms/token; grew {growth:.3f} ms")
+
+
+def test_blind_throughput(sweep_rtt, sweep_link, sweep_server, sweep_client, bench_model, prompt_ids, benchmark,
+                          pytestconfig, ledger, progress):
+    benchmark.group = f"link_sweep-blind-{bench_model.name}"
+    sweep_link.set_rtt(sweep_rtt)
+    remote = bench_model.load("semantic_blind", sweep_client)
+    runs = pytestconfig.getoption("--djinn-sweep-blind-runs")
+    plan = run_plan("semantic_blind", bench_model.weight_bytes, pytestconfig, new_tokens=3, runs=runs, warmup=1)
+    stats = []
+
+    def run_once() -> None:
+        remote.generate(prompt_ids, max_new_tokens=plan.new_tokens)
+        stats.append(remote.last_stats)
+
+    for _ in range(plan.warmup):
+        run_once()
+    stats.clear()
+    ok, reason = capture_available(sweep_link.client_interface)
+    if ok:
+        with WireCapture(sweep_server.port, sweep_link.client_interface) as capture:
+            benchmark.pedantic(run_once, rounds=plan.runs, warmup_rounds=0, iterations=1)
+        wire = capture.result
+        # Ethernet bytes per framed byte: what the link (tbf counts frames) carried for each byte sent.
+        per_byte = wire.wire_bytes / max(1, wire.unique_payload_bytes)
+        captured = wire.unique_payload_bytes
+    else:
+        benchmark.pedantic(run_once, rounds=plan.runs, warmup_rounds=0, iterations=1)
+        per_byte, captured = 1.0, None
+    counted = sum(s.bytes_sent + s.bytes_received for s in stats)
+    bits = [(s.bytes_sent + s.bytes_received) * per_byte * 8 for s in stats]
+    run_bps = tuple(b / (s.transfer_ms / 1e3) for b, s in zip(bits, stats))
+    step_bps = tuple(b / (s.total_ms / 1e3) for b, s in zip(bits, stats))
+    point = ThroughputPoint(sweep_rtt, sweep_link.spec.rate_bps, run_bps, step_bps, counted, captured)
+    benchmark.extra_info.update({"link": sweep_link.describe(), "rtt_s": sweep_rtt, "model": bench_model.name,
+                                 "runs": plan.runs, "new_tokens": plan.new_tokens, "run_wire_bps": list(run_bps),
+                                 "run_step_bps": list(step_bps),
+                                 "wire_basis": "capture" if ok else f"transport payload (no capture: {reason})",
+                                 "counted_bytes": counted, "captured_payload_bytes": captured,
+                                 "rate_fraction_median": point.rate_fraction.median})
+    ledger.record(LEDGER, ("throughput", sweep_rtt), point)
+    progress(f"rtt {format_time(sweep_rtt)}: semantic_blind's transfers at {statistics.median(run_bps) / 1e9:.3f} "
+             f"Gbit/s, {point.rate_fraction.median:.1%} of {sweep_link.spec.rate_bps / 1e9:g} Gbit/s (whole steps "
+             f"{statistics.median(step_bps) / 1e9:.3f}); capture "
+             f"{captured} B vs counters {counted} B")
+
+
+def test_link_verdict(bench_model, results_writer, ledger, progress):
+    held = ledger.results(LEDGER)
+    if not held:
+        pytest.skip("nothing of the link sweep was measured in this session")
+    latency = {k[1]: v for k, v in held.items() if k[0] == "latency"}
+    throughput = {k[1]: v for k, v in held.items() if k[0] == "throughput"}
+    verdict = link_criteria(latency, throughput)
+    link = next((p for p in throughput.values()), None)
+    data = {"experiment": "link_sweep", "model": bench_model.name, "model_shape": bench_model.shape,
+            "rate_bps": link.rate_bps if link else None, "verdict": verdict.as_dict(),
+            **link_report(latency, throughput)}
+    path = results_writer.write(f"link/{results_writer.stamp}/sweep.json", data)
+    from benchmarks.report.link import plot_link_sweep
+
+    plot_link_sweep(data, path.with_suffix(".png"))
+    for line in verdict.summary().splitlines():
+        progress(line)
+    assert verdict.passed, "\n" + verdict.summary()

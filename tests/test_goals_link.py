@@ -1,0 +1,109 @@
+"""The link sweep's goals (benchmarks.goals.link) on synthetic results."""
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.goals.link import (ACCEPTANCE_RATE_BPS, LatencyPoint, ThroughputPoint, capture_agreement,
+                                   link_criteria, link_report)
+from benchmarks.stats import paired_difference_over
+from benchmarks.verdict import Outcome
+
+LOOPBACK = (5.0, 5.2, 4.9, 5.1, 5.0, 5.3, 4.8, 5.0, 5.1, 5.0)
+NATIVE = tuple(x - 2 for x in LOOPBACK)
+
+
+def latency(rtt_s: float, grown_ms: float) -> LatencyPoint:
+    return LatencyPoint(rtt_s, tuple(x + grown_ms for x in LOOPBACK), LOOPBACK, NATIVE, ping_rtt_ms=rtt_s * 1e3)
+
+
+def throughput(rtt_s: float, fraction: float, rate: int = ACCEPTANCE_RATE_BPS, captured: int | None = 10**8,
+               counted: int = 10**8) -> ThroughputPoint:
+    return ThroughputPoint(rtt_s, rate, (rate * fraction,) * 3, (rate * fraction * 0.8,) * 3, counted, captured)
+
+
+def outcomes(verdict) -> dict[str, set[Outcome]]:
+    found: dict[str, set[Outcome]] = {}
+    for check in verdict.checks:
+        found.setdefault(check.name, set()).add(check.outcome)
+    return found
+
+
+def test_the_acceptance_link_passes_when_every_figure_is_where_it_belongs():
+    verdict = link_criteria({0.0: latency(0.0, 0.1), 1e-3: latency(1e-3, 1.05), 5e-3: latency(5e-3, 5.2)},
+                            {1e-3: throughput(1e-3, 0.95)})
+    assert verdict.passed, verdict.summary()
+    names = outcomes(verdict)
+    assert names["latency_growth_over_rtt_1ms"] == {Outcome.PASSED}
+    assert names["latency_growth_over_rtt_5ms"] == {Outcome.PASSED}
+    assert "latency_growth_over_rtt_0ms" not in names  # below the judged RTT: the host's jitter is its size
+    assert names["blind_throughput_at_shaped_rate"] == {Outcome.PASSED}
+
+
+@pytest.mark.parametrize("grown_ms", [0.5, 1.6])
+def test_latency_that_grows_by_other_than_the_rtt_fails(grown_ms):
+    verdict = link_criteria({1e-3: latency(1e-3, grown_ms)}, {})
+    assert not verdict.passed
+    assert Outcome.FAILED in outcomes(verdict)["latency_growth_over_rtt_1ms"]
+
+
+@pytest.mark.parametrize("fraction, ok", [(0.91, True), (1.09, True), (0.72, False), (1.2, False)])
+def test_blind_throughput_within_ten_percent_of_the_rate(fraction, ok):
+    verdict = link_criteria({}, {1e-3: throughput(1e-3, fraction)})
+    check = next(c for c in verdict.checks if c.name == "blind_throughput_at_shaped_rate")
+    assert check.outcome is (Outcome.PASSED if ok else Outcome.FAILED)
+    assert "of the shaped 1 Gbit/s" in check.message
+
+
+def test_blind_throughput_at_another_rate_is_reported_not_judged():
+    verdict = link_criteria({}, {1e-3: throughput(1e-3, 0.5, rate=25 * 10**9)})
+    check = next(c for c in verdict.checks if c.name == "blind_throughput_at_shaped_rate")
+    assert check.outcome is Outcome.SKIPPED and check.measured == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("captured, ok", [(10**8, True), (int(1.019 * 10**8), True), (int(0.97 * 10**8), False)])
+def test_capture_agrees_with_counters_within_two_percent(captured, ok):
+    point = throughput(1e-3, 1.0, captured=captured)
+    verdict = link_criteria({}, {1e-3: point})
+    check = next(c for c in verdict.checks if c.name.startswith("capture_equals_counters"))
+    assert check.outcome is (Outcome.PASSED if ok else Outcome.FAILED)
+    assert capture_agreement(point) == pytest.approx(abs(captured - 10**8) / 10**8)
+
+
+def test_a_missing_capture_or_sweep_point_is_skipped_with_its_reason():
+    verdict = link_criteria({0.0: latency(0.0, 0.0)}, {1e-3: throughput(1e-3, 1.0, captured=None)})
+    assert verdict.passed
+    skipped = {c.name: c.message for c in verdict.checks if c.outcome is Outcome.SKIPPED}
+    assert "no swept RTT" in skipped["latency_grows_by_rtt"]
+    assert "CAP_NET_RAW" in skipped["capture_equals_counters_rtt_1ms"]
+
+
+def test_paired_difference_over_a_scale():
+    estimate = paired_difference_over([6.0, 6.1, 6.2], [5.0, 5.1, 5.2], 1.0)
+    assert estimate.ratio == pytest.approx(1.0)
+    assert estimate.low <= 1.0 <= estimate.high
+    with pytest.raises(ValueError):
+        paired_difference_over([1.0], [1.0, 2.0], 1.0)
+    with pytest.raises(ValueError):
+        paired_difference_over([1.0], [1.0], 0.0)
+
+
+def test_the_report_has_a_row_per_rtt_with_its_growth():
+    report = link_report({0.0: latency(0.0, 0.1), 1e-3: latency(1e-3, 1.0)}, {1e-3: throughput(1e-3, 0.95)})
+    rows = {row["rtt_ms"]: row for row in report["points"]}
+    assert set(rows) == {0.0, 1.0}
+    assert rows[1.0]["growth_ms"] == pytest.approx(1.0)
+    assert rows[1.0]["blind_rate_fraction_median"] == pytest.approx(0.95)
+    assert "growth_over_rtt" not in rows[0.0]
+
+
+def test_the_sweep_figure_is_redrawn_from_its_json(tmp_path):
+    import json
+
+    from benchmarks.report import exp3_figure
+
+    data = {"experiment": "link_sweep", "model": "tiny-llama",
+            **link_report({0.0: latency(0.0, 0.1), 1e-3: latency(1e-3, 1.0)}, {1e-3: throughput(1e-3, 0.95)})}
+    source = tmp_path / "sweep.json"
+    source.write_text(json.dumps(data))
+    figure = exp3_figure(source, tmp_path / "out")
+    assert figure is not None and figure.stat().st_size > 10_000
