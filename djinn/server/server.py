@@ -534,9 +534,11 @@ class Server:
                              f"cached + {fed} fed + {steps} new tokens, the context is {session.model.max_positions}")
         eos = message.args.get("eos_token_id", [])
         pad = message.args.get("pad_token_id", 0)
-        if (not isinstance(eos, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in eos)
-                or isinstance(pad, bool) or not isinstance(pad, int)):
-            raise BadRequest("'eos_token_id' must be a list of token ids and 'pad_token_id' a token id")
+        vocab = session.model.vocab_size
+        if (not isinstance(eos, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                 for t in [*eos, pad])):
+            raise BadRequest(f"'eos_token_id' must be a list of token ids and 'pad_token_id' a token id, each in "
+                             f"[0, {vocab}), got {quote(eos)} and {quote(pad)}")
         run = InterventionRun.parse(session.model.model, message, steps, self.device)
         before = session.length, session.padding, session.sampler
         tokens, logits, scores = [], [], []
