@@ -370,7 +370,7 @@ class RemoteModel:
     def trace(self, input_ids: torch.Tensor, given=(), *, logits: str = "last", saves_codec: Codec = Codec.RAW,
               attention_mask: torch.Tensor | None = None) -> TraceResult:
         """One forward over `input_ids` with the `given` interventions (`djinn.interventions`), no KV kept:
-        the logits (the last position's, or every position's with logits="all") and the saves.
+        the logits (the last position's, every position's with logits="all", none with "none") and the saves.
 
         Remote modes run it on the server (a stateless forward; nothing but the ids, the interventions'
         tensors, the logits and the saves crosses the wire); native_pytorch runs the same hooks here."""
@@ -384,7 +384,7 @@ class RemoteModel:
                 out = forward_logits(self.model, ids, kv.from_pairs([]), padding=padding.to(device) if padding else None,
                                      all_positions=logits == "all")
             saved, _ = _saves(run.results())
-            return TraceResult(out if logits == "all" else out[:, -1], saved)
+            return TraceResult(None if logits == "none" else out if logits == "all" else out[:, -1], saved)
         args, tensors = _intervention_request(given, logits, saves_codec)
         tensors["input_ids"] = OutgoingTensor(input_ids, TensorKind.TOKEN_IDS)
         if padding is not None:
@@ -398,7 +398,7 @@ class RemoteModel:
             args["model"] = self.fingerprint
         reply = self.client.connection.request("forward", {**args, "kv": False}, tensors)
         saved, _ = _saves(reply.tensors)
-        return TraceResult(reply.tensors["logits"], saved)
+        return TraceResult(reply.tensors.get("logits"), saved)
 
     def _counters(self) -> ByteCounters:
         return self.client.counters.snapshot() if self.client is not None else ByteCounters()
@@ -641,12 +641,17 @@ class RemoteSession:
     def trace(self, input_ids: torch.Tensor, given=(), *, logits: str = "last",
               saves_codec: Codec = Codec.RAW) -> TraceResult:
         """One step over `input_ids` (the prompt, or tokens after what the session holds) with the `given`
-        interventions: the logits (last position, or every position with logits="all") and the saves. The
-        session's KV keeps what the edited step made, as a local hook would leave it."""
+        interventions: the logits (last position, every position with logits="all"; with "none" only the
+        picked token comes back) and the saves. The session's KV keeps what the edited step made, as a
+        local hook would leave it."""
         op = "prefill" if self.length == 0 else "decode"
+        returns = "token" if logits == "none" else "logits"
         reply, _ = self._traced(op, given, {"input_ids": OutgoingTensor(input_ids, TensorKind.TOKEN_IDS)},
-                                {"returns": "logits", "logits_codec": self.logits_codec.value}, logits=logits,
+                                {"returns": returns, "logits_codec": self.logits_codec.value}, logits=logits,
                                 saves_codec=saves_codec)
+        if logits == "none":
+            self._pending, self._unfed = reply.tensors["token"], None
+            return TraceResult(None, self.last_saved, reply.tensors["token"])
         step_logits = reply.tensors["logits"]
         self._took_step(step_logits[:, -1] if logits == "all" else step_logits)
         return TraceResult(step_logits, self.last_saved)

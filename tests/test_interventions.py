@@ -2,13 +2,11 @@
 server-side generate, composed with breakpoints, paging and the ring, against the same edit
 made by plain forward hooks on a local copy of the model, bit for bit.
 
-The references below are written against HF's module tree directly (`model.model.layers[i]`,
-`.self_attn`, `.mlp`, `.embed_tokens`, `.norm`), not with djinn's hook code, and run the forward
-every mode shares (`djinn.decoding.forward_logits`).
+The references are plain hooks written against HF's module tree directly (`model.model.layers[i]`,
+`.self_attn`, `.mlp`, `.embed_tokens`, `.norm`), not with djinn's hook code, around the forward
+every mode shares (`djinn.decoding.forward_logits`): benchmarks/local_hooks.py.
 """
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -21,74 +19,13 @@ from djinn.errors import BadRequest
 from djinn.transport import Codec
 
 from benchmarks.launcher import cpu_server
+from benchmarks.local_hooks import edit_of, greedy_generate, hooked, lens, recorder
 
 PROMPT = 24
 HIDDEN = 256  # tiny-llama
 LAYERS = 8
 NEW_TOKENS = 10
 SITES = [("embeddings", None), ("attention", 3), ("mlp", 5), ("layer", 2), ("final_norm", None)]
-
-
-# -- local references: plain forward hooks ---------------------------------------------------------
-def module_of(model, site: str, layer: int | None):
-    if site == "embeddings":
-        return model.model.embed_tokens
-    if site == "final_norm":
-        return model.model.norm
-    block = model.model.layers[layer]
-    return {"layer": block, "attention": block.self_attn, "mlp": block.mlp}[site]
-
-
-def edit_of(op: str, value, positions=None):
-    """What a user's hook does to the hidden state [batch, tokens, hidden]."""
-    def apply(h):
-        part = h if positions is None else h[:, positions]
-        if op == "scale":
-            new = part * value
-        elif op == "add":
-            new = part + value
-        elif op == "replace":
-            new = torch.broadcast_to(value, part.shape).contiguous()
-        elif op == "zero":
-            new = torch.zeros_like(part)
-        else:  # mean
-            new = part.mean(dim=1, keepdim=True).expand_as(part).contiguous()
-        if positions is None:
-            return new
-        out = h.clone()
-        out[:, positions] = new
-        return out
-    return apply
-
-
-@contextmanager
-def hooked(model, hooks):
-    """hooks: (site, layer, fn(h) -> h or None); fn may record what it sees."""
-    handles = []
-    for site, layer, fn in hooks:
-        def hook(module, args, output, fn=fn):
-            h = output if isinstance(output, torch.Tensor) else output[0]
-            new = fn(h)
-            if new is None:
-                return None
-            return new if isinstance(output, torch.Tensor) else (new, *output[1:])
-        handles.append(module_of(model, site, layer).register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def recorder(into: list, positions=None):
-    def fn(h):
-        into.append((h if positions is None else h[:, positions]).clone())
-    return fn
-
-
-def lens(model, hidden):
-    with torch.no_grad():
-        return model.lm_head(model.model.norm(hidden))
 
 
 @pytest.fixture(scope="module")
@@ -223,18 +160,6 @@ def test_stateless_forward_in_every_remote_mode_and_locally(shared_server, tiny_
 
 
 # -- generate on the server ------------------------------------------------------------------------
-def local_generate(model, prompt, steps: int, hooks_at):
-    """Greedy decoding here, `hooks_at(step)` installed around each step's forward."""
-    cache, feed, tokens, logits = kv.from_pairs([]), prompt, [], []
-    for step in range(steps):
-        with hooked(model, hooks_at(step)):
-            out = forward_logits(model, feed, cache)[:, -1]
-        feed = out.argmax(-1, keepdim=True)
-        tokens.append(feed)
-        logits.append(out)
-    return torch.cat(tokens, dim=1), torch.stack(logits, dim=1), cache
-
-
 def test_generate_with_steering_at_every_step_is_one_request_and_equals_a_local_loop(remote, tiny_model, prompt,
                                                                                        vectors):
     vector = vectors["add"]
@@ -246,7 +171,7 @@ def test_generate_with_steering_at_every_step_is_one_request_and_equals_a_local_
         hooks = [("layer", 3, edit_of("add", vector)), ("layer", 6, recorder(seen, [-1])),
                  ("final_norm", None, recorder(normed, [-1]))]
         return hooks + ([("mlp", 5, edit_of("scale", 0.8))] if step in (0, 2, 4) else [])
-    tokens, logits, _ = local_generate(tiny_model, prompt, NEW_TOKENS, hooks_at)
+    tokens, logits, _ = greedy_generate(tiny_model, prompt, NEW_TOKENS, hooks_at)
     client = remote.client
     with remote.session() as s:
         before = client.counters.snapshot()
@@ -268,7 +193,7 @@ def test_generate_with_steering_at_every_step_is_one_request_and_equals_a_local_
 
 def local_generate_from(model, prompt, tokens, hooks_at, more: int):
     """The local loop of `tokens.shape[1]` hooked steps, then `more` steps without hooks."""
-    done, _, cache = local_generate(model, prompt, tokens.shape[1], hooks_at)
+    done, _, cache = greedy_generate(model, prompt, tokens.shape[1], hooks_at)
     feed, out = done[:, -1:], []
     for _ in range(more):
         feed = forward_logits(model, feed, cache)[:, -1].argmax(-1, keepdim=True)
@@ -324,7 +249,7 @@ def test_edits_before_a_breakpoint_and_after_it(remote, tiny_model, prompt, vect
 
 def test_a_paged_out_session_is_edited_as_a_resident_one(remote, tiny_model, prompt, vectors):
     hooks_at = lambda step: [("mlp", 3, edit_of("add", vectors["add"]))] if step == 1 else []  # noqa: E731
-    tokens, logits, _ = local_generate(tiny_model, prompt, 3, hooks_at)
+    tokens, logits, _ = greedy_generate(tiny_model, prompt, 3, hooks_at)
     with remote.session() as s:
         first = s.trace(prompt)
         assert s.offload() > 0
@@ -353,7 +278,7 @@ def test_interventions_reach_a_streamed_models_layers(streaming_server, tiny_mod
     def hooks_at(step):
         return [("layer", 3, edit_of("add", vector)), ("attention", 6, recorder(seen, [-1])),
                 ("mlp", 1, edit_of("zero", None))]
-    tokens, logits, _ = local_generate(tiny_model, prompt, 4, hooks_at)
+    tokens, logits, _ = greedy_generate(tiny_model, prompt, 4, hooks_at)
     with djinn.connect(streaming_server.host_port, timeout_s=60) as client:
         remote = client.load(tiny_model, mode="full_djinn", logits_codec=Codec.RAW)
         assert next(m for m in client.stats()["models"] if m["fingerprint"] == remote.fingerprint)["streamed"]
@@ -382,6 +307,25 @@ def test_only_saved_tensors_and_tokens_cross_the_wire(remote, prompt, vectors):
         zstd = s.trace_generate(prompt, NEW_TOKENS, given, saves_codec=Codec.ZSTD)
         assert client.counters.since(before).received_payload < wire.received_payload
     assert all(torch.equal(zstd.saved[k], got.saved[k]) for k in got.saved)
+
+
+def test_a_forward_for_its_saves_alone_returns_nothing_else(remote, tiny_model, prompt):
+    """logits="none": a logit lens at every layer brings back the lens rows and nothing more."""
+    given = [iv.save("layer", i, positions=[-1], lens=True) for i in range(LAYERS)]
+    seen = {i: [] for i in range(LAYERS)}
+    with hooked(tiny_model, [("layer", i, recorder(seen[i], [-1])) for i in range(LAYERS)]):
+        forward_logits(tiny_model, prompt, kv.from_pairs([]))
+    client = remote.client
+    before = client.counters.snapshot()
+    got = remote.trace(prompt, given, logits="none")
+    wire = client.counters.since(before)
+    assert got.logits is None
+    assert all(torch.equal(got.saved[f"lens.layer.{i}"], lens(tiny_model, seen[i][0])) for i in range(LAYERS))
+    assert wire.received_payload == sum(t.nbytes for t in got.saved.values()) == LAYERS * 8192 * 4
+    assert wire.sent_payload == prompt.nbytes
+    with remote.session() as s:  # in a session the picked token comes back, and decoding goes on from it
+        traced = s.trace(prompt, given, logits="none")
+        assert traced.tokens.shape == (1, 1) and s.generate(2)[:, :1].equal(traced.tokens)
 
 
 @pytest.mark.parametrize("given, message", [

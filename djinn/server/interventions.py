@@ -33,7 +33,7 @@ from djinn.transport import Codec, Message
 ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
-LOGITS_CHOICES = ("last", "all")
+LOGITS_CHOICES = ("last", "all", "none")  # none: a forward whose saves are all it returns
 SAVED_PREFIX = "saved."
 
 
@@ -64,11 +64,15 @@ def site_module(model: nn.Module, iv: Intervention, what: str) -> nn.Module:
 
 @dataclass(frozen=True)
 class TraceOptions:
-    """What a traced request returns beside its saves: all positions' logits or the last's, the codec
-    of the saved activations, each step's saves apart or concatenated."""
-    all_logits: bool = False
+    """What a traced request returns beside its saves: the last position's logits, every position's or
+    none, the codec of the saved activations, each step's saves apart or concatenated."""
+    logits: str = "last"
     saves_codec: Codec = Codec.RAW
     per_step: bool = False
+
+    @property
+    def all_logits(self) -> bool:
+        return self.logits == "all"
 
     @classmethod
     def parse(cls, message: Message) -> "TraceOptions":
@@ -81,7 +85,7 @@ class TraceOptions:
         per_step = message.args.get("per_step", False)
         if not isinstance(per_step, bool):
             raise BadRequest(f"'per_step' must be true or false, got {quote(per_step)}")
-        return cls(logits == "all", Codec(codec), per_step)
+        return cls(logits, Codec(codec), per_step)
 
 
 class InterventionRun:

@@ -462,7 +462,7 @@ class Server:
             raise BadRequest("the logit lens needs the model's weights on the server: load it in a cached mode")
         logits, pairs = self.executor.stateless_step(model, weights, config, message.tensors.get("input_ids"), pairs,
                                                      padding, run.at(0) if run else None, trace.all_logits)
-        tensors = {"logits": OutgoingTensor(logits, TensorKind.LOGITS)}
+        tensors = {"logits": OutgoingTensor(logits, TensorKind.LOGITS)} if trace.logits != "none" else {}
         for (kname, vname), (k, v) in zip(kv.wire_names(len(pairs) if returns_kv else 0), pairs):
             tensors[kname] = OutgoingTensor(k, TensorKind.KV)
             tensors[vname] = OutgoingTensor(v, TensorKind.KV)
