@@ -55,7 +55,8 @@ def edit_of(op: str, value=None, positions=None) -> Callable[[torch.Tensor], tor
 
 
 def recorder(into: list, positions=None) -> Callable[[torch.Tensor], None]:
-    """A hook function that keeps a copy of what it sees (at `positions`) and changes nothing."""
+    """A hook function that keeps a copy of what it sees (at `positions`: a list, or a slice such as
+    `slice(-1, None)`, which indexes without an index tensor) and changes nothing."""
     def fn(h: torch.Tensor) -> None:
         into.append((h if positions is None else h[:, positions]).clone())
     return fn

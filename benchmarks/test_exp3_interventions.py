@@ -112,7 +112,8 @@ def _cpu(values: dict) -> dict[str, torch.Tensor]:
 
 def _logit_lens_local(s: Setup) -> dict:
     seen = {i: [] for i in range(s.num_layers)}
-    with hooked(s.local, [("layer", i, recorder(seen[i], [-1])) for i in range(s.num_layers)]):
+    last = slice(-1, None)  # the last position, as a view: no index tensor copied to the device at each layer
+    with hooked(s.local, [("layer", i, recorder(seen[i], last)) for i in range(s.num_layers)]):
         forward_logits(s.local, s.on_device(s.prompt), kv.from_pairs([]))
     return _cpu({f"lens.layer.{i}": lens(s.local, seen[i][0]) for i in range(s.num_layers)})
 

@@ -94,6 +94,7 @@ class InterventionRun:
     def __init__(self, model: nn.Module, interventions: Sequence[Intervention], steps: int,
                  device: torch.device):
         self.model = model
+        self.device = device
         self.interventions = tuple(interventions)
         self.steps = steps
         self._modules: list[nn.Module] = []
@@ -159,17 +160,14 @@ class InterventionRun:
         return self.model.get_output_embeddings()(norm(hidden))
 
     # -- one step's hooks ------------------------------------------------------------------
-    def _edit(self, index: int, hidden: torch.Tensor, step: int, current: dict) -> torch.Tensor:
+    def _edit(self, index: int, hidden: torch.Tensor, step: int, current: dict, selected) -> torch.Tensor:
+        """`selected`: the positions as a slice or a device index tensor (`_selection`), None for all."""
         iv = self.interventions[index]
-        tokens = hidden.shape[1]
-        if iv.positions is None:
-            selected = None
-            part = hidden
-        else:
-            selected = torch.tensor([p % tokens for p in iv.positions], device=hidden.device)
-            part = hidden[:, selected]
+        part = hidden if selected is None else hidden[:, selected]
         if iv.op == "save":
-            current.setdefault(iv.key, []).append((step, part.detach().clone() if selected is None else part))
+            # An index tensor's selection is a copy already; the whole output or a slice is a view.
+            kept = part if isinstance(selected, torch.Tensor) else part.detach().clone()
+            current.setdefault(iv.key, []).append((step, kept))
             return hidden
         if iv.op == "scale":
             edited = part * iv.factor
@@ -206,7 +204,19 @@ class InterventionRun:
                 raise BadRequest(f"{what}: its tensor {list(tensor.shape)} does not broadcast to the site's "
                                  f"[batch, positions, hidden] = {list(target)} at step {step}")
 
-    def _hook(self, indices: list[int], step: int, current: dict):
+    def _selection(self, index: int, tokens: int, device: torch.device):
+        """An intervention's positions in a step of `tokens` tokens: a slice when they are a run (a view,
+        no index tensor), else an index tensor made on the device before the forward starts (made
+        inside a hook, its host-to-device copy would stall the forward's launches at every layer)."""
+        positions = self.interventions[index].positions
+        if positions is None:
+            return None
+        wrapped = [p % tokens for p in positions]
+        if wrapped == list(range(wrapped[0], wrapped[0] + len(wrapped))):
+            return slice(wrapped[0], wrapped[0] + len(wrapped))
+        return torch.tensor(wrapped, device=device)
+
+    def _hook(self, indices: list[int], selections: list, step: int, current: dict):
         def hook(module: nn.Module, args, output):
             is_tensor = isinstance(output, torch.Tensor)
             hidden = output if is_tensor else output[0]
@@ -214,8 +224,8 @@ class InterventionRun:
                 raise BadRequest(f"{self.describe(indices[0])}: the site's output is {list(hidden.shape)}, "
                                  f"not [batch, tokens, hidden]")
             edited = hidden
-            for index in indices:
-                edited = self._edit(index, edited, step, current)
+            for index, selected in zip(indices, selections):
+                edited = self._edit(index, edited, step, current, selected)
             if edited is hidden:
                 return None
             return edited if is_tensor else (edited, *output[1:])
@@ -231,16 +241,18 @@ class StepHooks:
     @contextmanager
     def installed(self, batch: int, tokens: int) -> Iterator[None]:
         run = self.run
-        by_module: dict[int, tuple[nn.Module, list[int]]] = {}
+        by_module: dict[int, tuple[nn.Module, list[int], list]] = {}
         for index, iv in enumerate(run.interventions):
             if iv.applies_at(self.step):
                 run._check_step(index, self.step, batch, tokens)
                 module = run._modules[index]
-                by_module.setdefault(id(module), (module, []))[1].append(index)
+                _, indices, selections = by_module.setdefault(id(module), (module, [], []))
+                indices.append(index)
+                selections.append(run._selection(index, tokens, run.device))
         current: dict[str, list] = {}
         # One hook per module, its interventions in the order given; modules in the order first named.
-        handles = [module.register_forward_hook(run._hook(indices, self.step, current))
-                   for module, indices in by_module.values()]
+        handles = [module.register_forward_hook(run._hook(indices, selections, self.step, current))
+                   for module, indices, selections in by_module.values()]
         try:
             yield
         finally:
