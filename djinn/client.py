@@ -26,7 +26,7 @@ from djinn.decoding import Padding, forward_last, forward_logits, greedy
 from djinn.errors import ModelNotFound
 from djinn.models import config_dict
 from djinn.modes import SHIPPED_WEIGHT_PREFIX, Mode, resolve
-from djinn.sampling import Sampler
+from djinn.sampling import Sampler, SamplingParams
 from djinn.server.interventions import InterventionRun
 from djinn.transport import DEFAULT_TIMEOUT_S, ByteCounters, ClientConnection, Codec, OutgoingTensor, TensorKind
 from djinn.transport.security import ClientSecurity
@@ -377,7 +377,7 @@ class RemoteModel:
         padding = Padding.of_prompt(attention_mask) if attention_mask is not None else None
         if self.mode.weights == "local":
             device = next(self.model.parameters()).device
-            interventions.to_wire(list(given))  # the checks a server makes of them
+            interventions.check_all(list(given))
             run = InterventionRun(self.model, tuple(given), 1, device)  # the server's hooks, run in this process
             ids = input_ids.to(device)
             with run.at(0).installed(*ids.shape):
@@ -658,10 +658,11 @@ class RemoteSession:
 
     def trace_generate(self, input_ids: torch.Tensor | None = None, max_new_tokens: int = 50, given=(), *,
                        return_logits: bool = False, per_step: bool = False, saves_codec: Codec = Codec.RAW,
-                       eos_token_id: list[int] | None = None, pad_token_id: int = 0) -> TraceResult:
+                       eos_token_id: list[int] | None = None, pad_token_id: int = 0,
+                       sampling: SamplingParams | None = None) -> TraceResult:
         """`max_new_tokens` forwards in ONE request, each picking a token, the `given` interventions applied
         at their steps (every step unless they name some), the session's sampler picking (greedy unless a
-        prefill set sampling).
+        prefill set sampling; `sampling`, on an empty session, sets it for the session's life).
 
         Step 0 is the forward over `input_ids` (the prompt of an empty session, or tokens after what it
         holds); step k the k-th decode step after it. Without `input_ids` the session goes on: step 0
@@ -676,7 +677,7 @@ class RemoteSession:
             raise ValueError("nothing to continue from: pass input_ids, or prefill() first")
         args = {"max_new_tokens": max_new_tokens, "returns": ["token", *(["logits"] if return_logits else [])],
                 "logits_codec": self.logits_codec.value, "eos_token_id": list(eos_token_id or []),
-                "pad_token_id": pad_token_id}
+                "pad_token_id": pad_token_id, **({"sampling": sampling.as_wire()} if sampling is not None else {})}
         reply, step_saves = self._traced("generate", given, {"input_ids": OutgoingTensor(feed, TensorKind.TOKEN_IDS)},
                                          args, per_step=per_step, saves_codec=saves_codec)
         tokens = reply.tensors["token"]

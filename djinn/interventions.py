@@ -75,10 +75,11 @@ class Intervention:
     def as_wire(self) -> dict:
         """The header form; the tensor travels as its own frame."""
         fields = {"op": self.op, "site": self.site, "layer": self.layer, "positions": _listed(self.positions),
-                  "steps": _listed(self.steps), "factor": self.factor, "ablation": self.ablation, "lens": self.lens,
-                  "name": self.name, "tensor": self.tensor is not None}
-        return {k: v for k, v in fields.items() if v is not None and v is not False and (k != "ablation" or
-                                                                                         self.op == "ablate")}
+                  "steps": _listed(self.steps), "factor": self.factor, "lens": self.lens, "name": self.name,
+                  "tensor": self.tensor is not None}
+        if self.op == "ablate":
+            fields["ablation"] = self.ablation
+        return {k: v for k, v in fields.items() if v is not None and v is not False}
 
     @classmethod
     def from_wire(cls, raw: object, tensor: torch.Tensor | None, what: str) -> "Intervention":
@@ -205,11 +206,16 @@ def ablate(site: str, layer: int | None = None, how: str = "zero", *, mean: torc
     return Intervention("ablate", site, layer, _tuple(positions), _tuple(steps), tensor=mean, ablation=how)
 
 
-def to_wire(interventions: Sequence[Intervention]) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """The request's `interventions` argument and the tensors that go with it."""
+def check_all(interventions: Sequence[Intervention]) -> None:
+    """The checks a server makes of a request's interventions before it looks at the model."""
     for index, iv in enumerate(interventions):
         check(iv, f"intervention {index}")
     check_keys(interventions)
+
+
+def to_wire(interventions: Sequence[Intervention]) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """The request's `interventions` argument and the tensors that go with it."""
+    check_all(interventions)
     tensors = {f"{TENSOR_PREFIX}{i}": iv.tensor for i, iv in enumerate(interventions) if iv.tensor is not None}
     return [iv.as_wire() for iv in interventions], tensors
 

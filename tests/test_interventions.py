@@ -16,6 +16,7 @@ from djinn import interventions as iv
 from djinn import kv
 from djinn.decoding import forward_logits
 from djinn.errors import BadRequest
+from djinn.sampling import SamplingParams
 from djinn.transport import Codec
 
 from benchmarks.launcher import cpu_server
@@ -366,6 +367,20 @@ def test_a_hostile_header_is_refused_naming_the_field(remote, prompt):
         with pytest.raises(BadRequest, match=r"'max_new_tokens' must be at least 1 and fit the model's context"):
             conn.request("generate", {**args, "max_new_tokens": 10**6}, ids)
         assert s.stats()["length"] == 0
+
+
+def test_a_rolled_back_generate_leaves_the_sampler_where_it_was(remote, prompt):
+    """Seeded sampling with a repetition penalty: a generate that fails at its second step has drawn
+    once and grown the history; both go back with the KV, so going on gives the unbroken run's tokens."""
+    params = SamplingParams(do_sample=True, temperature=1.0, top_k=50, repetition_penalty=1.3, seed=5)
+    with remote.session() as ref:
+        expected = ref.trace_generate(prompt, 6, sampling=params).tokens
+    with remote.session() as s:
+        first = s.trace_generate(prompt, 3, sampling=params).tokens
+        with pytest.raises(BadRequest, match=r"position -2 is outside step 1's 1 token"):
+            s.trace_generate(None, 3, [iv.save("layer", 1, positions=[-2], steps=[1])])
+        rest = s.trace_generate(None, 3).tokens
+    assert torch.equal(torch.cat([first, rest], dim=1), expected)
 
 
 def test_a_failing_step_of_a_generate_takes_the_whole_request_back(remote, prompt):

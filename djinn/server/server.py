@@ -541,6 +541,7 @@ class Server:
                              f"[0, {vocab}), got {quote(eos)} and {quote(pad)}")
         run = InterventionRun.parse(session.model.model, message, steps, self.device)
         before = session.length, session.padding, session.sampler
+        sampler_state = session.sampler.state() if session.sampler is not None else None
         tokens, logits, scores = [], [], []
         unfinished = None
         try:
@@ -561,6 +562,8 @@ class Server:
         except BaseException:
             self.sessions.rollback(session, before[0])
             session.padding, session.sampler = before[1], before[2]
+            if session.sampler is not None:
+                session.sampler.restore(sampler_state)
             raise
         reply = self._logits_reply(options, torch.cat(tokens, dim=1), torch.stack(logits, dim=1),
                                    torch.stack(scores, dim=1) if "scores" in options.returns else None,
