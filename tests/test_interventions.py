@@ -369,6 +369,29 @@ def test_a_hostile_header_is_refused_naming_the_field(remote, prompt):
         assert s.stats()["length"] == 0
 
 
+def test_generate_stops_at_eos_and_pads_finished_rows(remote, tiny_model, prompt):
+    """A batch of two where a token of the first row that the second never makes is its eos: the first
+    row is padded after it, as HF's _sample pads it, the other goes on; with an eos for each, the request
+    stops once both have finished."""
+    batch = torch.cat([prompt, prompt.flip(1)], dim=0)
+    with remote.session() as s:
+        free = s.trace_generate(batch, 6).tokens
+    rows = [r.tolist() for r in free]
+    eos = next(t for t in rows[0] if t not in rows[1])
+    first = rows[0].index(eos)
+    with remote.session() as s:
+        got = s.trace_generate(batch, 6, eos_token_id=[eos], pad_token_id=7)
+        assert s.last_reply["stop_reason"] == "max_new_tokens"
+    assert got.tokens[0].tolist() == rows[0][:first + 1] + [7] * (5 - first)
+    assert torch.equal(got.tokens[1], free[1])
+    other = rows[1][0]  # the second row's first token ends it at once
+    assert other not in rows[0][:first], "the seeded rows' tokens overlap: pick another pair"
+    with remote.session() as s:
+        got = s.trace_generate(batch, 6, eos_token_id=[eos, other])
+        assert s.last_reply["stop_reason"] == ("eos" if first < 5 else "max_new_tokens")
+        assert got.tokens.shape == (2, first + 1)
+
+
 def test_a_rolled_back_generate_leaves_the_sampler_where_it_was(remote, prompt):
     """Seeded sampling with a repetition penalty: a generate that fails at its second step has drawn
     once and grown the history; both go back with the KV, so going on gives the unbroken run's tokens."""

@@ -568,6 +568,7 @@ class Server:
         reply = self._logits_reply(options, torch.cat(tokens, dim=1), torch.stack(logits, dim=1),
                                    torch.stack(scores, dim=1) if "scores" in options.returns else None,
                                    {"length": session.length, "steps": len(tokens),
+                                    "stop_reason": "eos" if len(tokens) < steps else "max_new_tokens",
                                     "io_wait_ms": session.last_io_wait_ms})
         return self._with_saves(reply, run, trace)
 
