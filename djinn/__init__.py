@@ -8,7 +8,7 @@
 from importlib.metadata import PackageNotFoundError, version as _installed_version
 from pathlib import Path as _Path
 
-from djinn import models
+from djinn import interventions, models
 from djinn.client import Client, GenerationStats, RemoteModel, RemoteSession, connect
 from djinn.modes import MODES, resolve as resolve_mode
 
@@ -26,4 +26,4 @@ def _version() -> str:
 
 __version__ = _version()
 
-__all__ = ["__version__", "models", "connect", "Client", "RemoteModel", "RemoteSession", "GenerationStats", "MODES", "resolve_mode"]
+__all__ = ["__version__", "interventions", "models", "connect", "Client", "RemoteModel", "RemoteSession", "GenerationStats", "MODES", "resolve_mode"]

@@ -22,13 +22,14 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation import GenerateDecoderOnlyOutput
 
-from djinn import generation, kv, models
-from djinn.decoding import Padding, forward_last, greedy
+from djinn import generation, interventions, kv, models
+from djinn.decoding import Padding, forward_last, forward_logits, greedy
 from djinn.errors import ModelNotFound
 from djinn.models import config_dict
 from djinn.modes import DECODE_CHOICES, SHIPPED_WEIGHT_PREFIX, Mode, resolve
 from djinn.pool import PlacementPolicy, PoolConnection, directory_for
-from djinn.sampling import Sampler
+from djinn.sampling import Sampler, SamplingParams
+from djinn.server.interventions import InterventionRun
 from djinn.transport import DEFAULT_TIMEOUT_S, ByteCounters, ClientConnection, Codec, OutgoingTensor, TensorKind
 from djinn.transport.security import ClientSecurity
 from djinn.transport.sockets import HELLO_TIMEOUT_S
@@ -144,6 +145,39 @@ class Step:
     logits: torch.Tensor | None  # [batch, vocab], raw
     scores: torch.Tensor | None  # [batch, vocab], after the logits processors
     server: dict
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """What a traced forward or generate brought back: only what was asked for."""
+    logits: torch.Tensor | None  # [batch, vocab] (last position), [batch, tokens, vocab] (logits="all"),
+    # or a generate's [batch, steps, vocab] when asked
+    saved: dict[str, torch.Tensor]  # each save's key -> its value (steps concatenated along the positions)
+    tokens: torch.Tensor | None = None  # a generate's new tokens, [batch, steps]
+    per_step: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # per_step=True: key -> step -> value
+
+
+def _intervention_request(given, logits: str = "last", saves_codec: Codec = Codec.RAW,
+                          per_step: bool = False) -> tuple[dict, dict]:
+    """The args and tensors that carry `given` interventions (and the trace's options) in a request."""
+    wire, tensors = interventions.to_wire(list(given))
+    args = {"interventions": wire, "logits": logits, "saves_codec": saves_codec.value, "per_step": per_step}
+    return args, {name: OutgoingTensor(t, TensorKind.ACTIVATION) for name, t in tensors.items()}
+
+
+def _saves(tensors: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, torch.Tensor]]]:
+    """A reply's saved tensors: `saved.<key>`, or `saved.<step>.<key>` when sent per step."""
+    saved, per_step = {}, {}
+    for name, value in tensors.items():
+        if not name.startswith("saved."):
+            continue
+        rest = name.removeprefix("saved.")
+        head, _, key = rest.partition(".")
+        if head.isdigit() and key:
+            per_step.setdefault(key, {})[int(head)] = value
+        else:
+            saved[rest] = value
+    return saved, per_step
 
 
 @dataclass(frozen=True)
@@ -357,6 +391,39 @@ class RemoteModel:
         """A session on the server driven step by step: breakpoints, steering, then decoding."""
         return RemoteSession(self)
 
+    def trace(self, input_ids: torch.Tensor, given=(), *, logits: str = "last", saves_codec: Codec = Codec.RAW,
+              attention_mask: torch.Tensor | None = None) -> TraceResult:
+        """One forward over `input_ids` with the `given` interventions (`djinn.interventions`), no KV kept:
+        the logits (the last position's, every position's with logits="all", none with "none") and the saves.
+
+        Remote modes run it on the server (a stateless forward; nothing but the ids, the interventions'
+        tensors, the logits and the saves crosses the wire); native_pytorch runs the same hooks here."""
+        padding = Padding.of_prompt(attention_mask) if attention_mask is not None else None
+        if self.mode.weights == "local":
+            device = next(self.model.parameters()).device
+            interventions.check_all(list(given))
+            run = InterventionRun(self.model, tuple(given), 1, device)  # the server's hooks, run in this process
+            ids = input_ids.to(device)
+            with run.at(0).installed(*ids.shape):
+                out = forward_logits(self.model, ids, kv.from_pairs([]), padding=padding.to(device) if padding else None,
+                                     all_positions=logits == "all")
+            saved, _ = _saves(run.results())
+            return TraceResult(None if logits == "none" else out if logits == "all" else out[:, -1], saved)
+        args, tensors = _intervention_request(given, logits, saves_codec)
+        tensors["input_ids"] = OutgoingTensor(input_ids, TensorKind.TOKEN_IDS)
+        if padding is not None:
+            tensors["attention_mask"] = OutgoingTensor(padding.mask, TensorKind.TOKEN_IDS)
+            tensors["position_ids"] = OutgoingTensor(padding.positions, TensorKind.TOKEN_IDS)
+        if self.fingerprint is None:
+            args.update(config=config_dict(self.model), dtype=DTYPE_NAMES[_weights_dtype(self.model)])
+            tensors.update({SHIPPED_WEIGHT_PREFIX + n: OutgoingTensor(t, TensorKind.WEIGHT)
+                            for n, t in models.unique_state(self.model).items()})
+        else:
+            args["model"] = self.fingerprint
+        reply = self.client.connection.request("forward", {**args, "kv": False}, tensors)
+        saved, _ = _saves(reply.tensors)
+        return TraceResult(reply.tensors.get("logits"), saved)
+
     def _counters(self) -> ByteCounters:
         return self.client.counters.snapshot() if self.client is not None else ByteCounters()
 
@@ -521,6 +588,8 @@ class RemoteSession:
         self.args = {"model": remote.fingerprint}
         self.handle = self.connection.request("open_session", remote.session_args).args["session"]
         self.last_reply: dict = {}  # the last reply's arguments: length, io_wait_ms, the server's timings
+        self.last_saved: dict[str, torch.Tensor] = {}  # the saves of the last request that carried interventions
+        self.length = 0  # tokens in the session's KV, as the last reply said
         self.parked_layer: int | None = None
         self._pending: torch.Tensor | None = None  # the next token, picked from the last logits, not yet returned
         self._unfed: torch.Tensor | None = None  # the last token returned, not yet fed to the model
@@ -528,7 +597,15 @@ class RemoteSession:
     def _request(self, op: str, args: dict | None = None, tensors: dict | None = None):
         reply = self.connection.request(op, {**self.args, "session": self.handle, **(args or {})}, tensors)
         self.last_reply = dict(reply.args)
+        self.length = int(reply.args.get("length", self.length))
         return reply
+
+    def _traced(self, op: str, given, tensors: dict, args: dict | None = None, **options):
+        """A request carrying interventions; their saves land in `last_saved`."""
+        trace_args, trace_tensors = _intervention_request(given, **options)
+        reply = self._request(op, {**(args or {}), **trace_args}, {**tensors, **trace_tensors})
+        self.last_saved, per_step = _saves(reply.tensors)
+        return reply, per_step
 
     def _logits_args(self) -> dict:
         return {"returns": "logits", "logits_codec": self.logits_codec.value}
@@ -539,21 +616,23 @@ class RemoteSession:
                               {"input_ids": OutgoingTensor(input_ids, TensorKind.TOKEN_IDS)})
         return self._took_step(reply.tensors["logits"])
 
-    def run_to_layer(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    def run_to_layer(self, input_ids: torch.Tensor, layer: int, given=()) -> torch.Tensor:
         """Run a step (the prompt, or tokens after it) up to decoder layer `layer` and park it there.
 
         Returns that layer's output hidden state, [batch, tokens, hidden]; the KV stays on the server.
+        `given` interventions at sites up to layer N run before the park (their saves: `last_saved`).
         """
-        reply = self._request("run_to_layer", {"layer": layer},
-                              {"input_ids": OutgoingTensor(input_ids, TensorKind.TOKEN_IDS)})
+        reply, _ = self._traced("run_to_layer", given, {"input_ids": OutgoingTensor(input_ids, TensorKind.TOKEN_IDS)},
+                                {"layer": layer})
         self.parked_layer = layer
         self._pending = self._unfed = None
         return reply.tensors["activation"]
 
-    def resume(self, activation: torch.Tensor) -> torch.Tensor:
-        """Continue the parked step from layer N+1 with `activation`; the last position's logits."""
-        reply = self._request("resume", self._logits_args(),
-                              {"activation": OutgoingTensor(activation, TensorKind.ACTIVATION)})
+    def resume(self, activation: torch.Tensor, given=()) -> torch.Tensor:
+        """Continue the parked step from layer N+1 with `activation`; the last position's logits.
+        `given` interventions at sites after layer N run on the way (their saves: `last_saved`)."""
+        reply, _ = self._traced("resume", given, {"activation": OutgoingTensor(activation, TensorKind.ACTIVATION)},
+                                self._logits_args())
         self.parked_layer = None
         return self._took_step(reply.tensors["logits"])
 
@@ -582,6 +661,52 @@ class RemoteSession:
             tokens.append(reply.tensors["token"] if "token" in reply.tensors else greedy(reply.tensors["logits"]))
         self._unfed = tokens[-1]
         return torch.cat(tokens, dim=1)
+
+    def trace(self, input_ids: torch.Tensor, given=(), *, logits: str = "last",
+              saves_codec: Codec = Codec.RAW) -> TraceResult:
+        """One step over `input_ids` (the prompt, or tokens after what the session holds) with the `given`
+        interventions: the logits (last position, every position with logits="all"; with "none" only the
+        picked token comes back) and the saves. The session's KV keeps what the edited step made, as a
+        local hook would leave it."""
+        op = "prefill" if self.length == 0 else "decode"
+        returns = "token" if logits == "none" else "logits"
+        reply, _ = self._traced(op, given, {"input_ids": OutgoingTensor(input_ids, TensorKind.TOKEN_IDS)},
+                                {"returns": returns, "logits_codec": self.logits_codec.value}, logits=logits,
+                                saves_codec=saves_codec)
+        if logits == "none":
+            self._pending, self._unfed = reply.tensors["token"], None
+            return TraceResult(None, self.last_saved, reply.tensors["token"])
+        step_logits = reply.tensors["logits"]
+        self._took_step(step_logits[:, -1] if logits == "all" else step_logits)
+        return TraceResult(step_logits, self.last_saved)
+
+    def trace_generate(self, input_ids: torch.Tensor | None = None, max_new_tokens: int = 50, given=(), *,
+                       return_logits: bool = False, per_step: bool = False, saves_codec: Codec = Codec.RAW,
+                       eos_token_id: list[int] | None = None, pad_token_id: int = 0,
+                       sampling: SamplingParams | None = None) -> TraceResult:
+        """`max_new_tokens` forwards in ONE request, each picking a token, the `given` interventions applied
+        at their steps (every step unless they name some), the session's sampler picking (greedy unless a
+        prefill set sampling; `sampling`, on an empty session, sets it for the session's life).
+
+        Step 0 is the forward over `input_ids` (the prompt of an empty session, or tokens after what it
+        holds); step k the k-th decode step after it. Without `input_ids` the session goes on: step 0
+        feeds the token its last step picked. The tokens the steps picked, [batch, steps], the saves once
+        at the end (`per_step`: each step's apart), each step's logits on request."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.parked_layer is not None:
+            raise ValueError(f"the session is parked at decoder layer {self.parked_layer}: resume() or cancel() it")
+        feed = input_ids if input_ids is not None else self._pending if self._pending is not None else self._unfed
+        if feed is None:
+            raise ValueError("nothing to continue from: pass input_ids, or prefill() first")
+        args = {"max_new_tokens": max_new_tokens, "returns": ["token", *(["logits"] if return_logits else [])],
+                "logits_codec": self.logits_codec.value, "eos_token_id": list(eos_token_id or []),
+                "pad_token_id": pad_token_id, **({"sampling": sampling.as_wire()} if sampling is not None else {})}
+        reply, step_saves = self._traced("generate", given, {"input_ids": OutgoingTensor(feed, TensorKind.TOKEN_IDS)},
+                                         args, per_step=per_step, saves_codec=saves_codec)
+        tokens = reply.tensors["token"]
+        self._pending, self._unfed = None, tokens[:, -1:]
+        return TraceResult(reply.tensors.get("logits"), self.last_saved, tokens, step_saves)
 
     def offload(self) -> int:
         """Page this session's KV to the server's host memory now; the bytes moved. It comes back on use."""

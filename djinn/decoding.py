@@ -49,11 +49,18 @@ def cache_argument(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-@torch.no_grad()
 def forward_last(model: torch.nn.Module, ids: torch.Tensor, cache, weights: dict | None = None,
                  padding: Padding | None = None) -> torch.Tensor:
     """Logits of the last position, [batch, vocab]; `cache` is extended in place."""
-    kwargs = {"input_ids": ids, cache_argument(type(model)): cache, "use_cache": True, "logits_to_keep": 1}
+    return forward_logits(model, ids, cache, weights, padding)[:, -1]
+
+
+@torch.no_grad()
+def forward_logits(model: torch.nn.Module, ids: torch.Tensor, cache, weights: dict | None = None,
+                   padding: Padding | None = None, all_positions: bool = False) -> torch.Tensor:
+    """Logits of the last position, [batch, 1, vocab], or of every position (HF's `logits_to_keep=0`)."""
+    kwargs = {"input_ids": ids, cache_argument(type(model)): cache, "use_cache": True,
+              "logits_to_keep": 0 if all_positions else 1}
     if padding is not None:
         kwargs.update(attention_mask=padding.mask, position_ids=padding.positions)
     if weights:
@@ -66,7 +73,7 @@ def forward_last(model: torch.nn.Module, ids: torch.Tensor, cache, weights: dict
         out = functional_call(model, weights, (), kwargs)
     else:
         out = model(**kwargs)
-    return out.logits[:, -1]
+    return out.logits
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

@@ -133,6 +133,15 @@ class Sampler:
         generator = (torch.Generator(device=device).manual_seed(params.seed) if params.do_sample else None)
         return cls(processors, generator, prompt[:, :0] if len(processors) else None)
 
+    def state(self) -> tuple:
+        """What picks change (the history, the generator's state), for `restore` after a rolled-back step."""
+        return self.history, self.generator.get_state() if self.generator is not None else None
+
+    def restore(self, state: tuple) -> None:
+        self.history, generator_state = state
+        if generator_state is not None:
+            self.generator.set_state(generator_state)
+
     def pick(self, fed: torch.Tensor | None, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(next token [batch, 1], processed scores [batch, vocab]) for the logits that followed `fed`."""
         # HF processes a float32 copy of the step's logits, as processors may write in place.

@@ -19,6 +19,7 @@ import msgpack
 import torch
 import zmq
 
+from djinn import interventions
 from djinn.client import config_dict
 from djinn.transport import Header, OutgoingTensor, TensorKind, encode_message
 from djinn.transport.codecs import Codec
@@ -67,10 +68,33 @@ class Seeds:
     def ids(self, rng: random.Random, tokens: int = 3) -> torch.Tensor:
         return torch.tensor([[rng.randrange(self.model.config.vocab_size) for _ in range(tokens)]])
 
+    def interventions(self, rng: random.Random, tokens: int) -> tuple[dict, dict]:
+        """A valid `interventions` argument (and its tensors) of one to three ops at random sites."""
+        hidden, layers = self.model.config.hidden_size, self.model.config.num_hidden_layers
+        given = []
+        for i in range(rng.randrange(1, 4)):
+            site = rng.choice(interventions.SITES)
+            layer = rng.randrange(layers) if site in interventions.LAYER_SITES else None
+            op = rng.choice(interventions.OPS)
+            if op == "save":
+                given.append(interventions.save(site, layer, positions=rng.choice([None, [-1]]),
+                                                lens=rng.random() < 0.3, name=f"s{i}"))
+            elif op == "scale":
+                given.append(interventions.scale(site, layer, rng.choice([0.5, 2.0])))
+            elif op == "add":
+                given.append(interventions.add(site, layer, torch.ones(hidden)))
+            elif op == "replace":
+                given.append(interventions.replace(site, layer, torch.zeros(1, tokens, hidden)))
+            else:
+                given.append(interventions.ablate(site, layer, rng.choice(interventions.ABLATIONS)))
+        wire, tensors = interventions.to_wire(given)
+        return {"interventions": wire}, {n: OutgoingTensor(t, TensorKind.ACTIVATION) for n, t in tensors.items()}
+
     def request(self, rng: random.Random, request_id: int) -> tuple[dict, dict]:
         """One valid request: (header args and op as a dict, tensors)."""
         session = rng.choice(self.sessions) if self.sessions else "0" * 32
         fp = self.fingerprint
+        traced, traced_tensors = self.interventions(rng, 3)
         ops = {
             "hello": ({}, {}),
             "stats": ({}, {}),
@@ -89,12 +113,20 @@ class Seeds:
                        {"activation": OutgoingTensor(torch.zeros(1, 3, self.model.config.hidden_size),
                                                      TensorKind.ACTIVATION)}),
             "cancel": ({"model": fp, "session": session}, {}),
+            # Interventions (issue 18): on a prefill, a stateless forward and a server-side generate.
+            "traced_prefill": ({"model": fp, "session": session, "logits": rng.choice(["last", "all"]), **traced},
+                               {"input_ids": OutgoingTensor(self.ids(rng), TensorKind.TOKEN_IDS), **traced_tensors}),
+            "traced_forward": ({"model": fp, "kv": False, **traced},
+                               {"input_ids": OutgoingTensor(self.ids(rng), TensorKind.TOKEN_IDS), **traced_tensors}),
+            "generate": ({"model": fp, "session": session, "max_new_tokens": rng.randrange(1, 6), **traced},
+                         {"input_ids": OutgoingTensor(self.ids(rng), TensorKind.TOKEN_IDS), **traced_tensors}),
             "offload": ({"model": fp, "session": session}, {}),
             "session_stats": ({"model": fp, "session": session}, {}),
             "close_session": ({"session": session}, {}),
         }
-        op = rng.choice(list(ops))
-        args, tensors = ops[op]
+        name = rng.choice(list(ops))
+        args, tensors = ops[name]
+        op = name.removeprefix("traced_")  # a traced prefill or forward is that op with interventions
         return {"op": op, "id": request_id, "args": args, "auth": self.token}, tensors
 
 
@@ -150,7 +182,8 @@ def _mutate_header(rng: random.Random, raw: dict) -> dict:
             config[key] = rng.choice([0, -1, 3, 2**31, 100000, 20000, "gpt2", "nope", None, {"x": "y"}])
             args["config"] = config
         else:
-            key = rng.choice(list(args) + ["layer", "returns", "logits_codec", "with_logits", "dtype"])
+            key = rng.choice(list(args) + ["layer", "returns", "logits_codec", "with_logits", "dtype", "interventions",
+                                           "max_new_tokens", "logits", "saves_codec", "per_step"])
             args[key] = _mutate_value(rng, args.get(key))
         raw["args"] = args
     elif target == "drop":

@@ -46,8 +46,8 @@ class BatchedStep:
 def unbatched_reason(session: Session) -> str | None:
     """Why this session's decode runs alone, or None when it may join a batch.
 
-    Interventions (issue 18): a session that carries any runs alone here too, until its
-    hooks can act on its own rows of a batch."""
+    A traced step (interventions, every position's logits) runs alone too, until its hooks can act
+    on its own rows of a batch: `Server.batchable` keeps it out by its request."""
     if session.breakpoint is not None:
         return "parked at a breakpoint"  # its solo step answers with the error
     if session.decoder is not None:

@@ -14,17 +14,18 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from djinn import kv, models
-from djinn.decoding import Padding, forward_last
+from djinn.decoding import Padding, forward_last, forward_logits
 from djinn.errors import BadRequest, OutOfMemory
 from djinn.server.batching import BatchedStep, StackedCache, stacked_bytes, stacked_forward
 from djinn.server.breakpoints import ParkedForward, check_layer, num_decoder_layers
 from djinn.server.device_budget import DeviceBudget
 from djinn.server.fast_decode import FAST_EAGER, HF_EAGER, SlotFailed
+from djinn.server.interventions import StepHooks
 from djinn.server.limits import checked_config, implied_tensors
 from djinn.server.session_store import Breakpoint, Session, SessionStore
 from djinn.server.weight_cache import CachedModel, WeightCache
@@ -116,12 +117,20 @@ class Executor:
         return self.token_ids(ids, "input_ids", cached.vocab_size, session.length, cached.max_positions,
                               session.batch)
 
-    def session_step(self, session: Session, ids: torch.Tensor | None, padding: Padding | None = None) -> torch.Tensor:
-        """Prefill (empty session) or decode (later calls): the last position's logits.
+    def session_step(self, session: Session, ids: torch.Tensor | None, padding: Padding | None = None,
+                     edits: StepHooks | None = None, all_logits: bool = False) -> torch.Tensor:
+        """Prefill (empty session) or decode (later calls): the last position's logits, [batch, vocab]
+        (every position's, [batch, tokens, vocab], with `all_logits`).
 
-        `padding`: a padded batch's mask and positions for this step (the fast path takes none)."""
+        `padding`: a padded batch's mask and positions for this step (the fast path takes none);
+        `edits`: the interventions' hooks of this step, installed around each attempt of its forward.
+        A traced step (edits or every position's logits) runs HF's eager forward, where the hooks are:
+        a session on the fast path leaves it first, its KV moving out of the slot."""
+        traced = edits is not None or all_logits
         fast = self.sessions.fast
-        if fast is not None and fast.wanted(session.decode):
+        if traced and session.decoder is not None:
+            self.sessions.leave_fast_path(session)
+        if fast is not None and fast.wanted(session.decode) and not traced:
             if padding is None:
                 logits = self._fast_step(session, ids)
                 if logits is not None:
@@ -131,7 +140,8 @@ class Executor:
         ids = self._step_ids(session, ids)
         model = session.model.model
         logits = self.sessions.step(session, self._kv_bytes(session.model, ids.shape[0], ids.shape[1]),
-                                    lambda attempt: self._run(model, ids, session.cache, {}, padding))
+                                    lambda attempt: self._run(model, ids, session.cache, {}, padding, edits,
+                                                              all_logits))
         session.path = HF_EAGER
         if fast is not None:
             fast.steps[HF_EAGER] += 1
@@ -192,8 +202,11 @@ class Executor:
         fast.steps[session.path] += 1
         return logits
 
-    def run_to_layer(self, session: Session, ids: torch.Tensor | None, layer: int) -> torch.Tensor:
-        """Run a step (prefill or decode) up to decoder layer `layer` and park it; that layer's output."""
+    def run_to_layer(self, session: Session, ids: torch.Tensor | None, layer: int,
+                     edits: StepHooks | None = None) -> torch.Tensor:
+        """Run a step (prefill or decode) up to decoder layer `layer` and park it; that layer's output.
+
+        `edits` (at sites up to layer N) run before the park and are removed once it is parked."""
         model = session.model.model
         if session.model.streamed:
             # Its ring holds the layers of one forward in flight; a forward parked half-way
@@ -206,16 +219,19 @@ class Executor:
             self.sessions.leave_fast_path(session)
         start = session.length
         parked = self.sessions.step(session, self._kv_bytes(session.model, ids.shape[0], ids.shape[1]),
-                                    lambda attempt: self._park(model, layer, ids, session))
-        self.sessions.park(session, Breakpoint(parked, layer, start, ids))
+                                    lambda attempt: self._park(model, layer, ids, session, edits))
+        self.sessions.park(session, Breakpoint(parked, layer, start, ids, edits))
         return parked.activation
 
-    def _park(self, model: torch.nn.Module, layer: int, ids: torch.Tensor, session: Session) -> ParkedForward:
-        with self._forward_errors():
+    def _park(self, model: torch.nn.Module, layer: int, ids: torch.Tensor, session: Session,
+              edits: StepHooks | None = None) -> ParkedForward:
+        with self._forward_errors(), self._installed(edits, ids):
             return ParkedForward(model, layer, lambda: forward_last(model, ids, session.cache))
 
-    def resume(self, session: Session, activation: torch.Tensor | None) -> torch.Tensor:
-        """Continue a parked step from layer N+1 with `activation` as layer N's output; the logits."""
+    def resume(self, session: Session, activation: torch.Tensor | None, edits: StepHooks | None = None) -> torch.Tensor:
+        """Continue a parked step from layer N+1 with `activation` as layer N's output; the logits.
+
+        `edits` (at sites after layer N) are installed while layers N+1.. run."""
         bp = session.breakpoint
         if bp is None:
             raise BadRequest(f"session {session.handle} is not parked at a breakpoint: run_to_layer first")
@@ -241,11 +257,14 @@ class Executor:
             upload()
             with self._forward_errors():
                 if attempt == 0:
-                    return bp.forward.resume(uploaded[0])
+                    with self._installed(edits, bp.ids):
+                        return bp.forward.resume(uploaded[0])
                 # The parked forward died with the allocation failure and its KV was rolled back:
-                # layers 0..N run again (the same inputs, the same KV), then the activation replaces
-                # layer N's output as before.
-                return self._park(cached.model, bp.layer, bp.ids, session).resume(uploaded[0])
+                # layers 0..N run again (the same inputs, the same KV, the same edits), then the
+                # activation replaces layer N's output as before.
+                parked = self._park(cached.model, bp.layer, bp.ids, session, bp.edits)
+                with self._installed(edits, bp.ids):
+                    return parked.resume(uploaded[0])
 
         layers_left = cached.num_layers - 1 - bp.layer
         # IO_WAIT -> ready: the KV pages and the activation are on the device (the page-in waits for both).
@@ -265,7 +284,8 @@ class Executor:
 
     # -- stateless -----------------------------------------------------------------
     def stateless_step(self, model: torch.nn.Module, weights: dict[str, torch.Tensor], config, ids: torch.Tensor | None,
-                       pairs: kv.KVPairs, padding: Padding | None = None) -> tuple[torch.Tensor, kv.KVPairs]:
+                       pairs: kv.KVPairs, padding: Padding | None = None, edits: StepHooks | None = None,
+                       all_logits: bool = False) -> tuple[torch.Tensor, kv.KVPairs]:
         vocab = model.get_input_embeddings().num_embeddings
         past = pairs[0][0].shape[-2] if pairs else 0
         batch = pairs[0][0].shape[0] if pairs else None
@@ -275,7 +295,7 @@ class Executor:
         def run(attempt: int) -> tuple[torch.Tensor, kv.KVPairs]:
             # A fresh cache each attempt: a forward that failed half-way had extended some layers.
             cache = kv.from_pairs([(self.on_device(k), self.on_device(v)) for k, v in pairs])
-            return self._run(model, ids, cache, weights, padding), kv.to_pairs(cache)
+            return self._run(model, ids, cache, weights, padding, edits, all_logits), kv.to_pairs(cache)
         return self.sessions.retrying(run, want_bytes=kv.nbytes(pairs))
 
     def skeleton(self, config_values: dict, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
@@ -312,9 +332,16 @@ class Executor:
 
     # -- the forward ---------------------------------------------------------------
     def _run(self, model: torch.nn.Module, ids: torch.Tensor, cache, weights: dict,
-             padding: Padding | None = None) -> torch.Tensor:
-        with self._forward_errors():
-            return forward_last(model, ids, cache, weights, padding.to(self.device) if padding else None)
+             padding: Padding | None = None, edits: StepHooks | None = None, all_logits: bool = False) -> torch.Tensor:
+        with self._forward_errors(), self._installed(edits, ids):
+            logits = forward_logits(model, ids, cache, weights, padding.to(self.device) if padding else None,
+                                    all_positions=all_logits)
+        return logits if all_logits else logits[:, -1]
+
+    @staticmethod
+    def _installed(edits: StepHooks | None, ids: torch.Tensor):
+        """The step's intervention hooks for one attempt of its forward (none without edits)."""
+        return edits.installed(*ids.shape) if edits is not None else nullcontext()
 
     def _forward(self, step, ids: torch.Tensor) -> torch.Tensor:
         with self._forward_errors():

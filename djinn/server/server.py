@@ -17,7 +17,7 @@ import os
 import re
 import secrets
 import time
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +37,7 @@ from djinn.server.device_budget import DeviceBudget
 from djinn.server.executor import Executor
 from djinn.server.fast_decode import FastPath
 from djinn.server.fault_injection import install_from_env
+from djinn.server.interventions import InterventionRun, TraceOptions, before_breakpoint
 from djinn.server.limits import ServerLimits, host_limits
 from djinn.server.scheduler import BatchPolicy, PrefillJob, Queued, Scheduler
 from djinn.server.session_store import Session, SessionStore
@@ -264,6 +265,8 @@ class _Step:
     ids: object  # the request's input_ids (the executor checks them)
     padding: Padding | None
     starts: bool
+    trace: TraceOptions = field(default_factory=TraceOptions)
+    run: InterventionRun | None = None  # the request's interventions (a batched step carries none)
 
 
 def _latency_of(sessions) -> dict:
@@ -344,6 +347,7 @@ class Server:
             "prefill": self.step, "decode": self.step, "close_session": self.close_session,
             "run_to_layer": self.run_to_layer, "resume": self.resume, "cancel": self.cancel,
             "offload": self.offload, "session_stats": self.session_stats, "attach": self.attach,
+            "generate": self.generate,
         }
         for name in config.model:  # before the socket binds: a client never finds it half-loaded
             self.weights.preload(name, models.build(name, device=self.device))
@@ -432,8 +436,11 @@ class Server:
 
     def batchable(self, queued: Queued) -> tuple[Session, int] | None:
         """The session and rows of a decode that may join a batch; None for anything else."""
+        args = queued.incoming.message.args
         if queued.op != "decode" or queued.handle is None:
             return None
+        if args.get("interventions") or args.get("logits", "last") != "last":
+            return None  # a traced step runs alone: its hooks act on the whole forward
         session = self.sessions.sessions.get(queued.handle)
         if session is None or unbatched_reason(session) is not None:
             return None
@@ -641,13 +648,20 @@ class Server:
                  if k in message.tensors and v in message.tensors]
         self.executor.check_kv(pairs, config)
         padding = stateless_padding(message, pairs[0][0].shape[-2] if pairs else 0, models.max_positions(config))
+        trace = TraceOptions.parse(message)
+        returns_kv = message.args.get("kv", True)
+        if not isinstance(returns_kv, bool):
+            raise BadRequest(f"'kv' must be true or false, got {quote(returns_kv)}")
+        run = InterventionRun.parse(model, message, 1, self.device)
+        if run is not None and weights and any(iv.lens for iv in run.interventions):
+            raise BadRequest("the logit lens needs the model's weights on the server: load it in a cached mode")
         logits, pairs = self.executor.stateless_step(model, weights, config, message.tensors.get("input_ids"), pairs,
-                                                     padding)
-        tensors = {"logits": OutgoingTensor(logits, TensorKind.LOGITS)}
-        for (kname, vname), (k, v) in zip(kv.wire_names(len(pairs)), pairs):
+                                                     padding, run.at(0) if run else None, trace.all_logits)
+        tensors = {"logits": OutgoingTensor(logits, TensorKind.LOGITS)} if trace.logits != "none" else {}
+        for (kname, vname), (k, v) in zip(kv.wire_names(len(pairs) if returns_kv else 0), pairs):
             tensors[kname] = OutgoingTensor(k, TensorKind.KV)
             tensors[vname] = OutgoingTensor(v, TensorKind.KV)
-        return Reply({}, tensors)
+        return self._with_saves(Reply({}, tensors), run, trace)
 
     def open_session(self, incoming: Incoming) -> Reply:
         message = incoming.message
@@ -662,13 +676,14 @@ class Server:
     def step(self, incoming: Incoming) -> Reply:
         """prefill and decode: the KV, padding and sampler stay in the session; the token (or logits) come back."""
         step = self._begin_step(incoming.message)
-        logits = self.executor.session_step(step.session, step.ids, step.padding)
+        logits = self.executor.session_step(step.session, step.ids, step.padding,
+                                            step.run.at(0) if step.run else None, step.trace.all_logits)
         if TEST_STEP_SLEEP_S:
             time.sleep(TEST_STEP_SLEEP_S)
         return self._finish_step(step, logits)
 
     def _begin_step(self, message: Message) -> "_Step":
-        """A step's session, options, ids and padding, checked; nothing about the session changes."""
+        """A step's session, options, interventions, ids and padding, checked; nothing about the session changes."""
         session = self.sessions.get(message.args.get("session"), _fingerprint(message))
         self.executor.not_parked(session)
         starts = message.op == "prefill"
@@ -676,26 +691,116 @@ class Server:
             raise BadRequest(f"'{message.op}' on session {session.handle} holding {session.length} tokens: "
                              f"prefill starts a session, decode continues it")
         options = StepOptions.parse(message, starts_session=starts)  # before anything runs
+        trace = TraceOptions.parse(message)
+        run = InterventionRun.parse(session.model.model, message, 1, self.device)
         ids = message.tensors.get("input_ids")
+        return _Step(session, options, ids, self._step_padding(session, ids, starts, options), starts, trace, run)
+
+    def _step_padding(self, session: Session, ids, starts: bool, options: StepOptions) -> Padding | None:
         if starts:
             mask = options.attention_mask
-            padding = Padding.of_prompt(mask.to(self.device)) if mask is not None else None  # grows on the device
-        else:
-            padding = session.padding
-            if padding is not None and isinstance(ids, torch.Tensor) and ids.dim() == 2:
-                padding = padding.next(ids.shape[1])  # other ids: the executor says what is wrong with them
-        return _Step(session, options, ids, padding, starts)
+            return Padding.of_prompt(mask.to(self.device)) if mask is not None else None  # grows on the device
+        padding = session.padding
+        if padding is not None and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            padding = padding.next(ids.shape[1])  # other ids: the executor says what is wrong with them
+        return padding
 
     def _finish_step(self, step: "_Step", logits: torch.Tensor) -> Reply:
-        """After the step's forward: the session's sampler and padding move on; its reply."""
+        """After the step's forward: the session's sampler and padding move on; its reply (with the saves)."""
         session, options = step.session, step.options
-        if step.starts:
-            session.sampler = Sampler.build(session.model.model, options.sampling, step.ids, options.attention_mask,
+        token, scores = self._pick(session, step.ids, step.starts, options, step.padding, logits,
+                                   step.trace.all_logits)
+        reply = self._logits_reply(options, token, logits, scores,
+                                   {"length": session.length, "io_wait_ms": session.last_io_wait_ms})
+        return self._with_saves(reply, step.run, step.trace)
+
+    def _pick(self, session: Session, ids, starts: bool, options: StepOptions, padding: Padding | None,
+              logits: torch.Tensor, all_logits: bool):
+        """The sampler (built at a prefill) and the padding move on; the next token and its scores."""
+        if starts:
+            session.sampler = Sampler.build(session.model.model, options.sampling, ids, options.attention_mask,
                                             self.device)
-        session.padding = step.padding
-        token, scores = self._sampler(session).pick(step.ids, logits)
-        return self._logits_reply(options, token, logits, scores,
-                                  {"length": session.length, "io_wait_ms": session.last_io_wait_ms})
+        session.padding = padding
+        return self._sampler(session).pick(ids, logits[:, -1] if all_logits else logits)
+
+    def _advance(self, session: Session, ids, starts: bool, options: StepOptions, edits, all_logits: bool):
+        """One step of a server-side generate: its forward (with this step's intervention hooks), the
+        padding and the sampler moved on, the next token picked; (token, logits, scores)."""
+        padding = self._step_padding(session, ids, starts, options)
+        logits = self.executor.session_step(session, ids, padding, edits, all_logits)
+        if TEST_STEP_SLEEP_S:
+            time.sleep(TEST_STEP_SLEEP_S)
+        token, scores = self._pick(session, ids, starts, options, padding, logits, all_logits)
+        return token, logits, scores
+
+    def generate(self, incoming: Incoming) -> Reply:
+        """Many steps in one request: the fed ids, then a decode step per further token, each with its
+        interventions, the tokens picked by the session's sampler; the tokens (and what was asked) come back
+        once. A step that fails takes the whole request back: the session holds what it held before."""
+        message = incoming.message
+        session = self.sessions.get(message.args.get("session"), _fingerprint(message))
+        self.executor.not_parked(session)
+        steps = _arg(message, "max_new_tokens", int)
+        starts = session.length == 0
+        options = StepOptions.parse(message, starts_session=starts)
+        options = replace(options, returns=options.returns | {"token"})  # the tokens always come back
+        trace = TraceOptions.parse(message)
+        if trace.all_logits:
+            raise BadRequest("'logits': 'all' is for one forward (prefill, decode, forward); generate returns "
+                             "each step's last-position logits")
+        ids = message.tensors.get("input_ids")
+        fed = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 0
+        if steps < 1 or session.length + fed + steps - 1 > session.model.max_positions:
+            raise BadRequest(f"'max_new_tokens' must be at least 1 and fit the model's context: {session.length} "
+                             f"cached + {fed} fed + {steps} new tokens, the context is {session.model.max_positions}")
+        eos = message.args.get("eos_token_id", [])
+        pad = message.args.get("pad_token_id", 0)
+        vocab = session.model.vocab_size
+        if (not isinstance(eos, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                 for t in [*eos, pad])):
+            raise BadRequest(f"'eos_token_id' must be a list of token ids and 'pad_token_id' a token id, each in "
+                             f"[0, {vocab}), got {quote(eos)} and {quote(pad)}")
+        run = InterventionRun.parse(session.model.model, message, steps, self.device)
+        before = session.length, session.padding, session.sampler
+        sampler_state = session.sampler.state() if session.sampler is not None else None
+        tokens, logits, scores = [], [], []
+        unfinished = None
+        try:
+            for step in range(steps):
+                token, step_logits, step_scores = self._advance(session, ids, starts and step == 0, options,
+                                                                run.at(step) if run else None, False)
+                if eos:  # as HF's _sample (and the client's loop): a finished row is fed, and padded with, pad
+                    if unfinished is None:
+                        unfinished = torch.ones(token.shape[0], dtype=torch.bool, device=token.device)
+                    token = torch.where(unfinished[:, None], token, pad)
+                    unfinished &= ~torch.isin(token[:, 0], torch.tensor(eos, device=token.device))
+                tokens.append(token)
+                logits.append(step_logits)
+                scores.append(step_scores)
+                if unfinished is not None and not unfinished.any():
+                    break
+                ids = token
+        except BaseException:
+            self.sessions.rollback(session, before[0])
+            session.padding, session.sampler = before[1], before[2]
+            if session.sampler is not None:
+                session.sampler.restore(sampler_state)
+            raise
+        reply = self._logits_reply(options, torch.cat(tokens, dim=1), torch.stack(logits, dim=1),
+                                   torch.stack(scores, dim=1) if "scores" in options.returns else None,
+                                   {"length": session.length, "steps": len(tokens),
+                                    "stop_reason": "eos" if len(tokens) < steps else "max_new_tokens",
+                                    "io_wait_ms": session.last_io_wait_ms})
+        return self._with_saves(reply, run, trace)
+
+    @staticmethod
+    def _with_saves(reply: Reply, run: InterventionRun | None, trace: TraceOptions) -> Reply:
+        """The reply with the run's saved tensors, compressed as activations (`saves_codec`)."""
+        if run is None:
+            return reply
+        saved = {name: OutgoingTensor(value, TensorKind.ACTIVATION) for name, value in run.results(trace.per_step).items()}
+        policy = CodecPolicy({**reply.policy.by_kind, TensorKind.ACTIVATION: trace.saves_codec})
+        return Reply(reply.args, {**reply.tensors, **saved}, policy)
 
     @staticmethod
     def _sampler(session: Session) -> Sampler:
@@ -720,9 +825,15 @@ class Server:
         if parked_room() == 0:  # refused before the step touches the session
             raise LimitExceeded(f"{self.config.caps.parked} forwards are parked at breakpoints, the cap: "
                                 f"resume or cancel one first")
-        activation = self.executor.run_to_layer(session, message.tensors.get("input_ids"), layer)
-        return Reply({"layer": layer, "io_wait_ms": session.last_io_wait_ms},
-                     {"activation": OutgoingTensor(activation, TensorKind.ACTIVATION)})
+        trace = TraceOptions.parse(message)
+        run = InterventionRun.parse(session.model.model, message, 1, self.device)
+        if run is not None:
+            run.check_layers(before_breakpoint(layer), f"runs after decoder layer {layer}, where this step parks: "
+                                                       f"give it to resume")
+        activation = self.executor.run_to_layer(session, message.tensors.get("input_ids"), layer,
+                                                run.at(0) if run else None)
+        return self._with_saves(Reply({"layer": layer, "io_wait_ms": session.last_io_wait_ms},
+                                      {"activation": OutgoingTensor(activation, TensorKind.ACTIVATION)}), run, trace)
 
     def resume(self, incoming: Incoming) -> Reply:
         """The parked step continues from layer N+1 with the client's activation; the logits come back."""
@@ -734,11 +845,18 @@ class Server:
             # The parked step's tokens never reached the sampler, whose processors read every token.
             raise BadRequest(f"session {session.handle} samples with logits processors: a resumed step can "
                              f"return only its logits")
-        logits = self.executor.resume(session, message.tensors.get("activation"))
+        trace = TraceOptions.parse(message)
+        run = InterventionRun.parse(session.model.model, message, 1, self.device)
+        if run is not None and session.breakpoint is not None:
+            parked = session.breakpoint.layer
+            run.check_layers(lambda iv: not before_breakpoint(parked)(iv),
+                             f"ran before decoder layer {parked}'s breakpoint: give it to run_to_layer")
+        logits = self.executor.resume(session, message.tensors.get("activation"), run.at(0) if run else None)
         token, scores = (sampler.pick(None, logits) if sampler.history is None
                          else (None, None))
-        return self._logits_reply(options, token, logits, scores,
-                                  {"length": session.length, "io_wait_ms": session.last_io_wait_ms})
+        reply = self._logits_reply(options, token, logits, scores,
+                                   {"length": session.length, "io_wait_ms": session.last_io_wait_ms})
+        return self._with_saves(reply, run, trace)
 
     def cancel(self, incoming: Incoming) -> Reply:
         message = incoming.message

@@ -93,6 +93,7 @@ class Breakpoint:
     layer: int
     start_length: int  # tokens in the cache before the paused step
     ids: torch.Tensor  # the paused step's token ids, on the device: a retried resume runs layers 0..N again
+    edits: object | None = None  # its interventions' hooks (a StepHooks), installed again by such a retry
 
     @property
     def step_tokens(self) -> int:  # tokens the paused step adds (per batch row)
