@@ -279,6 +279,45 @@ def test_a_decompressed_frame_is_held_once(codec):
     assert peak_over_size < 1.25, f"decoding peaked at {peak_over_size:.2f}x the tensor"
 
 
+def test_a_rejected_or_failed_request_is_freed_at_once_not_by_the_garbage_collector(tiny_model):
+    """The long fuzz run's RSS growth (issue 13's closing note: 107.7 MiB of native memory):
+    a rejection's traceback tied its `Incoming` to the loop's frames, which held it, so a
+    zstd bomb's 1 GiB output (8 MiB of it touched) lived until the cyclic collector ran.
+    With the collector off, nothing of a rejected or failed request may outlive its reply."""
+    import gc
+    import zstandard
+    from djinn.errors import FrameMismatch, ModelNotFound
+    from djinn.server.server import Server, ServerConfig
+
+    server = Server(ServerConfig(port=0, device="cpu", log_level="ERROR"))
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(server.address)
+    bomb = zstandard.ZstdCompressor().compress(bytes(1 << 20))
+    head = {"v": 1, "op": "prefill", "id": 1, "args": {"session": "0" * 32},
+            "tensors": [["input_ids", "int64", [1, 1 << 27], "zstd", len(bomb), "token_ids"]]}
+    bad_args = _frames_of(Header("open_session", 2, args={"model": "0" * 32}))
+    gc.collect()
+    gc.disable()
+    try:
+        for frames in ([msgpack.packb(head), bomb], bad_args):
+            dealer.send_multipart(frames)
+            while not dealer.poll(0):
+                server.serve_once(100)
+            assert msgpack.unpackb(dealer.recv_multipart()[0])["op"] == "error"
+        alive = [o for o in gc.get_objects() if isinstance(o, (FrameMismatch, ModelNotFound))]
+        assert not alive, f"errors of answered requests still alive, with their frames: {alive}"
+    finally:
+        gc.enable()
+        dealer.close()
+        server.close()
+
+
+def _frames_of(header: Header) -> list[bytes]:
+    frames, _, _ = encode_message(header)
+    return [bytes(f) for f in frames]
+
+
 def test_message_limits_follow_the_host_memory():
     """The zstd bomb's 6 GiB were accepted on any host; a 3 GB container now refuses them
     at the header."""

@@ -22,7 +22,7 @@ import zmq
 import zmq.utils.monitor
 
 from djinn.errors import (DjinnError, DjinnTimeout, FrameMismatch, ModelNotFound, ServerLost, ServerRestarted,
-                          SessionNotFound, Unauthenticated, from_wire, quote)
+                          SessionNotFound, Unauthenticated, from_wire, quote, without_tracebacks)
 from djinn.transport.codecs import Codec, CodecPolicy
 from djinn.transport.counters import ByteCounters
 from djinn.transport.security import ClientSecurity, ServerSecurity
@@ -527,7 +527,9 @@ class ServerSocket:
                   request_id: int | None) -> Incoming:
         payload, framing = length_byte_counts(frame_lengths)
         self.counters[peer_id].count_received(payload, framing)
-        return Incoming(peer_id, received_at, error=error,
+        # Only the code and message are answered: the traceback would tie the Incoming to
+        # the receiving frames, which hold it (`without_tracebacks`).
+        return Incoming(peer_id, received_at, error=without_tracebacks(error),
                         request_id=UNKNOWN_REQUEST_ID if request_id is None else request_id)
 
     def reply(self, peer: bytes, request_id: int, args: Mapping[str, Any] | None = None,
