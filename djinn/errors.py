@@ -123,6 +123,26 @@ def quote(value: object, limit: int = QUOTE_CHARS) -> str:
     return f"<{type(value).__name__}{size}>"
 
 
+def without_tracebacks(error: BaseException) -> BaseException:
+    """`error`, once answered and logged, with its own traceback and its causes' dropped.
+
+    A traceback holds the frames it passed through, and since Python 3.11 a finished frame
+    keeps its caller's frame too, with their locals: in the request loop, the request and
+    its tensors. Where the error is itself reachable from one of those frames (an
+    `Incoming` holding its rejection, a worker's outcome) that is a cycle, which only
+    the cyclic collector frees, late, native buffers and all: the RSS growth of the
+    long fuzz run (issue 13), up to two 1 GiB zstd-bomb outputs alive at once."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        pending += [current.__cause__, current.__context__]
+    return error
+
+
 def from_wire(code: str, message: str) -> DjinnError:
     """The exception a client raises for an error reply; unknown codes stay readable."""
     cls = _BY_CODE.get(code, DjinnError)

@@ -33,7 +33,7 @@ from djinn.server.process import ServerProcess
 from djinn.server.session_store import SessionStore
 from djinn.server.weight_cache import TensorEntry, WeightCache
 from djinn.transport import Header, OutgoingTensor, ServerSocket, TensorKind, encode_message
-from djinn.transport.sockets import STALLED_WAIT_S
+from djinn.transport.sockets import STALLED_WAIT_S, ClientConnection
 from djinn.transport.wire import parse_header
 
 from fuzzing import rss_bytes
@@ -279,6 +279,45 @@ def test_a_decompressed_frame_is_held_once(codec):
     assert peak_over_size < 1.25, f"decoding peaked at {peak_over_size:.2f}x the tensor"
 
 
+def test_a_rejected_or_failed_request_is_freed_at_once_not_by_the_garbage_collector(tiny_model):
+    """The long fuzz run's RSS growth (issue 13's closing note: 107.7 MiB of native memory):
+    a rejection's traceback tied its `Incoming` to the loop's frames, which held it, so a
+    zstd bomb's 1 GiB output (8 MiB of it touched) lived until the cyclic collector ran.
+    With the collector off, nothing of a rejected or failed request may outlive its reply."""
+    import gc
+    import zstandard
+    from djinn.errors import FrameMismatch, ModelNotFound
+    from djinn.server.server import Server, ServerConfig
+
+    server = Server(ServerConfig(port=0, device="cpu", log_level="ERROR"))
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(server.address)
+    bomb = zstandard.ZstdCompressor().compress(bytes(1 << 20))
+    head = {"v": 1, "op": "prefill", "id": 1, "args": {"session": "0" * 32},
+            "tensors": [["input_ids", "int64", [1, 1 << 27], "zstd", len(bomb), "token_ids"]]}
+    bad_args = _frames_of(Header("open_session", 2, args={"model": "0" * 32}))
+    gc.collect()
+    gc.disable()
+    try:
+        for frames in ([msgpack.packb(head), bomb], bad_args):
+            dealer.send_multipart(frames)
+            while not dealer.poll(0):
+                server.serve_once(100)
+            assert msgpack.unpackb(dealer.recv_multipart()[0])["op"] == "error"
+        alive = [o for o in gc.get_objects() if isinstance(o, (FrameMismatch, ModelNotFound))]
+        assert not alive, f"errors of answered requests still alive, with their frames: {alive}"
+    finally:
+        gc.enable()
+        dealer.close()
+        server.close()
+
+
+def _frames_of(header: Header) -> list[bytes]:
+    frames, _, _ = encode_message(header)
+    return [bytes(f) for f in frames]
+
+
 def test_message_limits_follow_the_host_memory():
     """The zstd bomb's 6 GiB were accepted on any host; a 3 GB container now refuses them
     at the header."""
@@ -455,3 +494,68 @@ def test_a_killed_server_is_reported_once_naming_the_decode_and_a_restart_is_nam
     client.close()
     spare.close()
 
+
+
+def _fake_server(port: int) -> zmq.Socket:
+    """A ROUTER on `port` as soon as the closed one has let it go (libzmq unbinds in its I/O thread)."""
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    while True:
+        try:
+            sock.bind(f"tcp://127.0.0.1:{port}")
+            return sock
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE:
+                raise
+            time.sleep(0.001)
+
+
+def _answer_hello(sock: zmq.Socket, instance: str) -> None:
+    peer, *frames = sock.recv_multipart()
+    request = msgpack.unpackb(frames[0])
+    assert request["op"] == "hello", request["op"]
+    reply, _, _ = encode_message(Header("reply", request["id"], args={"instance": instance}))
+    sock.send_multipart([peer, *[bytes(f) for f in reply]])
+
+
+def test_a_server_restarted_faster_than_a_link_check_is_reported_at_once():
+    """Closing note of issue 13: a restart shorter than one 1 s link check left a waiting
+    request to its full timeout (the link was up again when the check looked). The drop
+    itself ends the wait: the reply to a request sent before it can never arrive."""
+    first = zmq.Context.instance().socket(zmq.ROUTER)
+    first.setsockopt(zmq.LINGER, 0)
+    port = first.bind_to_random_port("tcp://127.0.0.1")
+    timeout_s = 30.0
+    connection = ClientConnection(f"127.0.0.1:{port}", timeout_s=timeout_s)
+    outcome = {}
+
+    def decode():
+        try:
+            connection.request("decode", {"session": "0" * 32})
+        except Exception as exc:
+            outcome["error"], outcome["at"] = exc, time.monotonic()
+
+    try:
+        waiter = threading.Thread(target=connection.hello, args=(timeout_s,))
+        waiter.start()
+        _answer_hello(first, "before")
+        waiter.join()
+        worker = threading.Thread(target=decode)
+        worker.start()
+        assert first.poll(10_000), "the decode never reached the first server"
+        first.recv_multipart()  # taken, never answered: the process "dies" with it
+        first.close()
+        restarted_at = time.monotonic()
+        second = _fake_server(port)  # the same port at once: the client reconnects within ~0.1 s
+        worker.join(timeout=timeout_s + 5)
+        error = outcome["error"]
+        assert isinstance(error, ServerLost) and "'decode'" in str(error), repr(error)
+        assert outcome["at"] - restarted_at < 1.0, f"reported {outcome['at'] - restarted_at:.2f} s after the restart"
+        waiter = threading.Thread(target=lambda: outcome.update(instance=connection.reconnect(timeout_s)["instance"]))
+        waiter.start()
+        _answer_hello(second, "after")
+        waiter.join()
+        assert outcome["instance"] == "after" and connection.server_instance == "after"
+        second.close()
+    finally:
+        connection.close()

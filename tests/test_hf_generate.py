@@ -216,6 +216,8 @@ def test_a_bad_option_leaves_the_session_as_it_was(client, tiny_model, make_prom
     args = {"model": fingerprint, "session": session, "returns": "token"}
     with pytest.raises(BadRequest, match="'returns'"):
         conn.request("prefill", {**args, "returns": "everything"}, {"input_ids": ids})
+    with pytest.raises(BadRequest, match="'returns'"):  # a list among the names had been an `internal` reply
+        conn.request("prefill", {**args, "returns": ["token", ["logits"]]}, {"input_ids": ids})
     first = conn.request("prefill", args, {"input_ids": ids}).tensors["token"]  # still a fresh session
     with pytest.raises(BadRequest, match="logits codec"):
         conn.request("decode", {**args, "logits_codec": "gzip9"}, {"input_ids": first})

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from djinn.decoding import Padding
-from djinn.errors import BadRequest
+from djinn.errors import BadRequest, quote
 from djinn.sampling import SamplingParams
 from djinn.transport import Codec, Message
 
@@ -30,14 +30,15 @@ class StepOptions:
     def parse(cls, message: Message, *, starts_session: bool) -> "StepOptions":
         returns = message.args.get("returns", "logits")
         names = [returns] if isinstance(returns, str) else returns
-        if (not isinstance(names, list) or not names or len(set(names)) != len(names)
-                or any(name not in RETURNABLE for name in names)):
-            raise BadRequest(f"'returns' must be one of {list(RETURNABLE)} or a list of them, got {returns!r}")
+        # strings first: a list among the names is unhashable (a fuzzed `internal` reply)
+        if (not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names)
+                or len(set(names)) != len(names) or any(name not in RETURNABLE for name in names)):
+            raise BadRequest(f"'returns' must be one of {list(RETURNABLE)} or a list of them, got {quote(returns)}")
         codec = message.args.get("logits_codec", Codec.RAW.value)
         try:
             codec = Codec(codec)
         except ValueError:
-            raise BadRequest(f"unknown logits codec {codec!r}") from None
+            raise BadRequest(f"unknown logits codec {quote(codec)}") from None
         sampling, mask = message.args.get("sampling"), message.tensors.get("attention_mask")
         if not starts_session:
             if sampling is not None or mask is not None:

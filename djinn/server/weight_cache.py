@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
@@ -180,7 +180,7 @@ class WeightCache:
         weight_bytes = sum(math.prod(e.shape) * e.dtype.itemsize for e in expected.values())
         plan = None
         if fits_in_budget(weight_bytes, self.budget.limit_bytes):
-            self._make_room(weight_bytes, fingerprint)
+            self._make_room(weight_bytes, fingerprint, peer)
             try:
                 model = models.build_skeleton(config, dtype, self.device)
             except torch.OutOfMemoryError as exc:
@@ -188,7 +188,7 @@ class WeightCache:
                                   f"{exc}") from None
         else:
             _check_host_memory(weight_bytes, what)
-            model, plan = self._host_model_to_stream(fingerprint, config, dtype, weight_bytes)
+            model, plan = self._host_model_to_stream(fingerprint, config, dtype, weight_bytes, peer)
         cached = CachedModel(fingerprint, model, config, dtype, expected, weight_bytes,
                              ring_bytes=plan.ring_bytes if plan else 0, plan=plan,
                              config_key=_config_key(config_values), peers={peer})
@@ -300,23 +300,39 @@ class WeightCache:
         cached.release()
         log.warning("dropped the partial upload of model %s: %s", cached.fingerprint, why)
 
-    def _make_room(self, weight_bytes: int, fingerprint: str) -> None:
-        """Evict models no session uses, least recently used first, until `weight_bytes` fit the budget."""
+    def _make_room(self, weight_bytes: int, fingerprint: str, peer: bytes | None = None) -> None:
+        """Evict models no session uses, least recently used first, until `weight_bytes` fit the budget.
+
+        For `peer` (the connection registering), only within fair shares: its own models
+        (those it registered too), and another client's only while that client holds more
+        than its share of the budget, so that one client filling the budget evicts its own
+        models and never another's within their share (`FairShare`). None: the server's own
+        load (`--model`), which may take any idle model."""
+        shares = FairShare(self.models.values(), self.budget.limit_bytes, peer)
+        protected = 0
         for victim in sorted(self.models.values(), key=lambda m: m.last_used):
             if not self.budget.shortfall(weight_bytes):
                 break
-            if victim.users == 0 and victim.name is None:
-                del self.models[victim.fingerprint]
-                victim.release()
-                self.counters.evictions += 1
-                log.warning("evicted model %s (%s) to make room for %s", victim.fingerprint,
-                            human(victim.weight_bytes), fingerprint)
+            if victim.users or victim.name is not None:
+                continue
+            if peer is not None and not shares.may_evict(victim, peer):
+                protected += 1
+                continue
+            del self.models[victim.fingerprint]
+            shares.forget(victim)
+            victim.release()
+            self.counters.evictions += 1
+            log.warning("evicted model %s (%s) to make room for %s", victim.fingerprint,
+                        human(victim.weight_bytes), fingerprint)
         if self.budget.shortfall(weight_bytes):
+            kept = (f"; {protected} idle models of other clients are within their fair share "
+                    f"({gib(shares.share)} each of {shares.clients} clients) and are not evicted for this one"
+                    if protected else "")
             raise OutOfMemory(f"model {fingerprint} needs {gib(weight_bytes)}, which does not fit beside the models "
-                              f"in use and the KV caches: {self.budget.describe()}")
+                              f"in use and the KV caches: {self.budget.describe()}{kept}")
 
     def _host_model_to_stream(self, fingerprint: str, config, dtype: torch.dtype,
-                              weight_bytes: int) -> tuple[torch.nn.Module, ResidencyPlan]:
+                              weight_bytes: int, peer: bytes | None) -> tuple[torch.nn.Module, ResidencyPlan]:
         """A model whose weights exceed the budget, built in host memory; and its residency plan.
 
         Refused before any upload when even streamed it cannot run here: its largest layer
@@ -337,7 +353,7 @@ class WeightCache:
             raise OutOfMemory(f"model {fingerprint} does not fit even streamed: its always-resident parts "
                               f"({gib(fixed)}), a ring and the KV of {kv_tokens} tokens ({gib(kv)}) exceed the "
                               f"{gib(self.budget.limit_bytes)} budget; lower --stream-kv-tokens or raise the budget")
-        self._make_room(minimum, fingerprint)
+        self._make_room(minimum, fingerprint, peer)
         reserve = self.budget.reserve_bytes
         try:
             plan = plan_residency(
@@ -365,6 +381,41 @@ class WeightCache:
         log.info("model %s streams %d decoder layers (%s) through a %s ring on %s; %d stay resident",
                  cached.fingerprint, len(cached.stream.layer_bytes), gib(sum(cached.stream.layer_bytes)),
                  gib(cached.ring_bytes), self.device, len(plan.resident_layers))
+
+
+class FairShare:
+    """Each client's share of the device budget for cached models, and what it holds of it.
+
+    A client is a connection that registered (or attached to) a model the server did not
+    load itself; a model held by several counts a part to each. The share is the budget
+    over the clients holding models (the registering one included): a client over it is
+    the one whose models others may evict. Per connection, since that is what the server
+    can tell apart: a client that opens several connections gets several shares (an
+    authenticated client is trusted not to, as with the other caps)."""
+
+    def __init__(self, models: Iterable[CachedModel], budget_bytes: int, peer: bytes | None):
+        self._held: dict[bytes, float] = {} if peer is None else {peer: 0.0}
+        for model in models:
+            self._add(model, 1)
+        self.clients = max(len(self._held), 1)
+        self.share = budget_bytes / self.clients
+
+    def _add(self, model: CachedModel, sign: int) -> None:
+        if model.name is not None or not model.peers:
+            return  # the server's own models are nobody's share
+        part = model.device_bytes / len(model.peers)
+        for holder in model.peers:
+            self._held[holder] = self._held.get(holder, 0.0) + sign * part
+
+    def held(self, peer: bytes) -> float:
+        return self._held.get(peer, 0.0)
+
+    def may_evict(self, victim: CachedModel, peer: bytes) -> bool:
+        """Whether `peer` may evict `victim`: it holds the model itself, or every holder is over its share."""
+        return peer in victim.peers or all(self.held(holder) > self.share for holder in victim.peers)
+
+    def forget(self, model: CachedModel) -> None:
+        self._add(model, -1)
 
 
 def _host_skeleton(config, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:

@@ -22,7 +22,7 @@ import zmq
 import zmq.utils.monitor
 
 from djinn.errors import (DjinnError, DjinnTimeout, FrameMismatch, ModelNotFound, ServerLost, ServerRestarted,
-                          SessionNotFound, Unauthenticated, from_wire, quote)
+                          SessionNotFound, Unauthenticated, from_wire, quote, without_tracebacks)
 from djinn.transport.codecs import Codec, CodecPolicy
 from djinn.transport.counters import ByteCounters
 from djinn.transport.security import ClientSecurity, ServerSecurity
@@ -34,7 +34,13 @@ log = logging.getLogger("djinn.transport")
 
 DEFAULT_TIMEOUT_S = 120.0
 HELLO_TIMEOUT_S = 2.0  # `connect` confirms the server this fast; the long timeout is for requests
-LINK_CHECK_S = 1.0  # a late reply's wait looks at the connection this often (a dead server: ServerLost)
+LINK_CHECK_S = 1.0  # a late reply's wait looks at the connection at least this often (a dead server: ServerLost)
+# A reply later than this is waited for beside the connection's events, so that a drop
+# (the server exited, or restarted faster than any periodic check) ends the wait at once:
+# the reply to a request sent before a drop can never arrive, since the reconnected
+# DEALER is a new peer to the ROUTER. Before it, the plain receive: a prompt reply pays
+# nothing for the check.
+PROMPT_REPLY_S = 0.05
 STALLED_WAIT_S = 2.0  # after a timeout, how long a request waits for any sign of life before failing the same way
 GONE_CODES = (SessionNotFound.code, ModelNotFound.code)  # what a restarted server says of the old one's state
 UNKNOWN_REQUEST_ID = -1  # error replies to a message whose header could not be read
@@ -175,6 +181,9 @@ class _Link:
         for event in self.FAILED:
             events |= event
         self._monitor = sock.get_monitor_socket(events)
+        self._poller = zmq.Poller()  # the reply socket and the monitor, for a late reply's wait
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self.up = False
         self.drops = 0  # disconnections after a completed handshake
         self.refused: str | None = None  # why the last handshake failed, until one succeeds
@@ -188,6 +197,10 @@ class _Link:
             if self.up or self.refused or remaining_ms <= 0:
                 return self.up
             self._monitor.poll(remaining_ms)
+
+    def wait(self, timeout_s: float) -> None:
+        """Until a message or a connection event arrives, or `timeout_s` passes."""
+        self._poller.poll(math.ceil(timeout_s * 1000))
 
     def update(self) -> None:
         while True:
@@ -230,6 +243,7 @@ class ClientConnection:
         self.server_instance: str | None = None  # from `hello`: which server process answered
         self._ids = itertools.count(1)
         self._failed: DjinnError | None = None  # the error that said the server stopped answering
+        self._last_reply_at = 0.0  # monotonic time of the last reply
         self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         _tune(self._socket, limits)
         if security is not None:  # the handshake's credentials; `auth_token` alone goes in headers only
@@ -244,17 +258,22 @@ class ClientConnection:
         """Send one request and wait for its reply; error replies raise their `DjinnError`."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         failed = self._failed
-        if isinstance(failed, ServerLost):
+        if isinstance(failed, ServerLost) or time.monotonic() - self._last_reply_at > LINK_CHECK_S:
+            # Events of the time between requests belong to none: read them before this one goes
+            # out (a hot loop of requests skips this: its events are read when a reply is late).
             self._link.update()
-            if not self._link.up:
-                raise failed  # the same report, naming the request that found the server gone
+        if isinstance(failed, ServerLost) and not self._link.up:
+            raise failed  # the same report, naming the request that found the server gone
+        drops = self._link.drops
         request_id = next(self._ids)
         header = Header(op, request_id, args=dict(args or {}), auth=self.auth_token)
         frames, payload, framing = encode_message(header, tensors, policy or self.policy)
         _send_frames(self._socket, frames)
         self.counters.count_sent(payload, framing)
-        reply = self._receive(op, request_id, timeout_s, stalled=failed if isinstance(failed, DjinnTimeout) else None)
+        reply = self._receive(op, request_id, timeout_s, drops,
+                              stalled=failed if isinstance(failed, DjinnTimeout) else None)
         self._failed = None
+        self._last_reply_at = time.monotonic()
         if reply.op == ERROR_OP:
             error = from_wire(str(reply.args.get("code")), str(reply.args.get("message")))
             if error.code in GONE_CODES and op != "hello":
@@ -262,26 +281,35 @@ class ClientConnection:
             raise error
         return reply
 
-    def _receive(self, op: str, request_id: int, timeout_s: float, stalled: DjinnError | None = None) -> Message:
+    def _receive(self, op: str, request_id: int, timeout_s: float, drops: int,
+                 stalled: DjinnError | None = None) -> Message:
         """The reply to `request_id` within `timeout_s`; while `stalled` (an earlier request's
-        timeout), within STALLED_WAIT_S of any message arriving, else `stalled` again."""
-        deadline = time.monotonic() + (min(timeout_s, STALLED_WAIT_S) if stalled is not None else timeout_s)
+        timeout), within STALLED_WAIT_S of any message arriving, else `stalled` again. `drops`:
+        the connection's drops when the request went out; one more, and its reply is lost."""
+        sent_at = time.monotonic()
+        deadline = sent_at + (min(timeout_s, STALLED_WAIT_S) if stalled is not None else timeout_s)
+        frames = self._receiver.within(math.ceil(min(timeout_s, PROMPT_REPLY_S) * 1000))
         while True:
-            remaining_s = max(0.0, deadline - time.monotonic())
-            # never wake before the deadline; wake every LINK_CHECK_S to see whether the link dropped
-            frames = self._receiver.within(math.ceil(min(remaining_s, LINK_CHECK_S) * 1000))
             if frames is None:
                 self._link.update()
                 if self._link.refused:
                     raise Unauthenticated(f"{self.address} refused this client in the ZeroMQ handshake "
                                           f"({self._link.refused}): wrong or missing token, or a CURVE key "
                                           f"it does not allow")
-                if self._link.drops and not self._link.up:
+                # A drop since the request went out; or a link that was down before it and stayed
+                # down for a link check (a reconnection after a restart takes ~0.1 s).
+                if self._link.drops > drops or (self._link.drops and not self._link.up
+                                                and time.monotonic() - sent_at >= LINK_CHECK_S):
                     self._failed = ServerLost(f"the connection to {self.address} dropped while '{op}' waited for "
                                               f"its reply: the server exited or restarted, and its sessions and "
                                               f"cached models with it")
                     raise self._failed
-                if remaining_s > LINK_CHECK_S:
+                remaining_s = deadline - time.monotonic()
+                if remaining_s > 0:
+                    # the reply, or any event of the connection, ends this wait; at the latest
+                    # LINK_CHECK_S, for the events a poll does not wake on
+                    self._link.wait(min(remaining_s, LINK_CHECK_S))
+                    frames = self._receiver.within(0)
                     continue
                 if stalled is not None:
                     self._failed = stalled
@@ -294,7 +322,7 @@ class ClientConnection:
             self.counters.count_received(reply.payload_bytes, reply.framing_bytes)
             if reply.header.request_id in (request_id, UNKNOWN_REQUEST_ID):
                 return reply
-            # A late reply to a request that already timed out: not ours to return.
+            frames = None  # a late reply to a request that already timed out: not ours to return
 
     def confirm(self, handshake_timeout_s: float) -> dict:
         """The server's `hello`, once a ZeroMQ handshake with it completed within
@@ -499,7 +527,9 @@ class ServerSocket:
                   request_id: int | None) -> Incoming:
         payload, framing = length_byte_counts(frame_lengths)
         self.counters[peer_id].count_received(payload, framing)
-        return Incoming(peer_id, received_at, error=error,
+        # Only the code and message are answered: the traceback would tie the Incoming to
+        # the receiving frames, which hold it (`without_tracebacks`).
+        return Incoming(peer_id, received_at, error=without_tracebacks(error),
                         request_id=UNKNOWN_REQUEST_ID if request_id is None else request_id)
 
     def reply(self, peer: bytes, request_id: int, args: Mapping[str, Any] | None = None,
