@@ -99,11 +99,11 @@ def test_the_report_has_a_row_per_rtt_with_its_growth():
 def test_the_sweep_figure_is_redrawn_from_its_json(tmp_path):
     import json
 
-    from benchmarks.report import exp3_figure
+    from benchmarks.report import own_json_figure
 
     data = {"experiment": "link_sweep", "model": "tiny-llama",
             **link_report({0.0: latency(0.0, 0.1), 1e-3: latency(1e-3, 1.0)}, {1e-3: throughput(1e-3, 0.95)})}
     source = tmp_path / "sweep.json"
     source.write_text(json.dumps(data))
-    figure = exp3_figure(source, tmp_path / "out")
+    figure = own_json_figure(source, tmp_path / "out")
     assert figure is not None and figure.stat().st_size > 10_000

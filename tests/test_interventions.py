@@ -266,7 +266,8 @@ def streaming_server(server_launcher, tiny_model):
     model_bytes = models.parameter_bytes(models.TINY_MODEL, torch.float32)
     server = server_launcher.start("interventions-ring", cpu_server(
         "--vram-budget-gb", f"{model_bytes * 0.8 / 2**30:.9f}", "--ring-buffer-gb", f"{(6 << 20) / 2**30:.9f}",
-        "--disable-kv-swap"))
+        # the residency plan reserves KV for this many tokens (the model's whole context would not fit)
+        "--stream-kv-tokens", "64", "--disable-kv-swap"))
     yield server
     server.stop()
 
