@@ -29,7 +29,7 @@ from djinn.models import config_dict
 from djinn.modes import DECODE_CHOICES, SHIPPED_WEIGHT_PREFIX, Mode, resolve
 from djinn.pool import PlacementPolicy, PoolConnection, directory_for
 from djinn.sampling import Sampler, SamplingParams
-from djinn.server.interventions import InterventionRun
+from djinn.server.interventions import SAVED_PREFIX, InterventionRun
 from djinn.transport import DEFAULT_TIMEOUT_S, ByteCounters, ClientConnection, Codec, OutgoingTensor, TensorKind
 from djinn.transport.security import ClientSecurity
 from djinn.transport.sockets import HELLO_TIMEOUT_S
@@ -169,9 +169,9 @@ def _saves(tensors: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, 
     """A reply's saved tensors: `saved.<key>`, or `saved.<step>.<key>` when sent per step."""
     saved, per_step = {}, {}
     for name, value in tensors.items():
-        if not name.startswith("saved."):
+        if not name.startswith(SAVED_PREFIX):
             continue
-        rest = name.removeprefix("saved.")
+        rest = name.removeprefix(SAVED_PREFIX)
         head, _, key = rest.partition(".")
         if head.isdigit() and key:
             per_step.setdefault(key, {})[int(head)] = value
