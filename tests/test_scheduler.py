@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from djinn.server.scheduler import BatchPolicy, PrefillJob, Queued, Scheduler
+from djinn.server.scheduler import DECODING_WINDOW_S, BatchPolicy, PrefillJob, Queued, Scheduler
 
 MODEL_A, MODEL_B = object(), object()
 
@@ -152,6 +152,33 @@ def test_a_prefill_with_nobody_decoding_runs_whole():
     sched = scheduler(engine, budget=16)
     sched.iterate(0)
     assert engine.calls == [("serve", "prefill", "long")]
+
+
+def test_a_decoder_between_steps_still_counts_as_decoding_until_the_window_passes():
+    # A lone decoder's client round trip can outlast an idle poll: the long prefill that arrives
+    # then is still chunked, so the decoder's next step does not wait behind it.
+    engine = ScriptedEngine(sessions={"a": (MODEL_A, 1)}, prompts={"long": 100, "later": 100})
+    engine.arrivals = [request("p1", "decode", "a")]
+    sched = scheduler(engine, budget=16)
+    sched.iterate(0)
+    sched.iterate(0)  # an idle turn: nothing arrived
+    engine.now += DECODING_WINDOW_S / 2
+    engine.arrivals = [request("p2", "prefill", "long")]
+    sched.iterate(0)
+    assert engine.calls[-1] == ("chunk", "long", 16) and sched.counters.chunked_prefills == 1
+    while sched.prefills:
+        sched.iterate(0)
+    engine.now += DECODING_WINDOW_S * 1.01
+    engine.arrivals = [request("p3", "prefill", "later")]
+    sched.iterate(0)
+    assert engine.calls[-1] == ("serve", "prefill", "later"), "nobody decoded within the window: it runs whole"
+    engine.arrivals = [request("p1", "decode", "a")]
+    sched.iterate(0)
+    engine.arrivals = [request("p1", "close_session", "a")]
+    sched.iterate(0)
+    engine.arrivals = [request("p4", "prefill", "long")]
+    sched.iterate(0)
+    assert engine.calls[-1] == ("serve", "prefill", "long"), "the decoder closed its session: it runs whole"
 
 
 def test_the_turn_waits_for_the_last_batchs_stragglers_only_up_to_batch_wait_ms():

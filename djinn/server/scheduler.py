@@ -7,7 +7,8 @@ then runs
      most `max_batch` sessions and `step_token_budget` tokens (`djinn.server.batching`);
      a session that must run alone (`batching.unbatched_reason`) is served as any other op;
   2. one chunk of a long prefill, in the tokens the batch left of the budget, while other
-     sessions are decoding (alone, a prefill runs whole, bit for bit what it was);
+     sessions are decoding (a session decoded within DECODING_WINDOW_S; alone, a prefill runs
+     whole, bit for bit what it was);
   3. other requests (uploads, registers, opens, solo steps, stats) in arrival order, for
      as long as the decode step took (at least one): an upload is interleaved with the
      steps, one chunk per turn, instead of holding every session until it is whole.
@@ -31,6 +32,13 @@ from djinn.transport import Incoming
 # How many arrivals one turn reads from the sockets beyond its batch: bounds the memory a
 # burst can hold in the queue (the rest waits in libzmq's buffers and the peers' HWM).
 QUEUE_PER_BATCH_SLOT = 4
+
+# A session whose last decode ran this recently still counts as decoding (until its client
+# sends it anything but a decode, a close for one): between two steps the client reads the
+# reply, samples and sends, and on a loaded host that round trip can outlast a turn or an
+# idle poll (POLL_MS). A long prefill arriving meanwhile is chunked so the decoder's next step
+# does not wait behind it; with no session decoding, a prefill runs whole.
+DECODING_WINDOW_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -127,7 +135,8 @@ class Scheduler:
         self.queue: list[Queued] = []
         self.prefills: list[PrefillJob] = []  # in arrival order; the first one runs
         self.counters = SchedulerCounters()
-        self._last_decoders: set[bytes] = set()  # peers whose decodes ran last turn
+        self._last_decoders: set[bytes] = set()  # peers whose decodes ran last turn (the stragglers)
+        self._decoded_at: dict[str, float] = {}  # session handle -> clock of its last decode
 
     @property
     def queue_limit(self) -> int:
@@ -156,7 +165,7 @@ class Scheduler:
             self.engine.serve(batch[0])
         for queued in batch:
             self.queue.remove(queued)
-        decoding = bool(batch) or bool(self._last_decoders)
+        decoding = bool(batch) or self._someone_decoding()
         if prefill is not None:
             self.queue.remove(prefill)
             job = self.engine.begin_prefill(prefill)
@@ -173,12 +182,14 @@ class Scheduler:
         step_s = self.clock() - step_started
         self._serve_others(others, step_s if (batch or self.prefills) else None)
         self._last_decoders = decoders | {q.peer for q in others if q.op == "decode"}
+        self._note_decoders([*batch, *([prefill] if prefill else []), *others])
 
     def abandon(self) -> list[Queued]:
         """Everything queued or in progress, dropped (after a failure of the scheduler itself) for the
         caller to answer; a prefill in chunks leaves its session as it is, its next request fails."""
         dropped = [*self.queue, *(job.queued for job in self.prefills)]
         self.queue, self.prefills, self._last_decoders = [], [], set()
+        self._decoded_at.clear()
         return dropped
 
     def summary(self) -> dict:
@@ -209,6 +220,22 @@ class Scheduler:
             self.counters.straggler_wait_ms += (self.clock() - started) * 1e3
 
     # -- planning ---------------------------------------------------------------------
+    def _note_decoders(self, served: list[Queued]) -> None:
+        now = self.clock()
+        for queued in served:
+            if queued.handle is None:
+                continue
+            if queued.op == "decode":
+                self._decoded_at[queued.handle] = now
+            else:  # a close, a new prompt, a rollback: the session is not between two decodes
+                self._decoded_at.pop(queued.handle, None)
+
+    def _someone_decoding(self) -> bool:
+        """Whether a session decoded within DECODING_WINDOW_S (forgetting those that did not)."""
+        horizon = self.clock() - DECODING_WINDOW_S
+        self._decoded_at = {handle: at for handle, at in self._decoded_at.items() if at >= horizon}
+        return bool(self._decoded_at)
+
     def _plan(self) -> "Plan":
         """This turn's batch, the prefill to start in chunks (if any) and the other requests, in order."""
         blocked = {job.queued.peer for job in self.prefills}  # peers with an earlier request not yet served
@@ -217,7 +244,7 @@ class Scheduler:
         others: list[Queued] = []
         prefill = None
         model, tokens = None, 0
-        decoding = bool(self._last_decoders) or any(q.op == "decode" for q in self.queue)
+        decoding = self._someone_decoding() or any(q.op == "decode" for q in self.queue)
         for queued in self.queue:
             if queued.peer in blocked or (queued.handle is not None and queued.handle in busy):
                 blocked.add(queued.peer)
