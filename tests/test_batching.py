@@ -55,7 +55,7 @@ def _batched(executor, sessions, steps: list[list[int]], tokens) -> list[list[to
         for i in members:
             ids = tokens[i][:, fed_so_far[i]:fed_so_far[i] + 1]
             padding = sessions[i].padding.next(1) if sessions[i].padding is not None else None
-            batch.append(BatchedStep(sessions[i], executor.decode_ids(sessions[i], ids), padding))
+            batch.append(BatchedStep(sessions[i], executor.step_ids(sessions[i], ids), padding))
             if padding is not None:
                 sessions[i].padding = padding
         logits = executor.batched_step(batch) if len(batch) > 1 else [
@@ -175,7 +175,7 @@ def test_a_failed_batch_leaves_every_session_as_it_was(make_executor, prompts, f
     for s, p in zip(sessions, prompts):
         executor.session_step(s, p)
     before = [[(k.clone(), v.clone()) for k, v in kv.to_pairs(s.cache)] for s in sessions]
-    batch = [BatchedStep(s, executor.decode_ids(s, t[:, :1]), None) for s, t in zip(sessions, fed)]
+    batch = [BatchedStep(s, executor.step_ids(s, t[:, :1]), None) for s, t in zip(sessions, fed)]
 
     def half_then_fail(model, steps, stacks):
         for step in steps[:2]:  # two sessions' caches grow, then the forward dies
@@ -223,7 +223,7 @@ def test_a_steady_batch_appends_to_its_stacked_cache_exactly_as_a_restack_would(
         for i in range(NEW_TOKENS):
             if restack_every_step:
                 executor.stacks.release()
-            batch = [BatchedStep(s, executor.decode_ids(s, t[:, i:i + 1]), None) for s, t in zip(sessions, fed)]
+            batch = [BatchedStep(s, executor.step_ids(s, t[:, i:i + 1]), None) for s, t in zip(sessions, fed)]
             logits.append(torch.cat(executor.batched_step(batch)))
             assert len({_storage(s) for s in sessions}) == 1, "every session's cache is a view of the stacked one"
         return sessions, torch.stack(logits)
@@ -234,12 +234,12 @@ def test_a_steady_batch_appends_to_its_stacked_cache_exactly_as_a_restack_would(
     assert (executor.stacks.reused - before[0], executor.stacks.restacked - before[1]) == (NEW_TOKENS - 1, 1)
     assert torch.equal(reused, restacked), "the reused stacked cache holds exactly what a restack copies"
     # One leaves: it gets its own copy, and the next batch restacks without it.
-    batch = [BatchedStep(s, executor.decode_ids(s, t[:, :1]), None) for s, t in zip(sessions[:2], fed)]
+    batch = [BatchedStep(s, executor.step_ids(s, t[:, :1]), None) for s, t in zip(sessions[:2], fed)]
     executor.batched_step(batch)
     left = sessions[2]
     assert _storage(left) not in {_storage(s) for s in sessions[:2]}, "the departed session holds its own copy"
     assert left.length == PROMPT_LENGTHS[2] + NEW_TOKENS and left.kv_bytes == left.count_kv_bytes()
     # A paged-out member breaks the reuse too: it is paged back in and restacked.
     executor.sessions.page_out(sessions[0])
-    executor.batched_step([BatchedStep(s, executor.decode_ids(s, t[:, 1:2]), None) for s, t in zip(sessions[:2], fed)])
+    executor.batched_step([BatchedStep(s, executor.step_ids(s, t[:, 1:2]), None) for s, t in zip(sessions[:2], fed)])
     assert not sessions[0].host and _storage(sessions[0]) == _storage(sessions[1])

@@ -46,6 +46,12 @@ def test_a_measurement_above_the_peak_says_the_peak_is_wrong():
     assert [c.name for c in verdict.failures] == ["peak_bounds_streaming"]
 
 
+def test_streaming_a_few_tenths_of_a_percent_above_the_probe_is_timing_not_a_wrong_peak():
+    # the H200's 70B run: 55.06 GB/s streamed against the probe's 54.91
+    verdict = ring_buffer_criteria(results(gbps=(PEAK * 1.003,) * 2))
+    assert verdict.check("peak_bounds_streaming").outcome is Outcome.PASSED
+
+
 def test_slow_first_token_and_differing_logits_fail():
     slow = ring_buffer_criteria(results(ttft=(900.0, 910.0, 905.0)))
     assert any(c.name.startswith("ttft_vs_bound") for c in slow.failures)
@@ -88,6 +94,7 @@ def test_an_absolute_ttft_goal_passes_under_and_fails_over():
     assert ring_buffer_criteria(results(ttft_goal_ms=2000.0)).check("ttft_vs_goal_2000ms").outcome is Outcome.PASSED
     slow = ring_buffer_criteria(results(ttft=(2100.0, 2150.0, 2120.0), ttft_goal_ms=2000.0))
     assert slow.check("ttft_vs_goal_2000ms").failed
+    assert f"{STREAMED / (PEAK * 1e9) * 1e3:.0f} ms at the peak" in slow.check("ttft_vs_goal_2000ms").message
     borderline = ring_buffer_criteria(results(ttft=(1900.0, 2000.0, 2100.0), ttft_goal_ms=2000.0))
     assert borderline.check("ttft_vs_goal_2000ms").outcome is Outcome.PASSED
     assert not any(c.name.startswith("ttft_vs_goal") for c in ring_buffer_criteria(results()).checks)

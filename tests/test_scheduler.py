@@ -25,6 +25,7 @@ class ScriptedEngine:
     """Sessions are handles mapped to (model, rows); prefills to their prompt tokens."""
     sessions: dict = field(default_factory=dict)
     prompts: dict = field(default_factory=dict)
+    whole: dict = field(default_factory=dict)  # prompts that may be batched: handle -> (model, rows, tokens)
     arrivals: list = field(default_factory=list)
     calls: list = field(default_factory=list)
     now: float = 0.0
@@ -36,6 +37,8 @@ class ScriptedEngine:
 
     def receive(self, timeout_ms, limit):
         taken, self.arrivals = self.arrivals[:limit], self.arrivals[limit:]
+        if not taken:  # as a blocking read that nothing ended
+            self.now += timeout_ms / 1e3
         return taken
 
     def batchable(self, queued):
@@ -46,6 +49,16 @@ class ScriptedEngine:
 
     def prefill_tokens(self, queued):
         return self.prompts.get(queued.handle) if queued.op == "prefill" else None
+
+    def batchable_prefill(self, queued):
+        if queued.op != "prefill" or queued.handle not in self.whole:
+            return None
+        model, rows, tokens = self.whole[queued.handle]
+        return SimpleNamespace(model=model), rows, tokens
+
+    def prefill_batch(self, batch):
+        self.now += self.batch_s
+        self.calls.append(("prefill_batch", [q.handle for q in batch]))
 
     def serve(self, queued):
         self.now += self.other_s
@@ -181,29 +194,85 @@ def test_a_decoder_between_steps_still_counts_as_decoding_until_the_window_passe
     assert engine.calls[-1] == ("serve", "prefill", "long"), "the decoder closed its session: it runs whole"
 
 
-def test_the_turn_waits_for_the_last_batchs_stragglers_only_up_to_batch_wait_ms():
+def test_prompts_that_arrive_together_run_as_one_forward_within_the_budget():
+    engine = ScriptedEngine(sessions={"a": (MODEL_A, 1)},
+                            whole={"p": (MODEL_A, 1, 20), "q": (MODEL_A, 1, 10), "r": (MODEL_A, 1, 30),
+                                   "s": (MODEL_B, 1, 5)})
+    engine.arrivals = [request("p1", "decode", "a"), request("p2", "prefill", "p"), request("p3", "prefill", "q"),
+                       request("p4", "prefill", "r"), request("p5", "prefill", "s")]
+    sched = scheduler(engine, budget=64)
+    sched.iterate(0)
+    # 1 decode token + 2 prompts padded to 20 = 41; the third would make 1 + 3 x 30 = 91; s is another model's
+    assert engine.calls[:2] == [("serve", "decode", "a"), ("prefill_batch", ["p", "q"])]
+    assert sched.counters.prefill_batches == 1 and sched.counters.batched_prefills == 2
+    sched.iterate(0)
+    sched.iterate(0)
+    assert engine.calls[2:] == [("serve", "prefill", "r"), ("serve", "prefill", "s")], "one model per forward"
+
+
+def test_a_prompt_alone_runs_solo_and_one_over_the_budget_runs_whole_when_nobody_decodes():
+    engine = ScriptedEngine(whole={"big": (MODEL_A, 1, 100), "small": (MODEL_A, 1, 8)})
+    engine.arrivals = [request("p1", "prefill", "big"), request("p2", "prefill", "small")]
+    sched = scheduler(engine, budget=64)
+    sched.iterate(0)
+    assert engine.calls[0] == ("serve", "prefill", "big"), "first and alone, over the budget: whole"
+    sched.iterate(0)
+    assert engine.calls[1:] == [("serve", "prefill", "small")] and sched.counters.prefill_batches == 0
+
+
+def reads(engine: ScriptedEngine, *batches: list) -> None:
+    """Each receive call returns the next of `batches` (then nothing), 1 ms later on the fake clock."""
+    pending = list(batches)
+
+    def receive(timeout_ms, limit):
+        engine.now += 0.001
+        return pending.pop(0) if pending else []
+    engine.receive = receive
+
+
+def test_the_turn_waits_for_the_recent_decoders_stragglers_only_up_to_batch_wait_ms():
     engine = ScriptedEngine(sessions={h: (MODEL_A, 1) for h in "ab"})
     engine.arrivals = [request("p1", "decode", "a"), request("p2", "decode", "b")]
     sched = scheduler(engine, wait_ms=5.0)
     sched.iterate(0)
-    late = request("p2", "decode", "b")
-    reads = []
-
-    def receive(timeout_ms, limit):  # p1 is back at once, p2 on the second read
-        reads.append(timeout_ms)
-        engine.now += 0.001
-        return [request("p1", "decode", "a")] if len(reads) == 1 else [late] if len(reads) == 2 else []
-    engine.receive = receive
+    reads(engine, [request("p1", "decode", "a")], [request("p2", "decode", "b")])  # p2 on the second read
     sched.iterate(0)
     assert engine.calls[-1] == ("batch", ["a", "b"]) and sched.counters.straggler_waits == 1
-    engine.calls.clear()
+    reads(engine, [request("p1", "decode", "a")])  # p2 does not come back
     before = engine.now
-    sched.iterate(0)  # now nobody comes back: the wait gives up after 5 ms of the fake clock
-    assert 0.005 <= engine.now - before <= 0.007 and not engine.calls
-    engine.now += 1.0
+    sched.iterate(0)
+    assert 0.005 <= engine.now - before - engine.other_s <= 0.007, "the wait gives up after 5 ms"
+    assert engine.calls[-1] == ("serve", "decode", "a")
+    engine.now += DECODING_WINDOW_S
+    reads(engine, [request("p1", "decode", "a")])
     before = engine.now
-    sched.iterate(0)  # nothing ran last turn: nobody is waited for
-    assert engine.now - before <= 0.001
+    sched.iterate(0)  # b has not decoded within the window: nobody is waited for
+    assert engine.now - before - 0.001 == pytest.approx(engine.other_s) and engine.calls[-1] == ("serve", "decode", "a")
+
+
+def test_two_decoders_that_fell_into_turns_meet_in_one_batch():
+    # Each client sends its next step while the other's runs: without a wait they alternate solo
+    # steps for ever (measured: 2 tenants on an H200, 378 steps, none batched).
+    engine = ScriptedEngine(sessions={h: (MODEL_A, 1) for h in "ab"})
+    sched = scheduler(engine, wait_ms=5.0)
+    engine.arrivals = [request("p1", "decode", "a")]
+    sched.iterate(0)
+    engine.arrivals = [request("p2", "decode", "b")]
+    sched.iterate(0)
+    reads(engine, [request("p1", "decode", "a")], [request("p2", "decode", "b")])  # b's next is on its way
+    sched.iterate(0)
+    assert [c[0] for c in engine.calls] == ["serve", "serve", "batch"] and engine.calls[-1] == ("batch", ["a", "b"])
+
+
+def test_a_lone_decoder_waits_for_nobody():
+    engine = ScriptedEngine(sessions={"a": (MODEL_A, 1)})
+    sched = scheduler(engine, wait_ms=5.0)
+    for _ in range(3):
+        engine.arrivals = [request("p1", "decode", "a")]
+        before = engine.now
+        sched.iterate(0)
+        assert engine.now - before == engine.other_s
+    assert sched.counters.straggler_waits == 0
 
 
 @pytest.mark.parametrize("args", [(0, 64, 0.0), (4, 0, 0.0), (4, 64, -1.0)])

@@ -7,6 +7,8 @@ logits under batching are judged against the same session's solo run on the same
 from __future__ import annotations
 
 import threading
+import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ import torch
 import djinn
 from djinn.equivalence import Equivalence, judge
 from djinn.errors import BadRequest
+from djinn.server import server as server_module
 from djinn.server.server import Server, ServerConfig
 from djinn.transport import OutgoingTensor, TensorKind
 
@@ -23,19 +26,25 @@ NEW_TOKENS = 5
 BATCH_WAIT_MS = 100.0
 
 
-@pytest.fixture
-def served(tiny_model):
-    """A server in a thread of this process, with the tiny model uploaded; (server, address, fingerprint)."""
-    server = Server(ServerConfig(port=0, batch_wait_ms=BATCH_WAIT_MS, step_token_budget=16))
+@contextmanager
+def _serving(model, step_token_budget: int):
+    """A server in a thread of this process, with `model` uploaded; (server, address, fingerprint)."""
+    server = Server(ServerConfig(port=0, batch_wait_ms=BATCH_WAIT_MS, step_token_budget=step_token_budget))
     loop = threading.Thread(target=server.serve_forever, daemon=True)
     loop.start()
     try:
         with djinn.connect(server.address, timeout_s=60) as client:
-            fingerprint = client.upload(tiny_model)
+            fingerprint = client.upload(model)
         yield server, server.address, fingerprint
     finally:
         server.stop()
         loop.join(timeout=30)
+
+
+@pytest.fixture
+def served(tiny_model):
+    with _serving(tiny_model, step_token_budget=16) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +225,44 @@ def test_a_long_prefill_is_chunked_while_another_session_decodes(served, work):
     _assert_equivalent(solo, got, "the chunked prefill's session")
     assert steps >= 3
     decoder.close()
+
+
+def test_prompts_that_arrive_together_are_prefilled_as_one_forward(tiny_model, work, monkeypatch):
+    prompts, fed = work
+    with _serving(tiny_model, step_token_budget=128) as (server, address, fingerprint):
+        solo = _solo(address, fingerprint, prompts, fed)
+        blocker, tenants = Tenant(address, fingerprint), [Tenant(address, fingerprint) for _ in prompts]
+        blocker.step("prefill", prompts[0])
+        # The loop sleeps inside the blocker's step while the prompts arrive; steps after it do not.
+        monkeypatch.setattr(server_module, "TEST_STEP_SLEEP_S", 0.6)
+        hold = threading.Thread(target=blocker.step, args=("decode", fed[0][:, :1]))
+        hold.start()
+        time.sleep(0.1)
+        threading.Timer(0.2, monkeypatch.setattr, (server_module, "TEST_STEP_SLEEP_S", 0.0)).start()
+        got = _together([lambda t=t, p=p, f=f: t.run(p, f) for t, p, f in zip(tenants, prompts, fed)])
+        hold.join(30)
+        counters = server.scheduler.counters
+        assert counters.prefill_batches == 1 and counters.batched_prefills == len(prompts), counters
+        for i, (ref, logits) in enumerate(zip(solo, got)):
+            _assert_equivalent(ref, logits, f"tenant {i}: its prompt batched with the others', padded")
+            assert server.sessions.sessions[tenants[i].handle].length == prompts[i].shape[1] + NEW_TOKENS
+        for t in [blocker, *tenants]:
+            t.close()
+
+
+def test_a_traced_prefill_is_never_chunked_nor_batched(served, work):
+    # Its hooks act on the whole forward: a chunk would run without them (the saves silently missing).
+    server, address, fingerprint = served
+    prompts, fed = work
+    decoder, traced = Tenant(address, fingerprint), Tenant(address, fingerprint)
+    decoder.step("prefill", prompts[0])
+    decoder.step("decode", fed[0][:, :1])  # somebody is decoding: a plain 30-token prompt would be chunked
+    reply = traced.request("prefill", prompts[1], returns=["token"],
+                           interventions=[{"op": "save", "site": "layer", "layer": 0}])
+    assert any(name.startswith("saved.") for name in reply.tensors), "the save came back"
+    assert server.scheduler.counters.chunked_prefills == 0
+    for t in (decoder, traced):
+        t.close()
 
 
 def test_the_batching_limits_are_server_options():

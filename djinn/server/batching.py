@@ -16,6 +16,10 @@ experiment's contexts (a few hundred tokens) that copy is a small fraction of th
 every decode step reads anyway. Batch-sized CUDA graphs would capture a fixed pool of
 that shape (`unbatched_reason` keeps graph-slot sessions out of batches until then).
 
+Prompts that arrive together are batched the same way (`stacked_prefill`): left-padded to the
+longest, one forward, each session keeping its rows of the KV with the padding cut off, so a
+session of N joining tenants waits for one prefill forward, not N.
+
 Batched logits are not bit-identical to solo ones: the GEMMs have another shape and the
 attention a mask. They are judged teacher-forced (`djinn.equivalence`); a batch of one
 session runs the solo step instead, bit for bit what it was.
@@ -64,6 +68,13 @@ def stacked_bytes(steps: list[BatchedStep]) -> int:
     longest = max(step.session.length for step in steps)
     rows = sum(step.rows for step in steps)
     return rows * (longest + 2) * steps[0].session.model.kv_bytes_per_token
+
+
+def prefill_bytes(steps: list[BatchedStep]) -> int:
+    """KV a batched prefill holds beyond the sessions' own: the padded stacked KV, then each session's copy."""
+    longest = max(step.ids.shape[1] for step in steps)
+    rows = sum(step.rows for step in steps)
+    return 2 * rows * longest * steps[0].session.model.kv_bytes_per_token
 
 
 class StackedCache:
@@ -158,4 +169,30 @@ def stacked_forward(model: torch.nn.Module, steps: list[BatchedStep], stacks: St
             positions[a:b] = step.padding.positions.to(device)
     logits = forward_last(model, torch.cat([step.ids for step in steps]), cache, padding=Padding(mask, positions))
     stacks.keep(steps, cache, lengths, bounds)
+    return [logits[a:b] for a, b in bounds]
+
+
+def stacked_prefill(model: torch.nn.Module, steps: list[BatchedStep]) -> list[torch.Tensor]:
+    """The prompts of several empty sessions as one forward, left-padded to the longest: the last
+    position's logits of each session, [rows, vocab] each; each session's cache becomes its rows of
+    the KV without the padding (a copy: its later steps run on a cache of its own length, as a solo
+    prefill would leave it)."""
+    lengths = [step.ids.shape[1] for step in steps]
+    longest = max(lengths)
+    device = steps[0].ids.device
+    bounds, row = [], 0
+    for step in steps:
+        bounds.append((row, row + step.rows))
+        row += step.rows
+    ids = torch.zeros(row, longest, dtype=torch.long, device=device)  # the padding's id is masked out
+    mask = torch.zeros(row, longest, dtype=torch.long, device=device)
+    for (a, b), length, step in zip(bounds, lengths, steps):
+        ids[a:b, longest - length:] = step.ids
+        mask[a:b, longest - length:] = 1
+    cache = kv.from_pairs([])
+    logits = forward_last(model, ids, cache, padding=Padding.of_prompt(mask))
+    pairs = kv.to_pairs(cache)
+    for (a, b), length, step in zip(bounds, lengths, steps):
+        step.session.cache = kv.from_pairs([(k[a:b, :, longest - length:].clone(), v[a:b, :, longest - length:].clone())
+                                            for k, v in pairs])
     return [logits[a:b] for a, b in bounds]

@@ -21,7 +21,8 @@ import torch
 from djinn import kv, models
 from djinn.decoding import Padding, forward_last, forward_logits
 from djinn.errors import BadRequest, OutOfMemory
-from djinn.server.batching import BatchedStep, StackedCache, stacked_bytes, stacked_forward
+from djinn.server.batching import (BatchedStep, StackedCache, prefill_bytes, stacked_bytes, stacked_forward,
+                                   stacked_prefill)
 from djinn.server.breakpoints import ParkedForward, check_layer, num_decoder_layers
 from djinn.server.device_budget import DeviceBudget
 from djinn.server.fast_decode import FAST_EAGER, HF_EAGER, SlotFailed
@@ -147,20 +148,27 @@ class Executor:
             fast.steps[HF_EAGER] += 1
         return logits
 
-    def decode_ids(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor:
-        """A decode step's token ids, checked against the session as its solo step checks them."""
+    def step_ids(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor:
+        """A step's token ids (a prefill's or a decode's), checked against the session as its solo step checks them."""
         return self._step_ids(session, ids)
 
     def batched_step(self, steps: list[BatchedStep]) -> list[torch.Tensor]:
         """The decode steps of several sessions of one model as one forward (`djinn.server.batching`);
         each session's logits. A failure rolls every session back; an allocation failure is not
         retried here (the server then steps the sessions one by one, with the store's retries)."""
+        return self._batched(steps, stacked_bytes(steps), lambda model: stacked_forward(model, steps, self.stacks))
+
+    def batched_prefill(self, steps: list[BatchedStep]) -> list[torch.Tensor]:
+        """The prompts of several empty sessions of one model as one forward (`batching.stacked_prefill`);
+        each session's last-position logits. Failures as `batched_step`'s."""
+        return self._batched(steps, prefill_bytes(steps), lambda model: stacked_prefill(model, steps))
+
+    def _batched(self, steps: list[BatchedStep], kv_bytes: int, forward) -> list[torch.Tensor]:
         model = steps[0].session.model.model
         if any(step.session.model.model is not model for step in steps):
             raise ValueError("a batched step runs the sessions of one model")
         with self._forward_errors():
-            return self.sessions.step_batch([step.session for step in steps], stacked_bytes(steps),
-                                            lambda: stacked_forward(model, steps, self.stacks))
+            return self.sessions.step_batch([step.session for step in steps], kv_bytes, lambda: forward(model))
 
     def _fast_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor | None:
         """A step through the session's fast-path slot; None when the step decodes with HF instead."""

@@ -6,10 +6,12 @@ then runs
   1. one batched decode step: the decodes waiting for distinct sessions of one model, at
      most `max_batch` sessions and `step_token_budget` tokens (`djinn.server.batching`);
      a session that must run alone (`batching.unbatched_reason`) is served as any other op;
-  2. one chunk of a long prefill, in the tokens the batch left of the budget, while other
+  2. the prompts of new sessions of one model that arrived together, as one forward (padded
+     to the longest, within what the batch left of `step_token_budget`; one alone runs solo);
+  3. one chunk of a long prefill, in the tokens the batch left of the budget, while other
      sessions are decoding (a session decoded within DECODING_WINDOW_S; alone, a prefill runs
      whole, bit for bit what it was);
-  3. other requests (uploads, registers, opens, solo steps, stats) in arrival order, for
+  4. other requests (uploads, registers, opens, solo steps, stats) in arrival order, for
      as long as the decode step took (at least one): an upload is interleaved with the
      steps, one chunk per turn, instead of holding every session until it is whole.
 Sessions join a batch with their next decode and leave it by not sending one: there is no
@@ -17,8 +19,10 @@ membership to keep. Order is kept per client connection (a request waits while a
 one of its peer does) and per session (one step of a session per turn).
 
 A batch of synchronous clients comes back staggered: each client reads its reply and sends
-its next step. The loop waits up to `batch_wait_ms` for the peers of the last batch before
-it plans, so that one straggler does not split the next batch in two.
+its next step. When a decode is waiting, the loop waits up to `batch_wait_ms` for the other
+sessions that decoded within DECODING_WINDOW_S before it plans, so that one straggler does
+not split the next batch in two, and two clients that fell into turns (each sending while
+the other's step runs) meet in one batch instead of alternating for ever.
 """
 from __future__ import annotations
 
@@ -92,6 +96,8 @@ class SchedulerCounters:
     solo_decodes: int = 0  # decodes that ran alone (one waiting, or `unbatched_reason`)
     prefill_chunks: int = 0
     chunked_prefills: int = 0
+    prefill_batches: int = 0  # batched forwards of two or more sessions' prompts
+    batched_prefills: int = 0  # prompts in them, summed
     deferred: int = 0  # requests left for a later turn by the time slice or the limits
     straggler_waits: int = 0
     straggler_wait_ms: float = 0.0
@@ -105,6 +111,7 @@ class SchedulerCounters:
 class Plan:
     batch: list[Queued]  # decodes of distinct sessions of one model
     batch_tokens: int
+    prefills: list[Queued]  # whole prompts of new sessions of one model, one forward
     prefill: Queued | None  # a prefill to start in chunks
     others: list[Queued]  # in arrival order
 
@@ -118,9 +125,13 @@ class Engine(Protocol):
 
     def prefill_tokens(self, queued: Queued) -> int | None: ...  # a chunkable prefill's tokens, all rows
 
+    def batchable_prefill(self, queued: Queued) -> tuple[Session, int, int] | None: ...  # (session, rows, tokens)
+
     def serve(self, queued: Queued) -> None: ...
 
     def decode_batch(self, batch: list[Queued]) -> None: ...
+
+    def prefill_batch(self, batch: list[Queued]) -> None: ...
 
     def begin_prefill(self, queued: Queued) -> PrefillJob | None: ...  # None: answered (an error)
 
@@ -135,7 +146,6 @@ class Scheduler:
         self.queue: list[Queued] = []
         self.prefills: list[PrefillJob] = []  # in arrival order; the first one runs
         self.counters = SchedulerCounters()
-        self._last_decoders: set[bytes] = set()  # peers whose decodes ran last turn (the stragglers)
         self._decoded_at: dict[str, float] = {}  # session handle -> clock of its last decode
 
     @property
@@ -148,13 +158,11 @@ class Scheduler:
         self._read(timeout_ms if idle else 0)
         self._wait_for_stragglers()
         if not self.queue and not self.prefills:
-            self._last_decoders = set()
             return
         self.counters.iterations += 1
         plan = self._plan()
-        batch, prefill, others = plan.batch, plan.prefill, plan.others
+        batch, prefills, prefill, others = plan.batch, plan.prefills, plan.prefill, plan.others
         step_started = self.clock()
-        decoders = {q.peer for q in batch}
         if len(batch) > 1:
             self.counters.batches += 1
             self.counters.batched_sessions += len(batch)
@@ -164,6 +172,14 @@ class Scheduler:
             self.counters.solo_decodes += 1
             self.engine.serve(batch[0])
         for queued in batch:
+            self.queue.remove(queued)
+        if len(prefills) > 1:
+            self.counters.prefill_batches += 1
+            self.counters.batched_prefills += len(prefills)
+            self.engine.prefill_batch(prefills)
+        elif prefills:
+            self.engine.serve(prefills[0])  # alone: the solo prefill, bit for bit
+        for queued in prefills:
             self.queue.remove(queued)
         decoding = bool(batch) or self._someone_decoding()
         if prefill is not None:
@@ -180,15 +196,16 @@ class Scheduler:
             if self.engine.prefill_chunk(job, tokens):
                 self.prefills.pop(0)
         step_s = self.clock() - step_started
-        self._serve_others(others, step_s if (batch or self.prefills) else None)
-        self._last_decoders = decoders | {q.peer for q in others if q.op == "decode"}
-        self._note_decoders([*batch, *([prefill] if prefill else []), *others])
+        self._serve_others(others, step_s if (batch or prefills or self.prefills) else None)
+        deferred = {id(q) for q in self.queue}
+        self._note_decoders([*batch, *prefills, *([prefill] if prefill else []),
+                             *(q for q in others if id(q) not in deferred)])
 
     def abandon(self) -> list[Queued]:
         """Everything queued or in progress, dropped (after a failure of the scheduler itself) for the
         caller to answer; a prefill in chunks leaves its session as it is, its next request fails."""
         dropped = [*self.queue, *(job.queued for job in self.prefills)]
-        self.queue, self.prefills, self._last_decoders = [], [], set()
+        self.queue, self.prefills = [], []
         self._decoded_at.clear()
         return dropped
 
@@ -203,21 +220,25 @@ class Scheduler:
             self.queue.extend(self.engine.receive(timeout_ms, room))
 
     def _wait_for_stragglers(self) -> None:
-        """Wait (up to `batch_wait_ms`) for the peers of the last batch to send their next request."""
-        if len(self._last_decoders) < 2 or not self.policy.batch_wait_ms:
+        """While a decode waits, wait (up to `batch_wait_ms`) for the other recently decoding sessions'."""
+        if not self.policy.batch_wait_ms or not self._missing_decoders():
             return
         started = self.clock()
         deadline = started + self.policy.batch_wait_ms / 1e3
-        waited = False
-        while self._last_decoders - {q.peer for q in self.queue}:
+        while self._missing_decoders():
             left_ms = (deadline - self.clock()) * 1e3
             if left_ms <= 0 or len(self.queue) >= self.queue_limit:
                 break
-            waited = True
             self._read(left_ms)
-        if waited:
-            self.counters.straggler_waits += 1
-            self.counters.straggler_wait_ms += (self.clock() - started) * 1e3
+        self.counters.straggler_waits += 1
+        self.counters.straggler_wait_ms += (self.clock() - started) * 1e3
+
+    def _missing_decoders(self) -> set[str]:
+        """Sessions that decoded within DECODING_WINDOW_S and have no decode queued, when another has."""
+        queued = {q.handle for q in self.queue if q.op == "decode"}
+        if not queued or not self._someone_decoding():
+            return set()
+        return set(self._decoded_at) - queued
 
     # -- planning ---------------------------------------------------------------------
     def _note_decoders(self, served: list[Queued]) -> None:
@@ -237,13 +258,18 @@ class Scheduler:
         return bool(self._decoded_at)
 
     def _plan(self) -> "Plan":
-        """This turn's batch, the prefill to start in chunks (if any) and the other requests, in order."""
+        """This turn's decode batch, its batched prefill, the prefill to start in chunks (if any) and the
+        other requests, in order. The step's tokens stay within `step_token_budget`: the batch's, then the
+        prompts batched beside it (padded to the longest); a prompt that does not fit waits for a later
+        turn, or, the first and alone, runs whole (nobody decoding) or in chunks (somebody is)."""
         blocked = {job.queued.peer for job in self.prefills}  # peers with an earlier request not yet served
         busy = {job.queued.handle for job in self.prefills}  # sessions with a step this turn (or in chunks)
         batch: list[Queued] = []
+        prefills: list[Queued] = []
         others: list[Queued] = []
         prefill = None
         model, tokens = None, 0
+        prompts_model, rows, longest = None, 0, 0
         decoding = self._someone_decoding() or any(q.op == "decode" for q in self.queue)
         for queued in self.queue:
             if queued.peer in blocked or (queued.handle is not None and queued.handle in busy):
@@ -251,13 +277,13 @@ class Scheduler:
                 continue
             found = self.engine.batchable(queued)
             if found is not None:
-                session, rows = found
+                session, step_rows = found
                 if model is None or (session.model is model and len(batch) < self.policy.max_batch
-                                     and tokens + rows <= self.policy.step_token_budget):
+                                     and tokens + step_rows <= self.policy.step_token_budget):
                     model = session.model
                     batch.append(queued)
                     busy.add(queued.handle)
-                    tokens += rows
+                    tokens += step_rows
                 else:
                     self.counters.deferred += 1
                     blocked.add(queued.peer)
@@ -270,8 +296,21 @@ class Scheduler:
                 prefill = queued
                 blocked.add(queued.peer)  # its later requests wait for the whole prefill
                 continue
+            prompt = self.engine.batchable_prefill(queued)
+            if prompt is not None:
+                session, prompt_rows, prompt_tokens = prompt
+                padded = (rows + prompt_rows) * max(longest, prompt_tokens)
+                if not prefills or (session.model is prompts_model and len(prefills) < self.policy.max_batch
+                                    and tokens + padded <= self.policy.step_token_budget):
+                    prompts_model = session.model
+                    prefills.append(queued)
+                    rows, longest = rows + prompt_rows, max(longest, prompt_tokens)
+                else:
+                    self.counters.deferred += 1
+                    blocked.add(queued.peer)
+                continue
             others.append(queued)
-        return Plan(batch, tokens, prefill, others)
+        return Plan(batch, tokens, prefills, prefill, others)
 
     def _serve_others(self, others: list[Queued], slice_s: float | None) -> None:
         """`others` in order, for up to `slice_s` (at least one); all of them when None."""

@@ -269,6 +269,12 @@ class _Step:
     run: InterventionRun | None = None  # the request's interventions (a batched step carries none)
 
 
+def _traced(queued: Queued) -> bool:
+    """Whether a step asks for hooks or every position's logits: it runs alone, whole."""
+    args = queued.incoming.message.args
+    return bool(args.get("interventions")) or args.get("logits", "last") != "last"
+
+
 def _latency_of(sessions) -> dict:
     """The queue and compute time of a client's open sessions' steps, summed."""
     steps = batched = 0
@@ -437,10 +443,7 @@ class Server:
 
     def batchable(self, queued: Queued) -> tuple[Session, int] | None:
         """The session and rows of a decode that may join a batch; None for anything else."""
-        args = queued.incoming.message.args
-        if queued.op != "decode" or queued.handle is None:
-            return None
-        if args.get("interventions") or args.get("logits", "last") != "last":
+        if queued.op != "decode" or queued.handle is None or _traced(queued):
             return None  # a traced step runs alone: its hooks act on the whole forward
         session = self.sessions.sessions.get(queued.handle)
         if session is None or unbatched_reason(session) is not None:
@@ -449,25 +452,45 @@ class Server:
 
     def prefill_tokens(self, queued: Queued) -> int | None:
         """The tokens of a prefill that may run in chunks; None for anything else."""
+        found = self._plain_prefill(queued)
+        return None if found is None else found[1].numel()
+
+    def batchable_prefill(self, queued: Queued) -> tuple[Session, int, int] | None:
+        """(session, rows, tokens) of a prefill that may join a batched prefill; None for anything else."""
+        found = self._plain_prefill(queued)
+        if found is None or "attention_mask" in queued.incoming.message.tensors:
+            return None  # a padded prompt runs alone (or in chunks): its own mask is its step's
+        session, ids = found
+        return session, ids.shape[0], ids.shape[1]
+
+    def _plain_prefill(self, queued: Queued) -> tuple[Session, torch.Tensor] | None:
+        """A prefill that HF's eager forward runs as it is: no hooks, the last logits, no slot, no ring."""
         ids = queued.incoming.message.tensors.get("input_ids")
         session = self.sessions.sessions.get(queued.handle) if queued.handle is not None else None
         if (queued.op != "prefill" or session is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2
-                or self.sessions.fast is not None and self.sessions.fast.wanted(session.decode)
-                or session.model.streamed):
-            return None  # a fast-path slot or the ring takes a prompt whole
-        return ids.numel()
+                or _traced(queued) or session.model.streamed
+                or self.sessions.fast is not None and self.sessions.fast.wanted(session.decode)):
+            return None  # a traced step runs whole with its hooks; a fast-path slot or the ring takes a prompt whole
+        return session, ids
 
     def serve(self, queued: Queued) -> None:
         self._handle(queued.sock, queued.incoming)
 
     def decode_batch(self, batch: list[Queued]) -> None:
         """The decodes of several sessions as one forward; each answered (or failed) on its own."""
+        self._run_batch(batch, self.executor.batched_step)
+
+    def prefill_batch(self, batch: list[Queued]) -> None:
+        """The prompts of several new sessions as one forward; each answered (or failed) on its own."""
+        self._run_batch(batch, self.executor.batched_prefill)
+
+    def _run_batch(self, batch: list[Queued], forward: Callable[[list[BatchedStep]], list[torch.Tensor]]) -> None:
         started = time.perf_counter()
         members: list[tuple[Queued, _Step, BatchedStep]] = []
         for queued in batch:
             try:
                 step = self._begin_step(queued.incoming.message)
-                ids = self.executor.decode_ids(step.session, step.ids)
+                ids = self.executor.step_ids(step.session, step.ids)
                 members.append((queued, step, BatchedStep(step.session, ids, step.padding)))
             except Exception as exc:
                 self._failed(queued.sock, queued.incoming, exc)
@@ -476,7 +499,7 @@ class Server:
                 self._handle(queued.sock, queued.incoming)
             return
         try:
-            logits = self.executor.batched_step([member for _queued, _step, member in members])
+            logits = forward([member for _queued, _step, member in members])
             if TEST_STEP_SLEEP_S:
                 time.sleep(TEST_STEP_SLEEP_S)
             self.executor.synchronize()
