@@ -34,10 +34,12 @@ from benchmarks.stats import Spread
 
 pytestmark = pytest.mark.multitenant
 LEDGER = "multitenant"
-# The decode tenant's tokens beside the upload: enough steps to outlast it (~15 s on a GPU, at
-# ~25 ms per eager 7B step and one message between steps); alone, enough for a p99.
-STALL_TOKENS = {"cuda": 1000, "cpu": 300}
-SOLO_STALL_TOKENS = {"cuda": 300, "cpu": 100}
+# The decode tenant's tokens beside the upload: enough steps to outlast it (~15 s on a GPU, where
+# an "exact" 7B step on deterministic kernels took 50-65 ms on the H200: 400 steps are ~22 s);
+# alone, enough for a p99. Sized so the whole module fits one 10-minute GPU command (at 1000 + 300
+# tokens per chunk size it ran past 7 minutes before the upload tests were through).
+STALL_TOKENS = {"cuda": 400, "cpu": 300}
+SOLO_STALL_TOKENS = {"cuda": 200, "cpu": 100}
 # The server's scheduler counters kept per N: how its decodes were batched.
 # The uploader's message size: the client's default, and a smaller one. The server copies and
 # digests one message between two decode steps (the time slice lets one through per turn),
