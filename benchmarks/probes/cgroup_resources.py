@@ -17,7 +17,9 @@ import tempfile
 from pathlib import Path
 
 import msgpack
+import torch
 import zmq
+from transformers import AutoConfig
 
 import djinn
 from djinn import models
@@ -92,11 +94,15 @@ def main() -> int:
         case("register tensors=[] with a large config", lambda: conn.request(
             "register_model", {"model": "1" * 32, "config": {**config, "vocab_size": 4_000_000, "hidden_size": 8192},
                                "dtype": "float32", "tensors": []}))
-        case("register a 48.5 GiB model (streamed from host memory)", lambda: conn.request(
-            "register_model", {"model": "2" * 32, "config": {**config, "vocab_size": 32000, "hidden_size": 8192,
-                                                             "intermediate_size": 28672, "num_hidden_layers": 80,
-                                                             "num_attention_heads": 64, "num_key_value_heads": 8},
-                               "dtype": "float32", "tensors": []}))
+        # Declaring every tensor its config implies (as the client does), so that only the host-memory
+        # check can refuse it: with `tensors: []` it was refused for the declaration instead.
+        huge = {**config, "vocab_size": 32000, "hidden_size": 8192, "intermediate_size": 28672,
+                "num_hidden_layers": 16, "num_attention_heads": 64, "num_key_value_heads": 8}
+        skeleton = models.build_skeleton(AutoConfig.for_model(**huge), torch.float32, "meta")
+        declared = [[name, "float32", list(t.shape)] for name, t in skeleton.state_dict().items()]
+        huge_gib = sum(t.numel() for t in skeleton.state_dict().values()) * 4 / 2**30  # more than the host holds
+        case(f"register a {huge_gib:.1f} GiB model (streamed from host memory)", lambda: conn.request(
+            "register_model", {"model": "2" * 32, "config": huge, "dtype": "float32", "tensors": declared}))
         import zstandard
         bomb = zstandard.ZstdCompressor().compress(bytes(64 << 20))
         reply = raw_request(address, {"v": 1, "op": "forward", "id": 1, "args": {}, "auth": None, "tensors": [
