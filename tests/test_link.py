@@ -25,6 +25,7 @@ from djinn.link.delay_line import DelayLine
 from djinn.link.emulated import (PREFIX, EmulatedLink, cleanup_stale, link_unavailable_reason, ping_rtt_s,
                                  tbf_parameters)
 from djinn.netns_exec import SCRIPT as NETNS_EXEC
+from djinn.netns_exec import call_in
 from djinn.telemetry.wire_capture import WireCapture, capture_available
 from djinn.transport import ClientConnection, ServerSocket
 
@@ -74,7 +75,25 @@ def test_netns_exec_refuses_bad_usage_and_a_missing_namespace():
         assert missing.returncode == 1 and "cannot enter network namespace" in missing.stderr
 
 
+def test_call_in_a_missing_namespace_raises_in_the_caller():
+    if UNAVAILABLE is not None:
+        pytest.skip(f"emulated link: {UNAVAILABLE}")
+    with pytest.raises(OSError):
+        call_in(f"{PREFIX}no-such", lambda: None)
+
+
 # -- live links ----------------------------------------------------------------------------------
+@live
+def test_what_call_in_makes_stays_in_the_namespace():
+    with EmulatedLink(parse_link_spec("1gbit")) as link:
+        there = call_in(link.server_netns, lambda: {name for _, name in socket.if_nameindex()})
+        assert there == {"lo", link.ends.server_interface}
+        assert link.ends.server_interface not in {name for _, name in socket.if_nameindex()}  # this thread: unmoved
+        with pytest.raises(ZeroDivisionError):
+            call_in(link.server_netns, lambda: 1 / 0)
+
+
+
 @live
 def test_a_link_is_torn_down_at_exit_also_after_a_failure():
     before = namespaces()

@@ -425,29 +425,6 @@ def _interface_query(sock: socket.socket, interface: str, request: int) -> int:
     return _IFREQ.unpack(reply)[1]
 
 
-def _in_netns(netns: str, make: Callable[[], socket.socket]) -> socket.socket:
-    """`make()` on a thread that joined network namespace `netns` first (a namespace is per thread)."""
-    made: list = []
-
-    def run() -> None:
-        try:
-            from pyroute2 import netns as namespaces
-
-            namespaces.setns(netns, flags=0)  # flags=0: never create a namespace that is not there
-            made.append(make())
-        except BaseException as exc:  # raised in the caller's thread below
-            made.append(exc)
-
-    thread = threading.Thread(target=run, name=f"wire-capture-netns:{netns}")
-    thread.start()
-    thread.join()
-    if isinstance(made[0], CaptureUnavailable):
-        raise made[0]
-    if isinstance(made[0], BaseException):
-        raise CaptureUnavailable(f"cannot open a packet socket in network namespace {netns!r}: {made[0]}") from made[0]
-    return made[0]
-
-
 def _open_packet_socket(interface: str, configure: Callable[[socket.socket], None] | None = None) -> socket.socket:
     """A packet socket on ``interface``, configured by ``configure`` before bind.
 
@@ -550,7 +527,7 @@ class WireCapture:
         self._skip_outgoing_in_reader = False
         def open_socket() -> socket.socket:
             return _open_packet_socket(self.interface, self._configure)
-        sock = open_socket() if self.netns is None else _in_netns(self.netns, open_socket)
+        sock = open_socket() if self.netns is None else self._open_in_netns(open_socket)
         # Reading the statistics resets them, so they cover only the region.
         self._read_kernel_stats(sock)
         self._kernel_packets = self._kernel_drops = 0
@@ -587,6 +564,14 @@ class WireCapture:
                 f"of TCP port {self.port} on {self.interface}: counts are too low "
                 f"(raise rcvbuf_bytes, now {self.rcvbuf_bytes}, or pass allow_drops=True)"
             )
+
+    def _open_in_netns(self, open_socket: Callable[[], socket.socket]) -> socket.socket:
+        from djinn.netns_exec import call_in
+
+        try:
+            return call_in(self.netns, open_socket)
+        except OSError as exc:  # entering it failed (no such namespace, no privilege)
+            raise CaptureUnavailable(f"cannot open a packet socket in network namespace {self.netns!r}: {exc}") from exc
 
     def _finished_bursts(self, side: list[int]) -> tuple[Burst, ...]:
         return tuple(Burst(*b) for b in self._bursts[id(side)])
