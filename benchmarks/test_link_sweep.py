@@ -23,13 +23,17 @@ from __future__ import annotations
 import statistics
 
 import pytest
+import zmq
 
 import djinn
-from djinn.client import StepRecord
+from djinn.client import Client, StepRecord
 from djinn.link import LinkSpec, parse_link_spec
 from djinn.link.emulated import EmulatedLink, link_unavailable_reason, ping_rtt_s
 from djinn.link.spec import format_time, parse_rate, parse_time
+from djinn.netns_exec import call_in
 from djinn.telemetry.wire_capture import Burst, WireBytes, WireCapture, capture_available
+from djinn.transport import ClientConnection
+from djinn.transport.sockets import HELLO_TIMEOUT_S
 
 from benchmarks.goals.link import LatencyPoint, ThroughputPoint, link_criteria, link_report
 from benchmarks.launcher import ServerSpec
@@ -39,6 +43,7 @@ from benchmarks.stats import Spread
 LEDGER = "link_sweep"
 WARMUP_ROUNDS = 2
 PING_COUNT = 20
+CLIENT_TIMEOUT_S = 900  # a semantic_blind step on a busy 2-core host ships the model: minutes at worst
 # A message's end on the wire: no frame of it for this long (see burst_gap_s).
 MIN_BURST_GAP_S = 10e-3
 # Messages judged against the rate: 8 ms or more at 1 Gbit/s. A shorter one is mostly tbf's bucket
@@ -83,25 +88,37 @@ def sweep_server(sweep_link, bench_device, server_launcher):
 
 @pytest.fixture(scope="module")
 def sweep_client(sweep_server):
-    with djinn.connect(sweep_server.host_port, timeout_s=900) as client:
+    with djinn.connect(sweep_server.host_port, timeout_s=CLIENT_TIMEOUT_S) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def loopback_client(request, bench_device, server_launcher):
-    """full_djinn over loopback: the session's server when it is on loopback, else one of its own."""
-    if request.config.getoption("--djinn-link") is None:
-        yield request.getfixturevalue("djinn_client")
-        return
-    server = server_launcher.start("link-sweep-loopback", ServerSpec(bench_device))
-    with djinn.connect(server.host_port, timeout_s=900) as client:
+def loopback_client(sweep_link, sweep_server):
+    """full_djinn over loopback to the sweep's own server: a client made inside the server's
+    namespace, where the server's link address is local and the kernel carries it over lo. One
+    server on both sides of every pair: two server processes' decode steps differed by up to 2 ms
+    (measured here, run to run, either way: memory placement, the host's other load), twice the
+    RTT being measured."""
+
+    def connect_there() -> Client:
+        # Its own context, made in that namespace: libzmq's I/O threads, which own the TCP
+        # connection, start with the context's first socket, in the thread that makes it.
+        connection = ClientConnection(sweep_server.address, timeout_s=CLIENT_TIMEOUT_S, context=zmq.Context())
+        try:
+            connection.confirm(HELLO_TIMEOUT_S)
+        except BaseException:
+            connection.close()
+            raise
+        return Client(connection)
+
+    with call_in(sweep_link.server_netns, connect_there) as client:
         yield client
 
 
 def test_full_djinn_latency(sweep_rtt, sweep_link, sweep_client, loopback_client, bench_model, prompt_ids, benchmark,
                             pytestconfig, ledger, progress):
     """Per-token latency, decode step by decode step: each round generates on loopback and over the
-    link back to back (their order alternating round by round, so neither always runs warm), and
+    link back to back (one server, reached both ways) (their order alternating round by round, so neither always runs warm), and
     step i of one is paired with step i of the other (the same token, the same KV length). The
     benchmark's own timing is that of a whole round."""
     benchmark.group = f"link_sweep-latency-{bench_model.name}"

@@ -119,11 +119,22 @@ def test_the_acceptance_growth_is_met_only_when_its_interval_lies_within_the_tol
     unshown = link_criteria({1e-3: LatencyPoint(1e-3, noisy, LOOPBACK, NATIVE)}, {})
     assert unshown.check("latency_growth_shown_within_1ms").outcome is Outcome.FAILED
     assert "not shown within 0.8..1.2" in unshown.check("latency_growth_shown_within_1ms").message
+    # The same wall times with the server's compute taken out: its jitter gone, the growth is shown.
+    off_server = tuple(1.0 + 1.05 + j for j in JITTER)
+    judged = link_criteria({1e-3: LatencyPoint(1e-3, noisy, LOOPBACK, NATIVE, None, off_server, (1.0,) * 10)}, {})
+    check = judged.check("latency_growth_shown_within_1ms")
+    assert check.outcome is Outcome.PASSED and "off the server" in check.message
+    # Off the server, a growth of 1.5 RTTs is not hidden by the wall time's noise.
+    grown = tuple(1.0 + 1.5 + j for j in JITTER)
+    assert link_criteria({1e-3: LatencyPoint(1e-3, noisy, LOOPBACK, NATIVE, None, grown, (1.0,) * 10)},
+                         {}).check("latency_growth_shown_within_1ms").outcome is Outcome.FAILED
 
 
 def test_latency_steps_are_pairs():
     with pytest.raises(ValueError, match="pairs"):
         LatencyPoint(1e-3, (1.0, 2.0), (1.0,), ())
+    with pytest.raises(ValueError, match="pairs"):
+        LatencyPoint(1e-3, (1.0,), (1.0,), (), None, (1.0, 2.0), (1.0,))
 
 
 def test_the_growth_is_the_median_of_the_paired_differences():

@@ -2,10 +2,18 @@
 
 At the acceptance link, 1 Gbit/s with a 1 ms round trip:
 - full_djinn's per-token latency grows by the round trip, 1 ms ± 20%, over its loopback figure
-  (a decode step is one round trip). Judged on interleaved rounds, as the growth over the RTT with
-  its bootstrap interval: it fails only when the whole interval lies outside 0.8..1.2. The growth
-  is judged at every swept RTT of at least `MIN_JUDGED_RTT_S`, whatever the rate: below it the
-  host's own jitter is the same size as the RTT.
+  (a decode step is one round trip). One server answers both ways, and step i over the link is
+  paired with step i over loopback; the growth is the median of the pairs' differences over the
+  RTT, with its bootstrap interval. Two figures of it:
+  - of the steps' wall time: judged at every swept RTT of at least `MIN_JUDGED_RTT_S` (below it
+    the host's jitter is the RTT's size), failing only when its whole interval lies outside
+    0.8..1.2. On the 2-core machine a decode step's compute varies by a quarter of itself step to
+    step (the host's other load), so hundreds of pairs still leave an interval of ±0.5 RTT;
+  - of the steps' time off the server (wall less the server's queue and compute, as it reports
+    them): the same growth without the compute's jitter, since the same server computes the same
+    step whichever way the request came. It also leaves out the CPU the emulated wire takes from
+    the server on a shared host, which a cable does not. The acceptance (at 1 ms) is met only when
+    this figure's whole interval lies within 0.8..1.2.
 - semantic_blind's throughput within 10% of the shaped rate: for each message blind sent over the
   link (a request with the whole model, a reply with the KV), its Ethernet bytes as the shaper
   counts them (every segment's headers) over the time from its first to its last frame at the
@@ -44,12 +52,18 @@ class LatencyPoint:
     loopback_off_server_ms: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        if len(self.link_step_ms) != len(self.loopback_step_ms):
-            raise ValueError(f"link and loopback steps are pairs: {len(self.link_step_ms)} vs "
-                             f"{len(self.loopback_step_ms)}")
+        for link, loopback in ((self.link_step_ms, self.loopback_step_ms),
+                               (self.link_off_server_ms, self.loopback_off_server_ms)):
+            if len(link) != len(loopback):
+                raise ValueError(f"link and loopback steps are pairs: {len(link)} vs {len(loopback)}")
 
     def growth_over_rtt(self) -> RatioEstimate:
         return paired_difference_over(self.link_step_ms, self.loopback_step_ms, self.rtt_s * 1e3)
+
+    def off_server_growth_over_rtt(self) -> RatioEstimate | None:
+        if not self.link_off_server_ms:
+            return None
+        return paired_difference_over(self.link_off_server_ms, self.loopback_off_server_ms, self.rtt_s * 1e3)
 
     @property
     def growth_ms(self) -> float:
@@ -88,18 +102,22 @@ def _growth_checks(latency: Mapping[float, LatencyPoint]) -> list[Check]:
         checks.append(at_least(name, growth, 1 - GROWTH_TOLERANCE))
         checks.append(at_most(name, growth, 1 + GROWTH_TOLERANCE))
         if point.rtt_s == ACCEPTANCE_RTT_S:
-            checks.append(_growth_shown(point.rtt_s, growth))
+            checks.append(_growth_shown(point))
     return checks
 
 
-def _growth_shown(rtt_s: float, growth: RatioEstimate) -> Check:
+def _growth_shown(point: LatencyPoint) -> Check:
     """The acceptance figure is met only when its whole interval lies within 1 ± 20%: the bounds
-    above pass a run that could not tell, this one does not."""
+    above pass a run that could not tell, this one does not. Judged off the server where the
+    sweep measured it (see the module's docstring), else on the wall time."""
     low, high = 1 - GROWTH_TOLERANCE, 1 + GROWTH_TOLERANCE
-    name = f"latency_growth_shown_within_{rtt_s * 1e3:g}ms"
+    name = f"latency_growth_shown_within_{point.rtt_s * 1e3:g}ms"
+    off_server = point.off_server_growth_over_rtt()
+    growth, figure = (off_server, "off the server") if off_server is not None else (point.growth_over_rtt(), "wall")
     ok = low <= growth.low and growth.high <= high
     shown = "within" if ok else "not shown within"
-    return exact(name, ok, f"{name}: grew by {growth} RTTs: {shown} {low:g}..{high:g}", growth, (low, high))
+    return exact(name, ok, f"{name}: the step's time {figure} grew by {growth} RTTs: {shown} {low:g}..{high:g}",
+                 growth, (low, high))
 
 
 def _throughput_checks(throughput: Mapping[float, ThroughputPoint]) -> list[Check]:
@@ -154,6 +172,8 @@ def link_report(latency: Mapping[float, LatencyPoint], throughput: Mapping[float
             row["ping_rtt_ms"] = lat.ping_rtt_ms
             if rtt > 0:
                 row["growth_over_rtt"] = lat.growth_over_rtt().as_dict()
+                off_server = lat.off_server_growth_over_rtt()
+                row["off_server_growth_over_rtt"] = off_server.as_dict() if off_server is not None else None
             row["growth_ms"] = lat.growth_ms
             row["off_server_growth_ms"] = lat.off_server_growth_ms
         if (tp := throughput.get(rtt)) is not None:
