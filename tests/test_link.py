@@ -21,7 +21,7 @@ import zmq
 
 import djinn
 from djinn.link import parse_link_spec
-from djinn.link.delay_line import DelayLine
+from djinn.link.delay_line import EARLY_GUARD_NS, MAX_EARLY_NS, MIN_EARLY_NS, DelayLine, next_early_ns
 from djinn.link.emulated import (PREFIX, EmulatedLink, cleanup_stale, link_unavailable_reason, ping_rtt_s,
                                  tbf_parameters)
 from djinn.netns_exec import SCRIPT as NETNS_EXEC
@@ -64,6 +64,16 @@ def test_the_delay_line_holds_each_frame_for_its_delay_in_order():
     assert [frame for frame, _ in got] == [b"one", b"two"]
     assert all(arrived - sent_at >= delay_ns for _, arrived in got)
     assert line.forwarded == 2 and line.dropped == 0
+
+
+def test_the_delay_lines_waits_end_as_early_as_its_wake_ups_have_been_late():
+    early = MIN_EARLY_NS
+    early = next_early_ns(early, 150_000)  # a late wake-up: the next wait ends that much earlier at once
+    assert early == 150_000 + EARLY_GUARD_NS
+    for _ in range(200):  # punctual wake-ups: it comes back down, not below the floor
+        early = next_early_ns(early, 1_000)
+    assert early == MIN_EARLY_NS
+    assert next_early_ns(MIN_EARLY_NS, 10**9) == MAX_EARLY_NS  # a wake-up seconds late: the spin stays bounded
 
 
 def test_netns_exec_refuses_bad_usage_and_a_missing_namespace():
