@@ -5,9 +5,10 @@
 One full_djinn server on loopback; for each gap, sessions whose client sleeps `gap` before every
 decode (as it would wait on a link's round trip), rounds interleaved gap by gap. Prints one JSON
 line per gap: the median (and quartiles) of the server's compute of a step and of the step's time
-off the server (the client's wall less the server's queue and compute). On the 2-core VM both grow
-with the gap: the reason the link sweep judges full_djinn's growth off the server, and why what is
-left of it over the RTT is not all the link's (results/README.md, the emulated link).
+off the server (the client's wall less the server's queue and compute). It asks whether the host
+alone explains why full_djinn's steps over the link compute longer than the same server's steps
+over loopback (results/README.md, the emulated link); on the 2-core VM the answer moved with the
+host's other load, run to run.
 """
 from __future__ import annotations
 
