@@ -68,9 +68,11 @@ def pytest_addoption(parser):
                    help="the sweep link's rate (default: --djinn-link's, else 1gbit on CPU and 25gbit on a GPU)")
     link.addoption("--djinn-sweep-rtts", default="0,50us,200us,1ms,5ms", metavar="TIME,TIME,...",
                    help="round trips the sweep sets on the link")
-    link.addoption("--djinn-sweep-rounds", type=int, default=15,
-                   help="interleaved rounds (native, loopback, link) per RTT")
-    link.addoption("--djinn-sweep-tokens", type=int, default=16, help="new tokens of each full_djinn round")
+    # 12 x 63 paired decode steps: the off-server growth's interval is then ~±0.05 RTT at 1 ms on the
+    # 2-core machine, and a round trip of the sweep ~40 s per RTT there.
+    link.addoption("--djinn-sweep-rounds", type=int, default=12,
+                   help="interleaved rounds (native, loopback, link) per RTT; every decode step is a pair")
+    link.addoption("--djinn-sweep-tokens", type=int, default=64, help="new tokens of each full_djinn generation")
     link.addoption("--djinn-sweep-blind-runs", type=int, default=3, help="semantic_blind runs per RTT")
     link.addoption("--djinn-sweep-blind-rtts", default="1ms", metavar="TIME,TIME,...",
                    help="round trips semantic_blind runs at (it ships the whole model every token)")

@@ -116,13 +116,16 @@ def percentile_ratio(numerator: Sequence[float], denominator: Sequence[float], q
 def paired_difference_over(numerator: Sequence[float], denominator: Sequence[float], scale: float, *,
                            confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
                            seed: int = BOOTSTRAP_SEED) -> RatioEstimate:
-    """(median(numerator) - median(denominator)) / scale of interleaved rounds, with the paired
-    bootstrap interval: how much of `scale` (a link's round trip) a latency grew by."""
+    """median(numerator[i] - denominator[i]) / scale of paired samples, with the bootstrap interval
+    over pairs: how much of `scale` (a link's round trip) a latency grew by. The median of the
+    differences, not the difference of the medians: each pair was measured back to back, so what a
+    slow spell did to both cancels in its difference."""
     a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or not len(a) or scale <= 0:
         raise ValueError(f"paired samples need two equal, non-empty lengths and a positive scale; got {a.shape}, "
                          f"{b.shape} and {scale}")
+    differences = a - b
     picks = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
-    resampled = (np.median(a[picks], axis=1) - np.median(b[picks], axis=1)) / scale
+    resampled = np.median(differences[picks], axis=1) / scale
     low, high = _interval(resampled, confidence)
-    return RatioEstimate(float((np.median(a) - np.median(b)) / scale), low, high, len(a), confidence, paired=True)
+    return RatioEstimate(float(np.median(differences) / scale), low, high, len(a), confidence, paired=True)

@@ -5,12 +5,14 @@ One emulated link (djinn.link: the server in its own network namespace behind a 
 link's RTT is changed in place between points, so no weights are uploaded twice.
 
 - `test_full_djinn_latency[rtt=...]`: interleaved rounds of native_pytorch, full_djinn over
-  loopback and full_djinn over the link (each round's median decode step), and the link's own
-  RTT by ICMP echo. A decode step of full_djinn is one round trip, so it should grow by the RTT.
+  loopback and full_djinn over the link, their decode steps paired step by step, and the link's
+  own RTT by ICMP echo. A decode step of full_djinn is one request and its reply (the client's
+  `SessionSteps.step`: one `decode` per token), so it should grow by one RTT.
 - `test_blind_throughput[rtt=...]`: semantic_blind over the link, which ships the whole model
-  every step, with the wire capture on the link's veth: the link's Ethernet bytes per second of
-  the steps' transfer time (and of whole steps) against the shaped rate, and the capture's
-  payload against the transport's counters.
+  every step, captured at both ends of the link: each message's Ethernet bytes (as the shaper
+  counts them) over the time it took to arrive at the link's far end, against the shaped rate
+  (and the same bytes over whole steps, compute included, beside it); the capture's payload
+  against the transport's counters.
 - `test_link_verdict`: the goals (benchmarks.goals.link) on what this session measured; writes
   `link/<stamp>/sweep.json` and its figure (`benchmarks.report.link`) under --djinn-results.
 
@@ -21,12 +23,17 @@ from __future__ import annotations
 import statistics
 
 import pytest
+import zmq
 
 import djinn
+from djinn.client import Client, StepRecord
 from djinn.link import LinkSpec, parse_link_spec
 from djinn.link.emulated import EmulatedLink, link_unavailable_reason, ping_rtt_s
 from djinn.link.spec import format_time, parse_rate, parse_time
-from djinn.telemetry.wire_capture import WireCapture, capture_available
+from djinn.netns_exec import call_in
+from djinn.telemetry.wire_capture import Burst, WireBytes, WireCapture, capture_available
+from djinn.transport import ClientConnection
+from djinn.transport.sockets import HELLO_TIMEOUT_S
 
 from benchmarks.goals.link import LatencyPoint, ThroughputPoint, link_criteria, link_report
 from benchmarks.launcher import ServerSpec
@@ -36,6 +43,12 @@ from benchmarks.stats import Spread
 LEDGER = "link_sweep"
 WARMUP_ROUNDS = 2
 PING_COUNT = 20
+CLIENT_TIMEOUT_S = 900  # a semantic_blind step on a busy 2-core host ships the model: minutes at worst
+# A message's end on the wire: no frame of it for this long (see burst_gap_s).
+MIN_BURST_GAP_S = 10e-3
+# Messages judged against the rate: 8 ms or more at 1 Gbit/s. A shorter one is mostly tbf's bucket
+# (one tick of the rate, let through at memory speed) and TCP's slow start after the idle step.
+MIN_JUDGED_BURST_BYTES = 1 << 20
 CPU_RATE, GPU_RATE = "1gbit", "25gbit"  # the acceptance link on the CPU machine; the seeds' 25 GbE on a GPU
 
 pytestmark = pytest.mark.link_sweep
@@ -75,27 +88,39 @@ def sweep_server(sweep_link, bench_device, server_launcher):
 
 @pytest.fixture(scope="module")
 def sweep_client(sweep_server):
-    with djinn.connect(sweep_server.host_port, timeout_s=900) as client:
+    with djinn.connect(sweep_server.host_port, timeout_s=CLIENT_TIMEOUT_S) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def loopback_client(request, bench_device, server_launcher):
-    """full_djinn over loopback: the session's server when it is on loopback, else one of its own."""
-    if request.config.getoption("--djinn-link") is None:
-        yield request.getfixturevalue("djinn_client")
-        return
-    server = server_launcher.start("link-sweep-loopback", ServerSpec(bench_device))
-    with djinn.connect(server.host_port, timeout_s=900) as client:
+def loopback_client(sweep_link, sweep_server):
+    """full_djinn over loopback to the sweep's own server: a client made inside the server's
+    namespace, where the server's link address is local and the kernel carries it over lo. One
+    server on both sides of every pair: two server processes' decode steps differed by up to 2 ms
+    (measured here, run to run, either way: memory placement, the host's other load), twice the
+    RTT being measured."""
+
+    def connect_there() -> Client:
+        # Its own context, made in that namespace: libzmq's I/O threads, which own the TCP
+        # connection, start with the context's first socket, in the thread that makes it.
+        connection = ClientConnection(sweep_server.address, timeout_s=CLIENT_TIMEOUT_S, context=zmq.Context())
+        try:
+            connection.confirm(HELLO_TIMEOUT_S)
+        except BaseException:
+            connection.close()
+            raise
+        return Client(connection)
+
+    with call_in(sweep_link.server_netns, connect_there) as client:
         yield client
-
-
-def _median_step_ms(remote) -> float:
-    return statistics.median(s.wall_ms for s in remote.last_stats.steps[1:])
 
 
 def test_full_djinn_latency(sweep_rtt, sweep_link, sweep_client, loopback_client, bench_model, prompt_ids, benchmark,
                             pytestconfig, ledger, progress):
+    """Per-token latency, decode step by decode step: each round generates on loopback and over the
+    link back to back (one server, reached both ways) (their order alternating round by round, so neither always runs warm), and
+    step i of one is paired with step i of the other (the same token, the same KV length). The
+    benchmark's own timing is that of a whole round."""
     benchmark.group = f"link_sweep-latency-{bench_model.name}"
     sweep_link.set_rtt(sweep_rtt)
     try:
@@ -107,40 +132,63 @@ def test_full_djinn_latency(sweep_rtt, sweep_link, sweep_client, loopback_client
                "loopback": bench_model.load("full_djinn", loopback_client),
                "link": bench_model.load("full_djinn", sweep_client)}
     tokens = pytestconfig.getoption("--djinn-sweep-tokens")
-    steps: dict[str, list[float]] = {side: [] for side in remotes}
+    steps: dict[str, list[StepRecord]] = {side: [] for side in remotes}
+    rounds = [0]
 
     def run(side: str) -> None:
         remotes[side].generate(prompt_ids, max_new_tokens=tokens)
-        steps[side].append(_median_step_ms(remotes[side]))
+        steps[side].extend(remotes[side].last_stats.steps[1:])  # decode steps: the prefill is not a token's
 
-    def reference_rounds() -> None:
+    def one_round() -> None:
         run("native")
-        run("loopback")
+        for side in ("loopback", "link") if rounds[0] % 2 == 0 else ("link", "loopback"):
+            run(side)
+        rounds[0] += 1
 
     for _ in range(WARMUP_ROUNDS):
-        reference_rounds()
-        run("link")
-    for samples in steps.values():
-        samples.clear()
-    benchmark.pedantic(run, args=("link",), setup=reference_rounds, rounds=pytestconfig.getoption("--djinn-sweep-rounds"),
-                       warmup_rounds=0, iterations=1)
-    point = LatencyPoint(sweep_rtt, tuple(steps["link"]), tuple(steps["loopback"]), tuple(steps["native"]), ping)
+        one_round()
+    for records in steps.values():
+        records.clear()
+    benchmark.pedantic(one_round, rounds=pytestconfig.getoption("--djinn-sweep-rounds"), warmup_rounds=0, iterations=1)
+    wall = {side: tuple(s.wall_ms for s in records) for side, records in steps.items()}
+    # The step's time off the server (wall less the server's queue and compute): the same pairs
+    # without the compute's jitter, to show where the growth is.
+    off_server = {side: tuple(s.wall_ms - s.queue_ms - s.compute_ms for s in steps[side]) for side in ("loopback", "link")}
+    point = LatencyPoint(sweep_rtt, wall["link"], wall["loopback"], wall["native"], ping,
+                         off_server["link"], off_server["loopback"])
     benchmark.extra_info.update({"link": sweep_link.describe(), "rtt_s": sweep_rtt, "ping_rtt_ms": ping,
                                  "model": bench_model.name, "tokens": tokens,
-                                 **{f"{side}_step_ms_per_round": v for side, v in steps.items()},
-                                 **{k: v for side, v in steps.items()
+                                 **{f"{side}_step_ms": list(v) for side, v in wall.items()},
+                                 **{f"{side}_off_server_ms": list(v) for side, v in off_server.items()},
+                                 **{k: v for side, v in wall.items()
                                     for k, v in Spread.of(v).as_dict(f"{side}_step", "ms").items()}})
     ledger.record(LEDGER, ("latency", sweep_rtt), point)
-    growth = statistics.median(point.link_step_ms) - statistics.median(point.loopback_step_ms)
     shown = "n/a" if ping is None else f"{ping:.3f}"
     progress(f"rtt {format_time(sweep_rtt)} (ping {shown} ms): link {statistics.median(point.link_step_ms):.3f}, "
              f"loopback {statistics.median(point.loopback_step_ms):.3f}, native "
-             f"{statistics.median(point.native_step_ms):.3f} ms/token; grew {growth:.3f} ms")
+             f"{statistics.median(point.native_step_ms):.3f} ms/token over {len(point.link_step_ms)} paired steps; "
+             f"grew {point.growth_ms:.3f} ms (off the server {point.off_server_growth_ms:.3f} ms)")
+
+
+def burst_gap_s(rtt_s: float) -> float:
+    """The quiet time that ends a message on the wire: longer than slow start's pauses (one RTT
+    each), shorter than the server's compute between a request and its reply."""
+    return max(MIN_BURST_GAP_S, 2 * rtt_s)
+
+
+def delivered_bursts(near: WireBytes, far: WireBytes) -> list[Burst]:
+    """Each direction's messages where the link delivered them: requests at the server's end
+    (`far`), replies at the client's (`near`). At its sending end a message is timed by the
+    sender's TCP, which may run a window ahead of the shaper."""
+    return [*far.to_port.bursts, *near.from_port.bursts]
 
 
 def test_blind_throughput(sweep_rtt, sweep_link, sweep_server, sweep_client, bench_model, prompt_ids, benchmark,
                           pytestconfig, ledger, progress):
     benchmark.group = f"link_sweep-blind-{bench_model.name}"
+    ok, reason = capture_available(sweep_link.client_interface)
+    if not ok:
+        pytest.skip(f"semantic_blind's throughput is measured on the wire: {reason}")
     sweep_link.set_rtt(sweep_rtt)
     remote = bench_model.load("semantic_blind", sweep_client)
     runs = pytestconfig.getoption("--djinn-sweep-blind-runs")
@@ -154,33 +202,36 @@ def test_blind_throughput(sweep_rtt, sweep_link, sweep_server, sweep_client, ben
     for _ in range(plan.warmup):
         run_once()
     stats.clear()
-    ok, reason = capture_available(sweep_link.client_interface)
-    if ok:
-        with WireCapture(sweep_server.port, sweep_link.client_interface) as capture:
-            benchmark.pedantic(run_once, rounds=plan.runs, warmup_rounds=0, iterations=1)
-        wire = capture.result
-        # Ethernet bytes per framed byte: what the link (tbf counts frames) carried for each byte sent.
-        per_byte = wire.wire_bytes / max(1, wire.unique_payload_bytes)
-        captured = wire.unique_payload_bytes
-    else:
+    gap = burst_gap_s(sweep_rtt)
+    ends = sweep_link.ends
+    with WireCapture(sweep_server.port, ends.client_interface, burst_gap_s=gap) as near, \
+            WireCapture(sweep_server.port, ends.server_interface, netns=ends.server_netns, burst_gap_s=gap) as far:
         benchmark.pedantic(run_once, rounds=plan.runs, warmup_rounds=0, iterations=1)
-        per_byte, captured = 1.0, None
+    bursts = [b for b in delivered_bursts(near.result, far.result) if b.wire_bytes >= MIN_JUDGED_BURST_BYTES]
+    if not bursts:
+        pytest.fail(f"semantic_blind sent no message of {MIN_JUDGED_BURST_BYTES} B or more over the link")
     counted = sum(s.bytes_sent + s.bytes_received for s in stats)
-    bits = [(s.bytes_sent + s.bytes_received) * per_byte * 8 for s in stats]
-    run_bps = tuple(b / (s.transfer_ms / 1e3) for b, s in zip(bits, stats))
-    step_bps = tuple(b / (s.total_ms / 1e3) for b, s in zip(bits, stats))
-    point = ThroughputPoint(sweep_rtt, sweep_link.spec.rate_bps, run_bps, step_bps, counted, captured)
+    captured = near.result.unique_payload_bytes
+    # Whole steps, compute included: the run's segmented bytes over its wall time, beside the wire's figure.
+    segmented_per_byte = (near.result.to_port.segmented_wire_bytes + near.result.from_port.segmented_wire_bytes) \
+        / max(1, near.result.payload_bytes)
+    step_bps = tuple((s.bytes_sent + s.bytes_received) * segmented_per_byte * 8 / (s.total_ms / 1e3) for s in stats)
+    point = ThroughputPoint(sweep_rtt, sweep_link.spec.rate_bps, tuple(b.rate_bps for b in bursts), step_bps,
+                            counted, captured)
     benchmark.extra_info.update({"link": sweep_link.describe(), "rtt_s": sweep_rtt, "model": bench_model.name,
-                                 "runs": plan.runs, "new_tokens": plan.new_tokens, "run_wire_bps": list(run_bps),
-                                 "run_step_bps": list(step_bps),
-                                 "wire_basis": "capture" if ok else f"transport payload (no capture: {reason})",
-                                 "counted_bytes": counted, "captured_payload_bytes": captured,
+                                 "runs": plan.runs, "new_tokens": plan.new_tokens,
+                                 "burst_wire_bps": list(point.burst_wire_bps),
+                                 "burst_bytes": [b.wire_bytes for b in bursts],
+                                 "burst_s": [b.duration_s for b in bursts], "burst_gap_s": gap,
+                                 "run_step_bps": list(step_bps), "counted_bytes": counted,
+                                 "captured_payload_bytes": captured, "far_end_payload_bytes":
+                                     far.result.unique_payload_bytes,
                                  "rate_fraction_median": point.rate_fraction.median})
     ledger.record(LEDGER, ("throughput", sweep_rtt), point)
-    progress(f"rtt {format_time(sweep_rtt)}: semantic_blind's transfers at {statistics.median(run_bps) / 1e9:.3f} "
-             f"Gbit/s, {point.rate_fraction.median:.1%} of {sweep_link.spec.rate_bps / 1e9:g} Gbit/s (whole steps "
-             f"{statistics.median(step_bps) / 1e9:.3f}); capture "
-             f"{captured} B vs counters {counted} B")
+    progress(f"rtt {format_time(sweep_rtt)}: semantic_blind's {len(bursts)} messages arrived at "
+             f"{statistics.median(point.burst_wire_bps) / 1e9:.3f} Gbit/s, {point.rate_fraction.median:.1%} of "
+             f"{sweep_link.spec.rate_bps / 1e9:g} Gbit/s (whole steps {statistics.median(step_bps) / 1e9:.3f}); "
+             f"capture {captured} B vs counters {counted} B")
 
 
 def test_link_verdict(bench_model, results_writer, ledger, progress):

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 SCRIPT = str(Path(__file__).resolve())
 USAGE = "usage: python -m djinn.netns_exec NAME -- PROGRAM [ARGS...]"
@@ -23,6 +27,29 @@ def enter(name: str) -> None:
 
     # flags=0: never create a namespace that is not there; a typo must fail, not make an empty one.
     netns.setns(name, flags=0)
+
+
+def call_in(name: str, make: Callable[[], T]) -> T:
+    """`make()` on a thread that entered network namespace `name` first, its result (or its error)
+    returned here. A namespace is per thread, and what the call made stays in it: a socket (and
+    the threads a library starts for it, such as libzmq's I/O threads) belongs to the namespace of
+    the thread that made it, wherever it is used from later."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            enter(name)
+            outcome.append((True, make()))
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name=f"netns:{name}")
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

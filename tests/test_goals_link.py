@@ -9,11 +9,13 @@ from benchmarks.stats import paired_difference_over
 from benchmarks.verdict import Outcome
 
 LOOPBACK = (5.0, 5.2, 4.9, 5.1, 5.0, 5.3, 4.8, 5.0, 5.1, 5.0)
+JITTER = (0.02, -0.01, 0.0, 0.01, -0.02, 0.0, 0.01, -0.01, 0.02, 0.0)  # what the link's steps add besides the RTT
 NATIVE = tuple(x - 2 for x in LOOPBACK)
 
 
 def latency(rtt_s: float, grown_ms: float) -> LatencyPoint:
-    return LatencyPoint(rtt_s, tuple(x + grown_ms for x in LOOPBACK), LOOPBACK, NATIVE, ping_rtt_ms=rtt_s * 1e3)
+    return LatencyPoint(rtt_s, tuple(x + grown_ms + j for x, j in zip(LOOPBACK, JITTER)), LOOPBACK, NATIVE,
+                        ping_rtt_ms=rtt_s * 1e3)
 
 
 def throughput(rtt_s: float, fraction: float, rate: int = ACCEPTANCE_RATE_BPS, captured: int | None = 10**8,
@@ -107,3 +109,35 @@ def test_the_sweep_figure_is_redrawn_from_its_json(tmp_path):
     source.write_text(json.dumps(data))
     figure = own_json_figure(source, tmp_path / "out")
     assert figure is not None and figure.stat().st_size > 10_000
+
+
+def test_the_acceptance_growth_is_met_only_when_its_interval_lies_within_the_tolerance():
+    shown = link_criteria({1e-3: latency(1e-3, 1.05)}, {})
+    assert shown.check("latency_growth_shown_within_1ms").outcome is Outcome.PASSED
+    # Steps whose noise is wider than the tolerance: the bounds cannot tell, and the acceptance is not met.
+    noisy = tuple(x + 1.0 + 3.0 * (-1) ** i for i, x in enumerate(LOOPBACK))
+    unshown = link_criteria({1e-3: LatencyPoint(1e-3, noisy, LOOPBACK, NATIVE)}, {})
+    assert unshown.check("latency_growth_shown_within_1ms").outcome is Outcome.FAILED
+    assert "not shown within 0.8..1.2" in unshown.check("latency_growth_shown_within_1ms").message
+    # The same wall times with the server's compute taken out: its jitter gone, the growth is shown.
+    off_server = tuple(1.0 + 1.05 + j for j in JITTER)
+    judged = link_criteria({1e-3: LatencyPoint(1e-3, noisy, LOOPBACK, NATIVE, None, off_server, (1.0,) * 10)}, {})
+    check = judged.check("latency_growth_shown_within_1ms")
+    assert check.outcome is Outcome.PASSED and "off the server" in check.message
+    # Off the server, a growth of 1.5 RTTs is not hidden by the wall time's noise.
+    grown = tuple(1.0 + 1.5 + j for j in JITTER)
+    assert link_criteria({1e-3: LatencyPoint(1e-3, noisy, LOOPBACK, NATIVE, None, grown, (1.0,) * 10)},
+                         {}).check("latency_growth_shown_within_1ms").outcome is Outcome.FAILED
+
+
+def test_latency_steps_are_pairs():
+    with pytest.raises(ValueError, match="pairs"):
+        LatencyPoint(1e-3, (1.0, 2.0), (1.0,), ())
+    with pytest.raises(ValueError, match="pairs"):
+        LatencyPoint(1e-3, (1.0,), (1.0,), (), None, (1.0, 2.0), (1.0,))
+
+
+def test_the_growth_is_the_median_of_the_paired_differences():
+    # Each pair moved together (a slow spell hit both); the medians of the two sides do not pair up.
+    estimate = paired_difference_over([1.0, 2.0, 30.0], [0.0, 20.0, 29.0], 1.0)
+    assert estimate.ratio == pytest.approx(1.0)

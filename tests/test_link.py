@@ -21,9 +21,11 @@ import zmq
 
 import djinn
 from djinn.link import parse_link_spec
-from djinn.link.delay_line import DelayLine
-from djinn.link.emulated import PREFIX, EmulatedLink, cleanup_stale, link_unavailable_reason, ping_rtt_s
+from djinn.link.delay_line import EARLY_GUARD_NS, MAX_EARLY_NS, MIN_EARLY_NS, DelayLine, next_early_ns
+from djinn.link.emulated import (PREFIX, EmulatedLink, cleanup_stale, link_unavailable_reason, ping_rtt_s,
+                                 tbf_parameters)
 from djinn.netns_exec import SCRIPT as NETNS_EXEC
+from djinn.netns_exec import call_in
 from djinn.telemetry.wire_capture import WireCapture, capture_available
 from djinn.transport import ClientConnection, ServerSocket
 
@@ -64,6 +66,16 @@ def test_the_delay_line_holds_each_frame_for_its_delay_in_order():
     assert line.forwarded == 2 and line.dropped == 0
 
 
+def test_the_delay_lines_waits_end_as_early_as_its_wake_ups_have_been_late():
+    early = MIN_EARLY_NS
+    early = next_early_ns(early, 150_000)  # a late wake-up: the next wait ends that much earlier at once
+    assert early == 150_000 + EARLY_GUARD_NS
+    for _ in range(200):  # punctual wake-ups: it comes back down, not below the floor
+        early = next_early_ns(early, 1_000)
+    assert early == MIN_EARLY_NS
+    assert next_early_ns(MIN_EARLY_NS, 10**9) == MAX_EARLY_NS  # a wake-up seconds late: the spin stays bounded
+
+
 def test_netns_exec_refuses_bad_usage_and_a_missing_namespace():
     usage = subprocess.run([sys.executable, NETNS_EXEC, "only-a-name"], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
@@ -73,7 +85,25 @@ def test_netns_exec_refuses_bad_usage_and_a_missing_namespace():
         assert missing.returncode == 1 and "cannot enter network namespace" in missing.stderr
 
 
+def test_call_in_a_missing_namespace_raises_in_the_caller():
+    if UNAVAILABLE is not None:
+        pytest.skip(f"emulated link: {UNAVAILABLE}")
+    with pytest.raises(OSError):
+        call_in(f"{PREFIX}no-such", lambda: None)
+
+
 # -- live links ----------------------------------------------------------------------------------
+@live
+def test_what_call_in_makes_stays_in_the_namespace():
+    with EmulatedLink(parse_link_spec("1gbit")) as link:
+        there = call_in(link.server_netns, lambda: {name for _, name in socket.if_nameindex()})
+        assert there == {"lo", link.ends.server_interface}
+        assert link.ends.server_interface not in {name for _, name in socket.if_nameindex()}  # this thread: unmoved
+        with pytest.raises(ZeroDivisionError):
+            call_in(link.server_netns, lambda: 1 / 0)
+
+
+
 @live
 def test_a_link_is_torn_down_at_exit_also_after_a_failure():
     before = namespaces()
@@ -210,9 +240,8 @@ def test_no_transfer_beats_the_links_rate():
             thread.join(60)
         elapsed = time.perf_counter() - start
     assert received == [len(payload)]
-    # tbf may let one bucket (at most two 64 KiB frames, or 100 µs of the rate) through at once.
-    bucket = 2 * (65536 + 45 * 66)
-    assert elapsed >= (len(payload) - bucket) * 8 / rate.rate_bps, elapsed
+    # tbf may let one bucket through at once.
+    assert elapsed >= (len(payload) - tbf_parameters(rate).burst_bytes) * 8 / rate.rate_bps, elapsed
 
 
 @live

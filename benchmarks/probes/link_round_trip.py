@@ -4,9 +4,12 @@
 
 One echo server per measurement on a thread in the link's server namespace (djinn.link), and
 the same on loopback before and after; prints one JSON line per measurement: median and
-quartiles of the round trip in ms, and the ICMP echo over the link beside it. It separates the
-link's own cost (what its delay element adds at RTT 0, how much of an RTT a request/reply
-actually grows by) from the noise of a model's decode step on a shared host.
+quartiles of the round trip in ms, the ICMP echo over the link beside it, and the link's one-way
+delay each way as the kernel sees it (each request's frame stamped by a capture at the client's
+veth end and at the server's, each reply's the other way round: no process wake-up in it). It
+separates the link's own cost (what its delay element adds at RTT 0, how much of an RTT a
+request/reply actually grows by, and how much of that the wire itself holds) from the noise of a
+model's decode step on a shared host.
 """
 from __future__ import annotations
 
@@ -15,12 +18,14 @@ import json
 import statistics
 import threading
 import time
+from contextlib import ExitStack
 
 import zmq
 
 from djinn.link import parse_link_spec
 from djinn.link.emulated import EmulatedLink, link_unavailable_reason, ping_rtt_s
 from djinn.link.spec import parse_time
+from djinn.telemetry.wire_capture import WireCapture
 from djinn.transport import ClientConnection, ServerSocket
 
 
@@ -39,7 +44,17 @@ def _serve(address: str, bound: list, stop: threading.Event, netns: str | None) 
     server.close()
 
 
-def round_trips_ms(address: str, count: int, netns: str | None = None) -> list[float]:
+# Shorter than any gap between two requests' frames, longer than between a message's own frames.
+FRAME_GAP_S = 10e-6
+
+
+def _one_way_us(leaving: list, arriving: list) -> float:
+    return statistics.median((b.first_ns - a.first_ns) / 1e3 for a, b in zip(leaving, arriving))
+
+
+def round_trips_ms(address: str, count: int, netns: str | None = None,
+                   link: EmulatedLink | None = None) -> tuple[list[float], dict]:
+    """The round trips, and with `link` the kernel's one-way delays each way (medians, µs)."""
     bound: list = []
     stop = threading.Event()
     thread = threading.Thread(target=_serve, args=(address, bound, stop, netns), daemon=True)
@@ -49,9 +64,15 @@ def round_trips_ms(address: str, count: int, netns: str | None = None) -> list[f
         if time.monotonic() > deadline:
             raise RuntimeError(f"echo server on {address} did not bind within 30 s")
         time.sleep(0.01)
+    one_way: dict = {}
     try:
-        with ClientConnection(bound[0].address, timeout_s=30) as client:
+        with ClientConnection(bound[0].address, timeout_s=30) as client, ExitStack() as captures:
             client.request("echo")  # connect and handshake first
+            if link is not None:
+                port, ends = int(bound[0].address.rsplit(":", 1)[1]), link.ends
+                near = captures.enter_context(WireCapture(port, ends.client_interface, burst_gap_s=FRAME_GAP_S))
+                far = captures.enter_context(WireCapture(port, ends.server_interface, netns=ends.server_netns,
+                                                         burst_gap_s=FRAME_GAP_S))
             samples = []
             for _ in range(count):
                 start = time.perf_counter()
@@ -60,7 +81,11 @@ def round_trips_ms(address: str, count: int, netns: str | None = None) -> list[f
     finally:
         stop.set()
         thread.join(10)
-    return samples
+    if link is not None:
+        one_way = {"one_way_up_us": _one_way_us(near.result.to_port.bursts, far.result.to_port.bursts),
+                   "one_way_down_us": _one_way_us(far.result.from_port.bursts, near.result.from_port.bursts),
+                   "messages_up": [len(near.result.to_port.bursts), len(far.result.to_port.bursts)]}
+    return samples, one_way
 
 
 def _row(where: str, samples: list[float], **extra) -> dict:
@@ -79,14 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(json.dumps({"error": f"no emulated link here: {reason}"}))
         return 1
-    print(json.dumps(_row("loopback", round_trips_ms("tcp://127.0.0.1:0", args.count))), flush=True)
+    print(json.dumps(_row("loopback", round_trips_ms("tcp://127.0.0.1:0", args.count)[0])), flush=True)
     with EmulatedLink(parse_link_spec(args.rate)) as link:
         for rtt in (parse_time(t, "rtt") for t in args.rtts.split(",")):
             link.set_rtt(rtt)
             ping = statistics.median(ping_rtt_s(link.server_address, 20)) * 1e3
-            samples = round_trips_ms(f"tcp://{link.server_address}:0", args.count, link.server_netns)
-            print(json.dumps(_row("link", samples, rtt_ms=rtt * 1e3, ping_ms=ping, link=link.describe())), flush=True)
-    print(json.dumps(_row("loopback", round_trips_ms("tcp://127.0.0.1:0", args.count))), flush=True)
+            samples, one_way = round_trips_ms(f"tcp://{link.server_address}:0", args.count, link.server_netns, link)
+            print(json.dumps(_row("link", samples, rtt_ms=rtt * 1e3, ping_ms=ping, **one_way, link=link.describe())),
+                  flush=True)
+    print(json.dumps(_row("loopback", round_trips_ms("tcp://127.0.0.1:0", args.count)[0])), flush=True)
     return 0
 
 

@@ -3,7 +3,8 @@
 Left: per-token latency against the link's RTT: full_djinn over the link, full_djinn over
 loopback and native_pytorch (medians with IQR bars), and loopback + RTT, where a decode step that
 costs one round trip should lie. Right: semantic_blind's throughput over the link against the
-shaped rate, over the steps' transfer time and over whole steps. Drawn on `matplotlib.figure.Figure` (Agg), no pyplot.
+shaped rate: each message's rate where the link delivered it (from the capture), and over whole
+steps. Drawn on `matplotlib.figure.Figure` (Agg), no pyplot.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def plot_link_sweep(data: dict, path: Path | str) -> Path:
         errors = [[m - p["blind_wire_bps_q1"] / 1e9 for m, p in zip(medians, blind)],
                   [p["blind_wire_bps_q3"] / 1e9 - m for m, p in zip(medians, blind)]]
         right.errorbar(x, medians, yerr=errors, color="#c44e52", marker="o", capsize=3,
-                       label="semantic_blind's transfers")
+                       label="semantic_blind's messages, at the far end")
         if all("blind_step_bps_median" in p for p in blind):
             right.plot(x, [p["blind_step_bps_median"] / 1e9 for p in blind], color="#c44e52", marker="o",
                        linestyle=":", label="semantic_blind's whole steps")

@@ -17,10 +17,13 @@ parent dies) with one line of counts on stderr.
 Why deadlines come from the kernel's receive timestamps (SO_TIMESTAMPNS): a frame's delay then
 starts when it reached the wire's end, not when this process woke up, so a late wake-up on a busy
 host is absorbed into the delay instead of added to it (as long as it is shorter than the delay).
-Why it wakes `EARLY_NS` before a deadline and spins to it: the work after a wake-up (the
-send, the far end's stack) would otherwise land after the deadline, on every frame; a frame of
-small-message traffic then leaves within microseconds of its deadline, measured: a 1 ms RTT
-link's request/reply grew 1.22 ms over loopback without the spin.
+Why it wakes before a deadline and spins to it: a wake-up lands late, and the frame with it, on
+every frame; a frame of small-message traffic then leaves within microseconds of its deadline,
+measured: a 1 ms RTT link's request/reply grew 1.22 ms over loopback without the spin. How early
+is measured, not fixed (`next_early_ns`): the largest recent lateness of its own wake-ups, plus a
+guard. On the 2-core VM a wake-up after a long sleep is late by more the longer the vCPU slept
+(idle, a 2.5 ms wait's frames reached the far end 80 µs late with a fixed 50 µs), and under load
+a fixed 250 µs spin took so much of a core from the end hosts that round trips grew.
 Why one thread and select(): select's timeout has microsecond resolution (epoll's has
 milliseconds), and both directions' queues are drained in arrival order by one loop, without a
 lock. Timer slack is set to 1 ns so a sleep ends at its deadline rather than up to 50 µs after.
@@ -84,7 +87,20 @@ def _libc_prctl(option: int, value: int) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
 
 
-EARLY_NS = 50_000
+# How early a wait ends before its deadline: at least MIN_EARLY_NS (a punctual wake-up's own
+# cost), at most MAX_EARLY_NS (a spin of real-time priority is a core taken from the end hosts);
+# EARLY_GUARD_NS over the largest recent lateness; that maximum forgets 1/EARLY_DECAY of itself
+# per wake-up, so one late wake-up (an interrupt, a preemption) costs spin for a few dozen frames.
+MIN_EARLY_NS = 20_000
+MAX_EARLY_NS = 400_000
+EARLY_GUARD_NS = 10_000
+EARLY_DECAY = 16
+
+
+def next_early_ns(early_ns: int, late_ns: int) -> int:
+    """How early the next wait ends, given that the last wake-up came `late_ns` after it was asked."""
+    decayed = early_ns - early_ns // EARLY_DECAY
+    return max(MIN_EARLY_NS, min(MAX_EARLY_NS, max(decayed, late_ns + EARLY_GUARD_NS)))
 
 
 class DelayLine:
@@ -97,6 +113,7 @@ class DelayLine:
         self.forwarded = 0
         self.dropped = 0  # frames the far end refused (its backlog full), as a real link drops them
         self.truncated = 0
+        self.early_ns = MIN_EARLY_NS
 
     def _drain(self, sock: socket.socket) -> None:
         out = self.queues[self.other[sock]]
@@ -133,14 +150,17 @@ class DelayLine:
             heads = [q[0][0] for q in self.queues.values() if q]
             if heads:
                 due = min(heads)
-                timeout = max(0.0, (due - EARLY_NS - time.time_ns()) / 1e9)
+                wake = due - self.early_ns
+                timeout = max(0.0, (wake - time.time_ns()) / 1e9)
             else:
                 due, timeout = None, 0.2
             readable, _, _ = select.select(sockets, [], [], timeout)
             for sock in readable:
                 self._drain(sock)
             if due is not None and not readable:
-                while time.time_ns() < due:  # at most EARLY_NS: the deadline, not a wake-up later
+                if timeout > 0:
+                    self.early_ns = next_early_ns(self.early_ns, time.time_ns() - wake)
+                while time.time_ns() < due:  # at most early_ns: the deadline, not a wake-up later
                     pass
             self._send_due(time.time_ns())
 
@@ -173,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     except InterruptedError:
         pass
     print(f"delay line {if_a}<->{if_b} {delay_ns} ns: forwarded {line.forwarded}, dropped {line.dropped}, "
-          f"truncated {line.truncated}", file=sys.stderr)
+          f"truncated {line.truncated}; waits end {line.early_ns} ns early", file=sys.stderr)
     return 0
 
 

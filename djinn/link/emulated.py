@@ -59,9 +59,15 @@ MIN_FRAME = 64  # Ethernet's minimum frame: the most packets a queue of N bytes 
 # overshoot: what one TCP connection can have queued beyond the BDP.
 TCP_WINDOW_BYTES = 32 << 20
 # tbf's bucket: two of the largest frames the stack sends (larger ones tbf would segment in
-# software), or 100 µs of the rate when that is more: paced rather than bursty at memory-copy speed.
+# software), or one timer tick of the rate when that is more (tc-tbf(8): burst >= rate/HZ; this
+# machine's kernel has CONFIG_HZ=250). tbf's watchdog is an hrtimer, but its dequeue runs in the
+# NET_TX softirq, which a loaded host defers to ksoftirqd by up to a tick: with a 100 µs bucket the
+# link idled through every late wake-up (the 2-core machine at load 14-17 ran at 72-90% of the
+# rate). A tick's bucket refills while the dequeue is late; its cost is one tick of bytes sent at
+# memory speed after an idle spell (0.5 MB at 1 Gbit/s, ~1% of a blind step's request).
 BUCKET_FRAMES = 2
-BUCKET_S = 100e-6
+KERNEL_HZ = 250
+BUCKET_S = 1 / KERNEL_HZ
 GSO_FRAME_BYTES = 65536 + 45 * 66  # a 64 KiB super-frame and its ~45 segments' Ethernet/IP/TCP headers
 DELAY_LINE_READY_S = 30.0
 DELAY_LINE_SCRIPT = str(Path(delay_line.__file__).resolve())  # by path: see its docstring
@@ -188,15 +194,28 @@ def queue_bytes(spec: LinkSpec) -> int:
     return spec.bdp_bytes + TCP_WINDOW_BYTES
 
 
+@dataclass(frozen=True)
+class TbfParameters:
+    """What tbf is given on each egress of a link: its rate, bucket and queue, in tc's units."""
+    rate_bps: int
+    burst_bytes: int  # the bucket: bytes that may leave back to back after an idle spell
+    limit_bytes: int  # the queue behind the bucket
+
+
+def tbf_parameters(spec: LinkSpec) -> TbfParameters:
+    frame = GSO_FRAME_BYTES if spec.gso else spec.mtu + ETH_HLEN
+    burst = max(BUCKET_FRAMES * frame, round(spec.rate_bytes_per_s * BUCKET_S))
+    return TbfParameters(spec.rate_bps, burst, queue_bytes(spec))
+
+
 def _shape(ipr, index: int, spec: LinkSpec, with_netem: bool) -> None:
     """tbf at the rate on `index`'s egress, and (`with_netem`) half the RTT by netem under it."""
-    frame = GSO_FRAME_BYTES if spec.gso else spec.mtu + ETH_HLEN
-    burst = max(BUCKET_FRAMES * frame, int(spec.rate_bytes_per_s * BUCKET_S))
-    limit = queue_bytes(spec)
-    ipr.tc("add", "tbf", index, handle="1:", rate=f"{spec.rate_bps}bit", burst=burst, limit=limit)
+    tbf = tbf_parameters(spec)
+    ipr.tc("add", "tbf", index, handle="1:", rate=f"{tbf.rate_bps}bit", burst=tbf.burst_bytes,
+           limit=tbf.limit_bytes)
     if with_netem:
         ipr.tc("add", "netem", index, handle="10:", parent="1:1", delay=_delay_us(spec),
-               limit=limit // MIN_FRAME)
+               limit=tbf.limit_bytes // MIN_FRAME)
 
 
 def _delay_us(spec: LinkSpec) -> int:
@@ -243,8 +262,9 @@ class EmulatedLink:
     def describe(self) -> dict:
         ends = self._require()
         return {"spec": str(self.spec), "rate_bps": self.spec.rate_bps, "rtt_s": self.spec.rtt_s,
-                "mtu": self.spec.mtu, "delay": ends.delay, "queue_bytes": queue_bytes(self.spec),
-                "server_netns": ends.server_netns, "client_interface": ends.client_interface,
+                "mtu": self.spec.mtu, "gso": self.spec.gso, "delay": ends.delay, "queue_bytes": queue_bytes(self.spec),
+                "tbf_burst_bytes": tbf_parameters(self.spec).burst_bytes, "server_netns": ends.server_netns,
+                "client_interface": ends.client_interface, "server_interface": ends.server_interface,
                 "server_address": ends.server_address}
 
     def set_rtt(self, rtt_s: float) -> None:
@@ -425,4 +445,4 @@ def _checksum(data: bytes) -> int:
 
 
 __all__ = ["EmulatedLink", "LinkEnds", "LinkUnavailable", "cleanup_stale", "describe_support", "kernel_has_netem",
-           "link_unavailable_reason", "ping_rtt_s", "queue_bytes"]
+           "link_unavailable_reason", "ping_rtt_s", "queue_bytes", "tbf_parameters", "TbfParameters"]

@@ -37,14 +37,30 @@ What the counts mean:
 * Loopback shows every packet twice to a packet socket (once outgoing, once
   incoming); only the incoming copy is counted.
 
+* ``segmented_wire_bytes`` are the frames as a shaper counts them (tbf,
+  netem: the kernel's qdisc_pkt_len): a super-frame as the segments of the
+  interface's MTU it stands for, each with its own L2, IP and TCP headers.
+  That is the figure to hold against a shaped link's rate.
+* ``bursts`` (with ``burst_gap_s``): each direction's payload frames grouped
+  into runs with no gap longer than ``burst_gap_s``, one message on the wire,
+  with the kernel's timestamps of their first and last frame (SO_TIMESTAMPNS:
+  when the frame reached this tap, not when the reader woke up). A burst's
+  rate is its bytes over the time it took to pass this point: on the
+  receiving end of a link, the rate the link delivered it at.
+
 A capture that lost packets is worthless as a check, so on exit the kernel's
 drop counter is read and :class:`CaptureDropped` raised when it is non-zero,
 unless ``allow_drops=True``.
+
+``netns`` captures on an interface of another network namespace (an emulated
+link's far end): the socket is made by a thread that joined it, and a socket
+stays in the namespace it was made in.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import socket
 import struct
@@ -57,6 +73,7 @@ from dataclasses import dataclass
 from djinn.errors import DjinnError
 
 __all__ = [
+    "Burst",
     "CaptureDropped",
     "CaptureUnavailable",
     "DirectionBytes",
@@ -77,6 +94,11 @@ PACKET_OUTGOING = 4
 ARPHRD_ETHER = 1
 ARPHRD_LOOPBACK = 772
 ARPHRD_NONE = 0xFFFE  # tun/wireguard: frames start at the IP header
+SIOCGIFMTU = 0x8921
+SIOCGIFHWADDR = 0x8927  # its sockaddr's family is the interface's ARPHRD_* type
+SO_TIMESTAMPNS = 35  # SO_TIMESTAMPNS_OLD: a struct timespec per packet
+_IFREQ = struct.Struct("16sH14x")  # struct ifreq: the name, then a sockaddr (or an int: the MTU)
+_TIMESPEC = struct.Struct("ll")
 
 ETH_HLEN = 14
 # Headers only: 14 (Ethernet) + 4 (one VLAN tag) + 60 (IPv4 max) or 40 (IPv6
@@ -175,6 +197,8 @@ class DirectionBytes:
     header_bytes: int = 0  # IP (+ IPv6 extension) + TCP headers
     payload_bytes: int = 0  # TCP payload, retransmissions included
     retransmitted_bytes: int = 0  # payload whose sequence numbers were seen before
+    segmented_wire_bytes: int = 0  # wire_bytes with each super-frame counted as its MTU-sized segments
+    bursts: tuple["Burst", ...] = ()  # with burst_gap_s: the payload frames' runs, in order
 
     @property
     def unique_payload_bytes(self) -> int:
@@ -184,6 +208,39 @@ class DirectionBytes:
     @property
     def overhead_bytes(self) -> int:
         return self.wire_bytes - self.payload_bytes
+
+
+@dataclass(frozen=True)
+class Burst:
+    """A run of one direction's payload frames with no gap longer than the capture's burst_gap_s."""
+
+    first_ns: int  # kernel timestamps (CLOCK_REALTIME) of its first and last frame at the tap
+    last_ns: int
+    frames: int
+    wire_bytes: int  # segmented, as a shaper counts them
+    first_frame_bytes: int
+
+    @property
+    def duration_s(self) -> float:
+        return (self.last_ns - self.first_ns) / 1e9
+
+    @property
+    def rate_bps(self) -> float | None:
+        """Bits per second through the tap; None for a single frame. A stamp marks the moment a
+        frame had passed, so the first frame's bytes went by before the interval began."""
+        if self.last_ns <= self.first_ns:
+            return None
+        return (self.wire_bytes - self.first_frame_bytes) * 8 / self.duration_s
+
+
+def segmented_length(frame_len: int, header_bytes: int, payload_bytes: int, mtu: int) -> int:
+    """A frame's bytes as the segments of `mtu` it stands for (a GSO super-frame carries the
+    headers once; the wire, and a shaper's count, carry them once per segment)."""
+    mss = mtu - header_bytes
+    if payload_bytes <= mss or mss <= 0:
+        return frame_len
+    segments = -(-payload_bytes // mss)
+    return frame_len + (segments - 1) * (frame_len - payload_bytes)
 
 
 @dataclass(frozen=True)
@@ -356,13 +413,16 @@ def _port_filter(port: int) -> bytes:
     return b"".join(struct.pack("HBBi" if k < 0 else "HBBI", code, jt, jf, k) for code, jt, jf, k in prog)
 
 
-def _link_type(interface: str) -> int:
-    """The interface's ARPHRD_* type, read before bind (see _open_packet_socket)."""
+def _interface_query(sock: socket.socket, interface: str, request: int) -> int:
+    """SIOCGIFHWADDR's address family or SIOCGIFMTU's MTU of `interface`, asked through `sock`:
+    of the namespace the socket was made in (sysfs would answer for the mounting one)."""
     try:
-        with open(f"/sys/class/net/{interface}/type") as f:
-            return int(f.read())
-    except (OSError, ValueError) as exc:
+        reply = fcntl.ioctl(sock.fileno(), request, _IFREQ.pack(interface.encode()[:15], 0))
+    except OSError as exc:
         raise CaptureUnavailable(f"no network interface {interface!r} ({exc})") from exc
+    if request == SIOCGIFMTU:
+        return struct.unpack_from("i", reply, 16)[0]
+    return _IFREQ.unpack(reply)[1]
 
 
 def _open_packet_socket(interface: str, configure: Callable[[socket.socket], None] | None = None) -> socket.socket:
@@ -416,7 +476,10 @@ class WireCapture:
     queued packet at its full size even though only the headers are copied
     out, so it must hold the burst the reader falls behind by.  On exit the
     reader drains until no packet of the port arrived for ``quiet_s`` (the
-    in-flight tail of the region), at most ``drain_timeout_s``.
+    in-flight tail of the region), at most ``drain_timeout_s``. ``netns``: the
+    interface is in that network namespace; ``burst_gap_s``: group each
+    direction's payload frames into bursts (kernel timestamps: the reader
+    then receives with recvmsg, a little slower per packet).
     """
 
     def __init__(
@@ -428,9 +491,15 @@ class WireCapture:
         rcvbuf_bytes: int = 256 << 20,
         quiet_s: float = 0.05,
         drain_timeout_s: float = 2.0,
+        netns: str | None = None,
+        burst_gap_s: float | None = None,
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"port must be in 1..65535, got {port}")
+        if burst_gap_s is not None and not burst_gap_s > 0:
+            raise ValueError(f"burst_gap_s must be positive, got {burst_gap_s}")
+        self.netns = netns
+        self.burst_gap_s = burst_gap_s
         self.port = port
         self.interface = interface
         self.allow_drops = allow_drops
@@ -447,17 +516,18 @@ class WireCapture:
         self._stop = threading.Event()
         self._stop_at = 0.0
         self._error: BaseException | None = None
-        # [packets, wire, header, payload, retransmitted] for to_port and
-        # from_port; lists, not dataclasses, because they are bumped once per
-        # packet.
-        self._to = [0, 0, 0, 0, 0]
-        self._from = [0, 0, 0, 0, 0]
+        # [packets, wire, header, payload, retransmitted, segmented] for to_port
+        # and from_port; lists, not dataclasses, because they are bumped once per
+        # packet. Bursts likewise: [first_ns, last_ns, frames, bytes, first bytes].
+        self._to = [0, 0, 0, 0, 0, 0]
+        self._from = [0, 0, 0, 0, 0, 0]
+        self._bursts: dict[int, list[list[int]]] = {id(self._to): [], id(self._from): []}
         self._flows: dict[tuple[bytes, int, int], _SeqRanges] = {}
         self._other = 0
-        hatype = _link_type(self.interface)
-        self._l2_len = 0 if hatype == ARPHRD_NONE else ETH_HLEN
         self._skip_outgoing_in_reader = False
-        sock = _open_packet_socket(self.interface, lambda sock: self._configure(sock, hatype))
+        def open_socket() -> socket.socket:
+            return _open_packet_socket(self.interface, self._configure)
+        sock = open_socket() if self.netns is None else self._open_in_netns(open_socket)
         # Reading the statistics resets them, so they cover only the region.
         self._read_kernel_stats(sock)
         self._kernel_packets = self._kernel_drops = 0
@@ -482,8 +552,8 @@ class WireCapture:
             port=self.port,
             interface=self.interface,
             duration_s=self._stop_at - self._t0,
-            to_port=DirectionBytes(*self._to),
-            from_port=DirectionBytes(*self._from),
+            to_port=DirectionBytes(*self._to, bursts=self._finished_bursts(self._to)),
+            from_port=DirectionBytes(*self._from, bursts=self._finished_bursts(self._from)),
             kernel_packets=self._kernel_packets,
             kernel_drops=self._kernel_drops,
             other_packets=self._other,
@@ -495,7 +565,23 @@ class WireCapture:
                 f"(raise rcvbuf_bytes, now {self.rcvbuf_bytes}, or pass allow_drops=True)"
             )
 
-    def _configure(self, sock: socket.socket, hatype: int) -> None:
+    def _open_in_netns(self, open_socket: Callable[[], socket.socket]) -> socket.socket:
+        from djinn.netns_exec import call_in
+
+        try:
+            return call_in(self.netns, open_socket)
+        except OSError as exc:  # entering it failed (no such namespace, no privilege)
+            raise CaptureUnavailable(f"cannot open a packet socket in network namespace {self.netns!r}: {exc}") from exc
+
+    def _finished_bursts(self, side: list[int]) -> tuple[Burst, ...]:
+        return tuple(Burst(*b) for b in self._bursts[id(side)])
+
+    def _configure(self, sock: socket.socket) -> None:
+        hatype = _interface_query(sock, self.interface, SIOCGIFHWADDR)
+        self._l2_len = 0 if hatype == ARPHRD_NONE else ETH_HLEN
+        self._mtu = _interface_query(sock, self.interface, SIOCGIFMTU)
+        if self.burst_gap_s is not None:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         if hatype == ARPHRD_LOOPBACK:
             # Loopback hands a packet socket each packet twice; dropping the
             # outgoing copy in the kernel halves the reader's work.  Kernels
@@ -542,15 +628,25 @@ class WireCapture:
         assert sock is not None
         buf = bytearray(SNAP_BYTES)
         view = memoryview(buf)
-        port, l2_len = self.port, self._l2_len
+        port, l2_len, mtu = self.port, self._l2_len, self._mtu
         to, frm, flows = self._to, self._from, self._flows
         skip_outgoing = self._skip_outgoing_in_reader
-        recv_into, recvfrom_into = sock.recv_into, sock.recvfrom_into
+        recv_into, recvfrom_into, recvmsg_into = sock.recv_into, sock.recvfrom_into, sock.recvmsg_into
+        stamped = self.burst_gap_s is not None
+        gap_ns = round(self.burst_gap_s * 1e9) if stamped else 0
+        bursts, buffers, stamp_space = self._bursts, [buf], socket.CMSG_SPACE(_TIMESPEC.size)
         stop, clock = self._stop, time.perf_counter
         last_packet = clock()
+        stamp = 0
         while True:
             try:
-                if skip_outgoing:
+                if stamped:
+                    size, ancillary, _, addr = recvmsg_into(buffers, stamp_space, socket.MSG_TRUNC)
+                    if skip_outgoing and addr[2] == PACKET_OUTGOING:
+                        continue
+                    sec, nsec = _TIMESPEC.unpack_from(ancillary[0][2]) if ancillary else divmod(time.time_ns(), 10**9)
+                    stamp = sec * 1_000_000_000 + nsec
+                elif skip_outgoing:
                     size, addr = recvfrom_into(buf, SNAP_BYTES, socket.MSG_TRUNC)
                     if addr[2] == PACKET_OUTGOING:
                         continue
@@ -579,8 +675,19 @@ class WireCapture:
             side[0] += 1
             side[1] += size
             side[2] += hdr
+            segmented = size if payload <= mtu - hdr else segmented_length(size, hdr, payload, mtu)
+            side[5] += segmented
             if payload:
                 side[3] += payload
+                if stamped:
+                    runs = bursts[id(side)]
+                    if runs and stamp - runs[-1][1] <= gap_ns:
+                        run = runs[-1]
+                        run[1] = stamp
+                        run[2] += 1
+                        run[3] += segmented
+                    else:
+                        runs.append([stamp, stamp, 1, segmented, segmented])
                 ranges = flows.get((addresses, src, dst))
                 if ranges is None:
                     flows[(addresses, src, dst)] = _SeqRanges(seq, payload)
