@@ -163,25 +163,6 @@ def _in_netns(name: str, target) -> threading.Thread:
     return thread
 
 
-def byte_sink(link: EmulatedLink, port: int) -> tuple[threading.Thread, list[int]]:
-    """A TCP listener in the link's server namespace (listening when this returns) and the thread that
-    counts the bytes of the one connection it accepts; the count lands in the list when it closes."""
-    listener = call_in(link.server_netns, lambda: socket.create_server((link.server_address, port)))
-    received: list[int] = []
-
-    def count():
-        with listener:
-            conn, _ = listener.accept()
-            with conn:
-                total = 0
-                while chunk := conn.recv(1 << 20):
-                    total += len(chunk)
-                received.append(total)
-    thread = threading.Thread(target=count, daemon=True)
-    thread.start()
-    return thread, received
-
-
 @live
 def test_the_capture_on_the_links_veth_agrees_with_the_transports_counters():
     ok, reason = capture_available()
@@ -233,9 +214,25 @@ def test_the_capture_on_the_links_veth_agrees_with_the_transports_counters():
 def test_no_transfer_beats_the_links_rate():
     rate = parse_link_spec("200mbit")
     with EmulatedLink(rate) as link:
-        thread, received = byte_sink(link, 7009)
+        received = []
+
+        def sink():
+            with socket.create_server((link.server_address, 7009)) as listener:
+                conn, _ = listener.accept()
+                with conn:
+                    total = 0
+                    while chunk := conn.recv(1 << 20):
+                        total += len(chunk)
+                    received.append(total)
+
+        thread = _in_netns(link.server_netns, sink)
         payload = bytes(8 << 20)
-        sender = socket.create_connection((link.server_address, 7009), timeout=10)
+        for _ in range(100):
+            try:
+                sender = socket.create_connection((link.server_address, 7009), timeout=10)
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.05)
         start = time.perf_counter()
         with sender:
             sender.sendall(payload)
