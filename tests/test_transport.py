@@ -434,6 +434,50 @@ def unused_tcp_port() -> int:
         return s.getsockname()[1]
 
 
+LIBZMQ_DEFAULT_HWM = 1000  # messages a pipe holds by default (ZMQ_SNDHWM/ZMQ_RCVHWM in zmq_setsockopt(3))
+
+
+def test_a_connection_that_keeps_dropping_never_stalls_its_context():
+    """The CI flake of the third session of 1 December: a client's connection events filled
+    its monitor (one per reconnect, read only when a reply is late), libzmq's I/O thread
+    blocked on the next, and no socket of that process's context connected again: every
+    later server test in that pytest worker timed out. Here a peer accepts and closes each
+    connection, so each reconnect (1 ms apart on this context) is an event."""
+    context = zmq.Context()
+    context.setsockopt(zmq.RECONNECT_IVL, 1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def accept_and_close():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # the listener closed: the test is over
+                return
+            conn.close()
+            accepted.append(1)
+
+    threading.Thread(target=accept_and_close, daemon=True).start()
+    peer = zmq.Context()
+    router = peer.socket(zmq.ROUTER)
+    try:
+        with ClientConnection(f"127.0.0.1:{listener.getsockname()[1]}", timeout_s=1, context=context):
+            deadline = time.monotonic() + 60
+            while len(accepted) < 2 * LIBZMQ_DEFAULT_HWM and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(accepted) > LIBZMQ_DEFAULT_HWM, f"only {len(accepted)} reconnects in 60 s"
+            port = router.bind_to_random_port("tcp://127.0.0.1")
+            with context.socket(zmq.DEALER) as other:  # another socket of the same context
+                other.connect(f"tcp://127.0.0.1:{port}")
+                other.send(b"still connecting")
+                assert router.poll(5000), "the context's I/O thread is stuck: no new connection completes"
+    finally:
+        listener.close()
+        router.close(linger=0)
+        peer.term()
+    context.term()  # returns: nothing of the closed connection is left blocking
+
+
 def test_no_server_raises_djinn_timeout_naming_op_and_address():
     timeout_s = 0.3
     with ClientConnection(f"127.0.0.1:{unused_tcp_port()}", timeout_s=timeout_s) as client:

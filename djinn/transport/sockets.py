@@ -31,6 +31,7 @@ from djinn.transport.wire import (DTYPES, ERROR_OP, REPLY_OP, Header, Landed, Li
                                   request_id_of, unpack_header)
 
 log = logging.getLogger("djinn.transport")
+_MONITOR_IDS = itertools.count()  # each client socket's monitor endpoint, unique in this process
 
 DEFAULT_TIMEOUT_S = 120.0
 HELLO_TIMEOUT_S = 2.0  # `connect` confirms the server this fast; the long timeout is for requests
@@ -180,7 +181,18 @@ class _Link:
         events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
         for event in self.FAILED:
             events |= event
-        self._monitor = sock.get_monitor_socket(events)
+        # libzmq's I/O thread sends each event with a blocking send: once the monitor pipe is
+        # full (1000 events at the default high-water mark) that thread stops for good, and
+        # with it every socket of the context (the process's shared one: no connection of
+        # any client in this process completes again). Events are read only when a reply is
+        # late, and a connection that keeps dropping (a peer refusing the handshake, or
+        # accepting and closing) makes one per reconnect, so the pipe has no high-water mark.
+        address = f"inproc://djinn-link-monitor-{next(_MONITOR_IDS)}"
+        sock.monitor(address, events)
+        self._socket = sock
+        self._monitor = sock.context.socket(zmq.PAIR)
+        self._monitor.setsockopt(zmq.RCVHWM, 0)  # with either end's at 0, an inproc pipe is unbounded
+        self._monitor.connect(address)
         self._poller = zmq.Poller()  # the reply socket and the monitor, for a late reply's wait
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -217,6 +229,9 @@ class _Link:
                 self.up, self.refused = False, self.FAILED[event]
 
     def close(self) -> None:
+        # Monitoring stops before its socket closes: an event sent to a monitor whose reader
+        # is gone would block the I/O thread the same way (libzmq issue 3575).
+        self._socket.disable_monitor()
         self._monitor.close(linger=0)
 
 
