@@ -210,6 +210,18 @@ def test_prompts_that_arrive_together_run_as_one_forward_within_the_budget():
     assert engine.calls[2:] == [("serve", "prefill", "r"), ("serve", "prefill", "s")], "one model per forward"
 
 
+def test_a_chunk_gets_what_the_batch_and_the_batched_prompts_left_of_the_budget():
+    engine = ScriptedEngine(sessions={"a": (MODEL_A, 1)}, prompts={"long": 100},
+                            whole={"p": (MODEL_A, 1, 20), "q": (MODEL_A, 1, 10)})
+    engine.arrivals = [request("p1", "decode", "a"), request("p2", "prefill", "long")]
+    sched = scheduler(engine, budget=64)
+    sched.iterate(0)
+    assert engine.calls[-1] == ("chunk", "long", 63)
+    engine.arrivals = [request("p1", "decode", "a"), request("p3", "prefill", "p"), request("p4", "prefill", "q")]
+    sched.iterate(0)
+    assert engine.calls[-2:] == [("prefill_batch", ["p", "q"]), ("chunk", "long", 64 - 1 - 2 * 20)]
+
+
 def test_a_prompt_alone_runs_solo_and_one_over_the_budget_runs_whole_when_nobody_decodes():
     engine = ScriptedEngine(whole={"big": (MODEL_A, 1, 100), "small": (MODEL_A, 1, 8)})
     engine.arrivals = [request("p1", "prefill", "big"), request("p2", "prefill", "small")]

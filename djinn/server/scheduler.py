@@ -112,6 +112,7 @@ class Plan:
     batch: list[Queued]  # decodes of distinct sessions of one model
     batch_tokens: int
     prefills: list[Queued]  # whole prompts of new sessions of one model, one forward
+    prefills_tokens: int  # theirs, padded to the longest
     prefill: Queued | None  # a prefill to start in chunks
     others: list[Queued]  # in arrival order
 
@@ -190,7 +191,7 @@ class Scheduler:
                 self.counters.chunked_prefills += 1
         if self.prefills:
             job = self.prefills[0]
-            room = self.policy.step_token_budget - plan.batch_tokens
+            room = self.policy.step_token_budget - plan.batch_tokens - plan.prefills_tokens
             tokens = max(1, room // job.rows) if decoding else job.total_tokens - job.done_tokens
             self.counters.prefill_chunks += 1
             if self.engine.prefill_chunk(job, tokens):
@@ -310,7 +311,7 @@ class Scheduler:
                     blocked.add(queued.peer)
                 continue
             others.append(queued)
-        return Plan(batch, tokens, prefills, prefill, others)
+        return Plan(batch, tokens, prefills, rows * longest, prefill, others)
 
     def _serve_others(self, others: list[Queued], slice_s: float | None) -> None:
         """`others` in order, for up to `slice_s` (at least one); all of them when None."""
