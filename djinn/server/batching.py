@@ -148,14 +148,21 @@ class StackedCache:
                    for (k, v), (vk, vv) in zip(kv.to_pairs(session.cache), views))
 
 
-def stacked_forward(model: torch.nn.Module, steps: list[BatchedStep], stacks: StackedCache) -> list[torch.Tensor]:
-    """The last position's logits of each session, [rows, vocab] each; each session's cache grows by one token."""
-    lengths = [step.session.length for step in steps]
-    longest = max(lengths)
+def _row_bounds(steps: list[BatchedStep]) -> list[tuple[int, int]]:
+    """Each session's rows of the stacked batch, in order: [start, end)."""
     bounds, row = [], 0
     for step in steps:
         bounds.append((row, row + step.rows))
         row += step.rows
+    return bounds
+
+
+def stacked_forward(model: torch.nn.Module, steps: list[BatchedStep], stacks: StackedCache) -> list[torch.Tensor]:
+    """The last position's logits of each session, [rows, vocab] each; each session's cache grows by one token."""
+    lengths = [step.session.length for step in steps]
+    longest = max(lengths)
+    bounds = _row_bounds(steps)
+    row = bounds[-1][1]
     cache = stacks.stacked(steps, lengths, bounds)
     device = steps[0].ids.device
     mask = torch.zeros(row, longest + 1, dtype=torch.long, device=device)
@@ -180,10 +187,8 @@ def stacked_prefill(model: torch.nn.Module, steps: list[BatchedStep]) -> list[to
     lengths = [step.ids.shape[1] for step in steps]
     longest = max(lengths)
     device = steps[0].ids.device
-    bounds, row = [], 0
-    for step in steps:
-        bounds.append((row, row + step.rows))
-        row += step.rows
+    bounds = _row_bounds(steps)
+    row = bounds[-1][1]
     ids = torch.zeros(row, longest, dtype=torch.long, device=device)  # the padding's id is masked out
     mask = torch.zeros(row, longest, dtype=torch.long, device=device)
     for (a, b), length, step in zip(bounds, lengths, steps):
