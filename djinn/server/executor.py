@@ -112,7 +112,9 @@ class Executor:
                              f"resume or cancel it first")
 
     # -- sessions ------------------------------------------------------------------
-    def _step_ids(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor:
+    def step_ids(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor:
+        """A step's token ids (a prefill's or a decode's), checked against the session: a solo step's
+        check, and a batched step's before it joins."""
         self.not_parked(session)
         cached = session.model
         return self.token_ids(ids, "input_ids", cached.vocab_size, session.length, cached.max_positions,
@@ -138,7 +140,7 @@ class Executor:
                     return logits
             elif session.length == 0:
                 fast.fallbacks["a padded batch"] += 1
-        ids = self._step_ids(session, ids)
+        ids = self.step_ids(session, ids)
         model = session.model.model
         logits = self.sessions.step(session, self._kv_bytes(session.model, ids.shape[0], ids.shape[1]),
                                     lambda attempt: self._run(model, ids, session.cache, {}, padding, edits,
@@ -147,10 +149,6 @@ class Executor:
         if fast is not None:
             fast.steps[HF_EAGER] += 1
         return logits
-
-    def step_ids(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor:
-        """A step's token ids (a prefill's or a decode's), checked against the session as its solo step checks them."""
-        return self._step_ids(session, ids)
 
     def batched_step(self, steps: list[BatchedStep]) -> list[torch.Tensor]:
         """The decode steps of several sessions of one model as one forward (`djinn.server.batching`);
@@ -173,7 +171,7 @@ class Executor:
     def _fast_step(self, session: Session, ids: torch.Tensor | None) -> torch.Tensor | None:
         """A step through the session's fast-path slot; None when the step decodes with HF instead."""
         fast = self.sessions.fast
-        ids = self._step_ids(session, ids)
+        ids = self.step_ids(session, ids)
         slot = session.decoder
         if slot is not None and slot.length + ids.shape[1] > slot.max_len:
             self.sessions.leave_fast_path(session)  # past the slot: HF from here on
@@ -222,7 +220,7 @@ class Executor:
             raise BadRequest(f"model {session.model.fingerprint} streams its layers through the ring buffer: "
                              f"breakpoints need a model resident on the device")
         check_layer(layer, num_decoder_layers(model))
-        ids = self._step_ids(session, ids)
+        ids = self.step_ids(session, ids)
         if session.decoder is not None:  # the hooks that park a forward attach to HF's layers
             self.sessions.leave_fast_path(session)
         start = session.length
