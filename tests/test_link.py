@@ -30,6 +30,7 @@ from djinn.telemetry.wire_capture import WireCapture, capture_available
 from djinn.transport import ClientConnection, ServerSocket
 
 from benchmarks.launcher import cpu_server
+from tcp_sink import byte_sink
 
 AGREEMENT = 0.02
 TRANSFER_ELEMENTS = (32 << 20) // 4  # 32 MB: seconds through the delay line on a busy 2-core host
@@ -214,25 +215,9 @@ def test_the_capture_on_the_links_veth_agrees_with_the_transports_counters():
 def test_no_transfer_beats_the_links_rate():
     rate = parse_link_spec("200mbit")
     with EmulatedLink(rate) as link:
-        received = []
-
-        def sink():
-            with socket.create_server((link.server_address, 7009)) as listener:
-                conn, _ = listener.accept()
-                with conn:
-                    total = 0
-                    while chunk := conn.recv(1 << 20):
-                        total += len(chunk)
-                    received.append(total)
-
-        thread = _in_netns(link.server_netns, sink)
+        thread, received = byte_sink(link, 7009)
         payload = bytes(8 << 20)
-        for _ in range(100):
-            try:
-                sender = socket.create_connection((link.server_address, 7009), timeout=10)
-                break
-            except ConnectionRefusedError:
-                time.sleep(0.05)
+        sender = socket.create_connection((link.server_address, 7009), timeout=10)
         start = time.perf_counter()
         with sender:
             sender.sendall(payload)

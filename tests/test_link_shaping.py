@@ -7,7 +7,6 @@ holds them; timing goals are the link sweep's (benchmarks/test_link_sweep.py), n
 from __future__ import annotations
 
 import socket
-import threading
 
 import pytest
 
@@ -16,6 +15,8 @@ from djinn.link.delay_line import SNDBUF_BYTES
 from djinn.link.emulated import (BUCKET_FRAMES, GSO_FRAME_BYTES, KERNEL_HZ, TCP_WINDOW_BYTES, EmulatedLink,
                                  link_unavailable_reason, tbf_parameters)
 from djinn.telemetry.wire_capture import Burst, WireCapture, capture_available, segmented_length
+
+from tcp_sink import byte_sink
 
 UNAVAILABLE = link_unavailable_reason()
 live = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"emulated link: {UNAVAILABLE}")
@@ -92,24 +93,7 @@ def test_a_message_is_one_burst_at_the_far_end_no_faster_than_the_rate():
     spec = parse_link_spec("200mbit,rtt=1ms")
     size = 4 << 20
     with EmulatedLink(spec) as link:
-        ready, received = threading.Event(), []
-
-        def sink():
-            from pyroute2 import netns
-
-            netns.setns(link.server_netns, flags=0)
-            with socket.create_server((link.server_address, 7010)) as listener:
-                ready.set()
-                conn, _ = listener.accept()
-                with conn:
-                    total = 0
-                    while chunk := conn.recv(1 << 20):
-                        total += len(chunk)
-                    received.append(total)
-
-        thread = threading.Thread(target=sink, daemon=True)
-        thread.start()
-        assert ready.wait(30)
+        thread, received = byte_sink(link, 7010)
         ends = link.ends
         with socket.create_connection((link.server_address, 7010), timeout=30) as sender, \
                 WireCapture(7010, ends.server_interface, netns=ends.server_netns, burst_gap_s=0.02) as far:

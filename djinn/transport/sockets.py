@@ -190,7 +190,7 @@ class _Link:
         address = f"inproc://djinn-link-monitor-{next(_MONITOR_IDS)}"
         sock.monitor(address, events)
         self._socket = sock
-        self._monitor = sock.context.socket(zmq.PAIR)
+        self._monitor = sock.context.socket(zmq.PAIR, socket_class=zmq.Socket)  # plain, whatever the context makes
         self._monitor.setsockopt(zmq.RCVHWM, 0)  # with either end's at 0, an inproc pipe is unbounded
         self._monitor.connect(address)
         self._poller = zmq.Poller()  # the reply socket and the monitor, for a late reply's wait
