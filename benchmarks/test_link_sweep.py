@@ -4,10 +4,10 @@ One emulated link (djinn.link: the server in its own network namespace behind a 
 `--djinn-sweep-rate`, half of each RTT on each direction) holds one server for the whole sweep; the
 link's RTT is changed in place between points, so no weights are uploaded twice.
 
-- `test_full_djinn_latency[rtt=...]`: interleaved rounds of native_pytorch, full_djinn over
-  loopback and full_djinn over the link, their decode steps paired step by step, and the link's
-  own RTT by ICMP echo. A decode step of full_djinn is one request and its reply (the client's
-  `SessionSteps.step`: one `decode` per token), so it should grow by one RTT.
+- `test_full_djinn_latency[rtt=...]`: rounds of native_pytorch beside full_djinn over loopback and
+  over the link, the two full_djinn generations driven in lockstep (`lockstep_steps`) so that their
+  decode steps pair step by step, and the link's own RTT by ICMP echo. A decode step of full_djinn
+  is one request and its reply (one `decode` per token), so it should grow by one RTT.
 - `test_blind_throughput[rtt=...]`: semantic_blind over the link, which ships the whole model
   every step, captured at both ends of the link: each message's Ethernet bytes (as the shaper
   counts them) over the time it took to arrive at the link's far end, against the shaped rate
@@ -20,6 +20,7 @@ Where namespaces cannot be made (no root, no kernel support) every test skips wi
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 
 import pytest
@@ -37,6 +38,7 @@ from djinn.transport.sockets import HELLO_TIMEOUT_S
 
 from benchmarks.goals.link import LatencyPoint, ThroughputPoint, link_criteria, link_report
 from benchmarks.launcher import ServerSpec
+from benchmarks.paired_steps import lockstep_steps
 from benchmarks.plans import run_plan
 from benchmarks.stats import Spread
 
@@ -117,10 +119,10 @@ def loopback_client(sweep_link, sweep_server):
 
 def test_full_djinn_latency(sweep_rtt, sweep_link, sweep_client, loopback_client, bench_model, prompt_ids, benchmark,
                             pytestconfig, ledger, progress):
-    """Per-token latency, decode step by decode step: each round generates on loopback and over the
-    link back to back (one server, reached both ways) (their order alternating round by round, so neither always runs warm), and
-    step i of one is paired with step i of the other (the same token, the same KV length). The
-    benchmark's own timing is that of a whole round."""
+    """Per-token latency, decode step by decode step: each round generates natively, then on
+    loopback and over the link in lockstep (one server, reached both ways; `lockstep_steps`), step i
+    of one paired with step i of the other (the same token, the same KV length). The benchmark's
+    own timing is that of a whole round."""
     benchmark.group = f"link_sweep-latency-{bench_model.name}"
     sweep_link.set_rtt(sweep_rtt)
     try:
@@ -128,22 +130,20 @@ def test_full_djinn_latency(sweep_rtt, sweep_link, sweep_client, loopback_client
     except OSError as exc:  # a raw ICMP socket needs CAP_NET_RAW; the sweep does not
         progress(f"no ICMP echo over the link: {exc}")
         ping = None
-    remotes = {"native": bench_model.load("native_pytorch", None),
-               "loopback": bench_model.load("full_djinn", loopback_client),
-               "link": bench_model.load("full_djinn", sweep_client)}
+    native = bench_model.load("native_pytorch", None)
+    clients = {"loopback": loopback_client, "link": sweep_client}
+    remotes = {side: bench_model.load("full_djinn", client) for side, client in clients.items()}
+    counters = {side: client.counters for side, client in clients.items()}
     tokens = pytestconfig.getoption("--djinn-sweep-tokens")
-    steps: dict[str, list[StepRecord]] = {side: [] for side in remotes}
-    rounds = [0]
-
-    def run(side: str) -> None:
-        remotes[side].generate(prompt_ids, max_new_tokens=tokens)
-        steps[side].extend(remotes[side].last_stats.steps[1:])  # decode steps: the prefill is not a token's
+    steps: dict[str, list[StepRecord]] = {side: [] for side in ("native", *remotes)}
 
     def one_round() -> None:
-        run("native")
-        for side in ("loopback", "link") if rounds[0] % 2 == 0 else ("link", "loopback"):
-            run(side)
-        rounds[0] += 1
+        native.generate(prompt_ids, max_new_tokens=tokens)
+        steps["native"].extend(native.last_stats.steps[1:])  # decode steps: the prefill is not a token's
+        with contextlib.ExitStack() as opened:
+            sessions = {side: opened.enter_context(remote.session()) for side, remote in remotes.items()}
+            for side, records in lockstep_steps(sessions, counters, prompt_ids, tokens).items():
+                steps[side].extend(records)
 
     for _ in range(WARMUP_ROUNDS):
         one_round()
