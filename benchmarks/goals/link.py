@@ -3,18 +3,19 @@
 At the acceptance link, 1 Gbit/s with a 1 ms round trip:
 - full_djinn's per-token latency grows by the round trip, 1 ms ± 20%, over its loopback figure
   (a decode step is one round trip). One server answers both ways, and step i over the link is
-  paired with step i over loopback; the growth is the median of the pairs' differences over the
-  RTT, with its bootstrap interval. Two figures of it:
+  paired with step i over loopback, the two generations driven in lockstep
+  (benchmarks.paired_steps); the growth is the median of the pairs' differences over the RTT,
+  with its bootstrap interval. Two figures of it:
   - of the steps' wall time: judged at every swept RTT of at least `MIN_JUDGED_RTT_S` (below it
     the host's jitter is the RTT's size), failing only when its whole interval lies outside
     0.8..1.2. On the 2-core machine a decode step's compute varies by a quarter of itself step to
     step (the host's other load), so hundreds of pairs still leave an interval of ±0.5 RTT;
   - of the steps' time off the server (wall less the server's queue and compute, as it reports
     them): the same growth without the compute's jitter, since the same server computes the same
-    step whichever way the request came. It also leaves out whatever makes the server's compute
-    longer for the link's steps on a shared host (measured: ~1 ms a step at 1 ms RTT; the CPU the
-    emulated wire takes beside it is one candidate), which a cable between two hosts would not.
-    The acceptance (at 1 ms) is met only when this figure's whole interval lies within 0.8..1.2.
+    step whichever way the request came (measured in lockstep: the link's steps computed 0.05 ms
+    longer at 1 ms RTT, within the pairs' noise; when whole generations were paired, a second
+    apart, the host's drifting load made that ~1 ms). The acceptance (at 1 ms) is met only when
+    this figure's whole interval lies within 0.8..1.2.
 - semantic_blind's throughput within 10% of the shaped rate: for each message blind sent over the
   link (a request with the whole model, a reply with the KV), its Ethernet bytes as the shaper
   counts them (every segment's headers) over the time from its first to its last frame at the
