@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zmq
 
 from djinn import models
 from djinn.server.process import ServerProcess
@@ -23,6 +24,9 @@ TESTS = Path(__file__).parent / "tests"
 SERVER_LOG_TAIL_CHARS = 20_000
 _LAUNCHER = pytest.StashKey[ServerLauncher]()
 _CURRENT_TEST = pytest.StashKey[str]()
+# How long the probe after each test waits for a message through the process's shared ZeroMQ
+# context: a loopback handshake takes well under a millisecond, seconds on the busiest CI host.
+CONTEXT_PROBE_TIMEOUT_MS = 10_000
 
 
 def pytest_configure(config):
@@ -107,3 +111,43 @@ def make_prompt():
         vocab = model.get_input_embeddings().num_embeddings
         return torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(seed))
     return make
+
+
+class _ContextProbe:
+    """A ROUTER on a context of its own, which a DEALER of the process's shared context (every
+    client's, `zmq.Context.instance()`) sends one message to."""
+
+    def __init__(self):
+        self.context = zmq.Context()
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.address = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def delivers(self) -> bool:
+        with zmq.Context.instance().socket(zmq.DEALER) as dealer:
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(self.address)
+            dealer.send(b"probe")
+            if not self.router.poll(CONTEXT_PROBE_TIMEOUT_MS):
+                return False
+            self.router.recv_multipart()
+            return True
+
+
+_PROBE: list[_ContextProbe] = []
+
+
+@pytest.fixture(autouse=True)
+def _shared_zmq_context_still_connects():
+    """After each test, that the shared ZeroMQ context still makes connections. A test that stops its
+    I/O thread (a connection monitor left to fill, for one) fails every later connection in this
+    pytest worker, far from its cause: it is named here instead, at its own teardown."""
+    yield
+    if zmq.Context._instance is None:  # the shared context was never made: nothing to stop
+        return
+    if not _PROBE:
+        _PROBE.append(_ContextProbe())
+    if not _PROBE[0].delivers():
+        pytest.fail(f"after this test the process's shared ZeroMQ context no longer connects (no message through "
+                    f"it within {CONTEXT_PROBE_TIMEOUT_MS / 1e3:.0f} s): its I/O thread is stuck; every later "
+                    f"connection in this process will time out")
