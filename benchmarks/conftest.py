@@ -112,6 +112,10 @@ def pytest_addoption(parser):
     exp3.addoption("--djinn-exp3-budget-gb", "--exp3-budget-gb", type=float, default=None,
                    help="the oversubscription server's --vram-budget-gb, GiB (default on a GPU: the server's own, "
                         "what the device has free; on a CPU, the weights and 40%% of the sessions' KV)")
+    tenancy = parser.getgroup("djinn-multitenant", "Djinn: concurrent tenants of one server (-m multitenant)")
+    tenancy.addoption("--djinn-tenancy-step-token-budget", type=int, default=None, metavar="TOKENS",
+                      help="the server's --step-token-budget (default: the server's own): a smaller one splits "
+                           "joining tenants' prompts over more turns, each delaying a decode step less")
     scale = parser.getgroup("djinn-scale", "Djinn: a pool of servers, one per GPU (-m scale)")
     scale.addoption("--djinn-scale-servers", default="auto", metavar="N,N,...",
                     help="pool sizes (default: 1,2,4 servers up to the GPUs, one GPU each; 1,2 on a CPU)")

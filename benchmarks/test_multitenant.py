@@ -47,6 +47,7 @@ SOLO_STALL_TOKENS = {"cuda": 200, "cpu": 100}
 SMALL_UPLOAD_CHUNK = 4 << 20
 UPLOAD_CHUNKS = (UPLOAD_CHUNK_BYTES, SMALL_UPLOAD_CHUNK)
 SCHEDULED = ("batches", "batched_sessions", "solo_decodes", "straggler_waits", "straggler_wait_ms", "deferred")
+POLICY = ("max_batch", "step_token_budget", "batch_wait_ms")  # the server's limits, recorded with the run
 
 
 @dataclass
@@ -65,7 +66,9 @@ def setup(pytestconfig, bench_device, server_launcher, prompt_ids, tmp_path_fact
     plan = MultitenantPlan.for_device(bench_device)
     name = pytestconfig.getoption("--djinn-model")
     name = models.default_model_name(bench_device) if name == "auto" else name
-    server = server_launcher.start("multitenant", ServerSpec(bench_device, extra=("--model", name)))
+    budget = pytestconfig.getoption("--djinn-tenancy-step-token-budget")
+    extra = ("--model", name, *(("--step-token-budget", str(budget)) if budget is not None else ()))
+    server = server_launcher.start("multitenant", ServerSpec(bench_device, extra=extra))
     work = tmp_path_factory.mktemp("multitenant")
     tenants = Tenants(max(plan.tenants), server.host_port, name, work / "logs")
     try:
@@ -152,6 +155,7 @@ def test_multitenant_scaling(setup, ledger, results_writer, progress):
     ledger.record(LEDGER, "verdicts", verdicts)
     data = {"experiment": "multitenant", "model": setup.model, "device": setup.device, "new_tokens": plan.new_tokens,
             "plan": {"tenants": list(plan.tenants), "rounds": plan.rounds, "prompt_tokens": plan.prompt_tokens},
+            "scheduler_policy": {key: _scheduled(setup)[key] for key in POLICY},
             "points": points, "rounds": [{"tenants": r.tenants, "round": r.round, "tokens": r.tokens,
                                           "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "p99_ms": r.p99_ms}
                                          for r in rounds]}
