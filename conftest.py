@@ -6,6 +6,7 @@ failing test's report carries the log of every server it started.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,9 @@ class _ContextProbe:
             return True
 
 
-_PROBE: list[_ContextProbe] = []
+@functools.cache
+def _context_probe() -> _ContextProbe:
+    return _ContextProbe()
 
 
 @pytest.fixture(autouse=True)
@@ -145,9 +148,7 @@ def _shared_zmq_context_still_connects():
     yield
     if zmq.Context._instance is None:  # the shared context was never made: nothing to stop
         return
-    if not _PROBE:
-        _PROBE.append(_ContextProbe())
-    if not _PROBE[0].delivers():
+    if not _context_probe().delivers():
         pytest.fail(f"after this test the process's shared ZeroMQ context no longer connects (no message through "
                     f"it within {CONTEXT_PROBE_TIMEOUT_MS / 1e3:.0f} s): its I/O thread is stuck; every later "
                     f"connection in this process will time out")

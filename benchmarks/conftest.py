@@ -71,7 +71,7 @@ def pytest_addoption(parser):
     # 12 x 63 paired decode steps: the off-server growth's interval is then ~±0.05 RTT at 1 ms on the
     # 2-core machine, and a round trip of the sweep ~40 s per RTT there.
     link.addoption("--djinn-sweep-rounds", type=int, default=12,
-                   help="interleaved rounds (native, loopback, link) per RTT; every decode step is a pair")
+                   help="rounds per RTT (native, then loopback and link in lockstep); every decode step is a pair")
     link.addoption("--djinn-sweep-tokens", type=int, default=64, help="new tokens of each full_djinn generation")
     link.addoption("--djinn-sweep-blind-runs", type=int, default=3, help="semantic_blind runs per RTT")
     link.addoption("--djinn-sweep-blind-rtts", default="1ms", metavar="TIME,TIME,...",

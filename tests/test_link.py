@@ -104,7 +104,6 @@ def test_what_call_in_makes_stays_in_the_namespace():
             call_in(link.server_netns, lambda: 1 / 0)
 
 
-
 @live
 def test_a_link_is_torn_down_at_exit_also_after_a_failure():
     before = namespaces()

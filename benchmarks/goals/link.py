@@ -43,8 +43,8 @@ MIN_JUDGED_RTT_S = 1e-3
 
 @dataclass(frozen=True)
 class LatencyPoint:
-    """Interleaved rounds at one RTT: every decode step's client wall time, in ms. The link's and the
-    loopback's are pairs (step i of back-to-back generations); native's are beside them."""
+    """Rounds at one RTT: every decode step's client wall time, in ms. The link's and the loopback's
+    are pairs (step i of two generations driven in lockstep); native's are beside them."""
     rtt_s: float
     link_step_ms: tuple[float, ...]  # full_djinn over the link
     loopback_step_ms: tuple[float, ...]  # full_djinn over loopback, paired with link_step_ms

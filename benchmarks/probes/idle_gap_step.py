@@ -6,9 +6,9 @@ One full_djinn server on loopback; for each gap, sessions whose client sleeps `g
 decode (as it would wait on a link's round trip), rounds interleaved gap by gap. Prints one JSON
 line per gap: the median (and quartiles) of the server's compute of a step and of the step's time
 off the server (the client's wall less the server's queue and compute). It asks whether the host
-alone explains why full_djinn's steps over the link compute longer than the same server's steps
-over loopback (results/README.md, the emulated link); on the 2-core VM the answer moved with the
-host's other load, run to run.
+alone explained why full_djinn's steps over the link computed longer than the same server's steps
+over loopback; on the 2-core VM the answer moved with the host's other load, run to run. The
+sweep's lockstep pairing later showed no such difference (results/README.md, the emulated link).
 """
 from __future__ import annotations
 
