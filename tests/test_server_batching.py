@@ -17,6 +17,7 @@ import djinn
 from djinn.equivalence import Equivalence, judge
 from djinn.errors import BadRequest
 from djinn.server import server as server_module
+from djinn.server.scheduler import default_step_token_budget
 from djinn.server.server import Server, ServerConfig
 from djinn.transport import OutgoingTensor, TensorKind
 
@@ -272,3 +273,14 @@ def test_the_batching_limits_are_server_options():
     assert config.argv()[-6:] == ["--max-batch", "4", "--step-token-budget", "64", "--batch-wait-ms", "0.5"]
     with pytest.raises(ValueError, match="batching needs"):
         Server(ServerConfig(port=0, max_batch=0))
+
+
+def test_an_unset_step_token_budget_is_the_devices_default():
+    """A GPU's default admits 16 tenants' 72-token prompts in one forward; a CPU's stays small."""
+    assert ServerConfig().step_token_budget is None and "--step-token-budget" not in ServerConfig().argv()
+    assert default_step_token_budget("cuda") >= 16 * 72 > default_step_token_budget("cpu")
+    server = Server(ServerConfig(port=0, device="cpu"))
+    try:
+        assert server.scheduler.policy.step_token_budget == default_step_token_budget("cpu")
+    finally:
+        server.close()

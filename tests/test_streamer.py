@@ -172,6 +172,17 @@ def test_gpt2_streams_its_transformer_h():
             assert handle.stats.layer_loads == 6
 
 
+def test_a_models_decoder_layers_are_found_by_one_walk_of_its_modules():
+    """A traced request asks for the stack once per intervention: only the first walks the model."""
+    model = build(TINY_MODEL, num_layers=2)
+    walks = []
+    model.modules = lambda: (walks.append(1), *type(model).modules(model))[1:]  # counts the walks
+    assert [find_decoder_layers(model) for _ in range(5)] == [model.model.layers] * 5
+    assert len(walks) == 1
+    other = build(TINY_MODEL, num_layers=3)
+    assert find_decoder_layers(other) is other.model.layers and len(other.model.layers) == 3
+
+
 def test_ring_smaller_than_a_layer_is_refused_and_the_model_left_alone(reference, prompt):
     model = build(TINY_MODEL)
     layer = max(_layer_bytes(model))

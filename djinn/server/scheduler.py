@@ -44,6 +44,23 @@ QUEUE_PER_BATCH_SLOT = 4
 # does not wait behind it; with no session decoding, a prefill runs whole.
 DECODING_WINDOW_S = 1.0
 
+# The step token budget when the server is not given one, by device type. A prefill runs as a
+# forward of its own beside the decode batch, so a decoding session waits for up to one
+# budget's worth of prompt tokens per turn; the prompts of tenants joining together are batched
+# within it. On a CPU a chunk of 512 prompt tokens already costs a few decode steps of a small
+# model. On a GPU 2048, vLLM's default max_num_batched_tokens for its API server on devices
+# under 70 GiB (vllm/engine/arg_utils.py, EngineArgs.get_batch_defaults): 16 tenants' 72-token
+# prompts then prefill as one forward. At 512 they took three (7 + 7 + 2) on the H200, and the
+# decode steps of the first seven tenants waiting behind the other two were the p99 (167.5 ms
+# against a p50 of 88.7, results/multitenant/20261201T171639-h200); a 2048-token forward of
+# the 7B shape costs about one eager decode step there.
+DEFAULT_STEP_TOKEN_BUDGET = {"cpu": 512, "cuda": 2048}
+
+
+def default_step_token_budget(device_type: str) -> int:
+    """The budget of a server on this kind of device (`torch.device.type`) that was not given one."""
+    return DEFAULT_STEP_TOKEN_BUDGET.get(device_type, DEFAULT_STEP_TOKEN_BUDGET["cpu"])
+
 
 @dataclass(frozen=True)
 class BatchPolicy:

@@ -39,7 +39,7 @@ from djinn.server.fast_decode import FastPath
 from djinn.server.fault_injection import install_from_env
 from djinn.server.interventions import InterventionRun, TraceOptions, before_breakpoint
 from djinn.server.limits import ServerLimits, host_limits
-from djinn.server.scheduler import BatchPolicy, PrefillJob, Queued, Scheduler
+from djinn.server.scheduler import BatchPolicy, PrefillJob, Queued, Scheduler, default_step_token_budget
 from djinn.server.session_store import Session, SessionStore
 from djinn.server.step_options import StepOptions, stateless_padding
 from djinn.server.weight_cache import TensorEntry, WeightCache
@@ -136,10 +136,10 @@ class ServerConfig:
                                         "fresh buffers: ~5x slower on a VM)", flag="--no-malloc-tuning")
     # Continuous batching (djinn.server.scheduler): 32 sessions is the multitenant experiment's largest N.
     max_batch: int = _option(32, "sessions whose decode steps run as one batched forward, at most")
-    # A chunk of 512 prompt tokens costs a few decode steps of a 7B model, so a long prompt
-    # delays the sessions decoding beside it by about that much per turn instead of all at once.
-    step_token_budget: int = _option(512, "tokens one turn of the loop feeds the model, at most: a batch's decode "
-                                          "tokens plus a chunk of a long prefill")
+    # Its default depends on the device (scheduler.default_step_token_budget).
+    step_token_budget: int | None = _option(None, "tokens one turn of the loop feeds the model, at most: a batch's "
+                                                  "decode tokens plus the prompts batched beside it or a chunk of a "
+                                                  "long prefill (default: 512 on a CPU, 2048 on a GPU)")
     # Long enough for a client process to read its reply and send its next step on a loaded
     # host; a batch waits only for the peers of the last one, and only until they are back.
     batch_wait_ms: float = _option(2.0, "how long a turn waits for the clients of the last batch to send their "
@@ -314,8 +314,10 @@ class _RejectionLog:
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
-        policy = BatchPolicy(config.max_batch, config.step_token_budget, config.batch_wait_ms)  # before any socket
         self.device = resolve_device(config.device)
+        budget = config.step_token_budget
+        policy = BatchPolicy(config.max_batch, default_step_token_budget(self.device.type) if budget is None else budget,
+                             config.batch_wait_ms)  # before any socket
         auth_token = config.auth_token
         if auth_token is None and config.auth_token_file is not None:
             auth_token = Path(config.auth_token_file).read_text().strip()
