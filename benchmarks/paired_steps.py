@@ -16,7 +16,9 @@ def lockstep_steps(sessions: dict[str, RemoteSession], counters: dict[str, ByteC
     step i of one side right after step i of the other (which side goes first alternating step by
     step), each step one `decode` request and its reply. A pair is two requests a few ms apart, so
     the host's load, which drifts over seconds on a shared machine (a whole generation's
-    difference from the next was -5 to +4 ms a step here), is the same for both of its steps."""
+    difference from the next was -5 to +4 ms a step here), is the same for both of its steps.
+    Both sides must decode on the same path (`DifferentDecodePaths` otherwise): the fast path has one
+    slot per model and batch size, so two concurrent sessions of it are one fast and one HF eager."""
     for session in sessions.values():
         session.prefill(prompt_ids)
         session.generate(1)  # the prefill's own token: no request
@@ -31,4 +33,14 @@ def lockstep_steps(sessions: dict[str, RemoteSession], counters: dict[str, ByteC
             server = sessions[side].last_reply.get("server", {})
             records[side].append(StepRecord(wall_ms, counters[side].since(before), server.get("queue_ms", 0.0),
                                             server.get("compute_ms", 0.0)))
+    paths = {side: session.stats()["decode_path"] for side, session in sessions.items()}
+    if len(set(paths.values())) > 1:
+        # Measured on the H200: the fast path's one bs-1 slot per model went to the first side, the
+        # other decoded on HF eager, 30 ms a step slower: the pairs compared two kernels, not two ways in.
+        raise DifferentDecodePaths(f"the paired sessions decoded on different paths ({paths}): each pair would "
+                                   f"compare two forwards, not the two ways to the server")
     return records
+
+
+class DifferentDecodePaths(RuntimeError):
+    """The two sides of a lockstep generation did not decode through the same forward."""

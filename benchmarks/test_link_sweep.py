@@ -86,10 +86,12 @@ def sweep_link(pytestconfig, bench_device):
 @pytest.fixture(scope="module")
 def sweep_server(sweep_link, bench_device, server_launcher):
     """The CLI's default kernels, not the benchmarks' deterministic ones: the sweep compares times only
-    (its two sides share this server), and on a GPU the default fast decode path's steady step (the
-    H200's 7B: 9.6 ms) lets a sub-ms RTT show, where the deterministic eager step (41 ms, ±10 ms run to
-    run there) hid every RTT under 5 ms."""
-    return server_launcher.start("link-sweep", ServerSpec(bench_device, deterministic=False, exact=False),
+    (its two sides share this server), and the deterministic eager step (the H200's 7B: 41 ms, ±10 ms
+    run to run there) hid every RTT under 5 ms. HF's eager forward (`--exact`), not the fast path:
+    the lockstep's two concurrent sessions need the same path, and the fast path has one bs-1 slot per
+    model (on the H200 the loopback side took it, 9.4 ms a step, and the link side decoded on HF eager,
+    39.2: `paired_steps.DifferentDecodePaths` now refuses such pairs)."""
+    return server_launcher.start("link-sweep", ServerSpec(bench_device, deterministic=False, exact=True),
                                  link=sweep_link)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import djinn
 
-from benchmarks.paired_steps import lockstep_steps
+import pytest
+
+from benchmarks.paired_steps import DifferentDecodePaths, lockstep_steps
 
 
 def test_lockstep_pairs_every_decode_step_and_alternates_which_side_goes_first(shared_server, tiny_model, make_prompt,
@@ -39,3 +41,19 @@ def test_lockstep_pairs_every_decode_step_and_alternates_which_side_goes_first(s
         assert all(step.compute_ms > 0 and step.wall_ms >= step.compute_ms for step in record), side
         generated = [t.item() for t in sent[side]]
         assert generated == expected[0, prompt.shape[1]:].tolist(), side  # each side's tokens: HF's greedy ones
+
+
+def test_lockstep_refuses_sides_that_decoded_on_different_paths(shared_server, tiny_model, make_prompt):
+    """Two concurrent fast-path sessions of one model: the first holds the model's bs-1 slot, the
+    second decodes on HF eager (as the H200's link sweep found), so their steps are not pairs."""
+    prompt = make_prompt(tiny_model, 12)
+    with djinn.connect(shared_server.host_port) as a, djinn.connect(shared_server.host_port) as b:
+        clients = {"a": a, "b": b}
+        remotes = {side: client.load(tiny_model, mode="full_djinn", decode="fast") for side, client in clients.items()}
+        sessions = {side: remote.session() for side, remote in remotes.items()}
+        try:
+            with pytest.raises(DifferentDecodePaths, match="different paths"):
+                lockstep_steps(sessions, {side: c.counters for side, c in clients.items()}, prompt, 3)
+        finally:
+            for session in sessions.values():
+                session.close()
