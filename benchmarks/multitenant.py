@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks.multitenant_worker import MARK
@@ -50,6 +51,34 @@ class MultitenantPlan:
         """Tenant `tenant`'s prompt: the experiment's prompt, rotated and shortened per tenant."""
         ids = torch.roll(base[:, :self.prompt_tokens], shifts=tenant, dims=1)
         return ids[:, :self.prompt_tokens - (tenant % 4) * 4]
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """One decode step of one tenant in a timed round, as its client and the server timed it."""
+    round: int
+    tenant: int
+    step: int  # its index in the generation: 1 is the first decode after the prefill
+    wall_ms: float
+    queue_ms: float
+    compute_ms: float
+
+
+def decode_steps(round_index: int, replies: list[dict]) -> list[DecodeStep]:
+    """Every decode step of a round's generate replies (their first step, the prefill, left out)."""
+    return [DecodeStep(round_index, tenant, step, *times)
+            for tenant, reply in enumerate(replies)
+            for step, times in enumerate(zip(reply["wall_ms"], reply["queue_ms"], reply["compute_ms"])) if step]
+
+
+def tail_steps(steps: list[DecodeStep], percentile: float) -> list[DecodeStep]:
+    """The steps whose wall time is at or above the percentile's, slowest first: which steps make a
+    tail (the first after a prefill? one turn's whole batch? one tenant?) and whether the server's
+    queue, its compute or neither (the wire, the client) holds their time."""
+    if not steps:
+        return []
+    bound = float(np.percentile([s.wall_ms for s in steps], percentile))
+    return sorted((s for s in steps if s.wall_ms >= bound), key=lambda s: -s.wall_ms)
 
 
 class Tenant:

@@ -12,8 +12,7 @@ tenant while another uploads a 13B-shaped model. The figure and the verdict
 """
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,9 @@ from djinn import models
 from djinn.client import UPLOAD_CHUNK_BYTES
 from djinn.equivalence import judge
 
-from benchmarks.goals.multitenant import TenancyRound, UploadStall, multitenant_criteria
+from benchmarks.goals.multitenant import TAIL, TenancyRound, UploadStall, multitenant_criteria
 from benchmarks.launcher import ServerSpec
-from benchmarks.multitenant import MultitenantPlan, Tenants
+from benchmarks.multitenant import DecodeStep, MultitenantPlan, Tenants, decode_steps, tail_steps
 from benchmarks.report.multitenant import plot_multitenant
 from benchmarks.stats import Spread
 
@@ -92,13 +91,12 @@ def _scheduled(setup: Setup) -> dict:
     return setup.observer.stats()["scheduler"]
 
 
-def _round(setup: Setup, n: int, index: int) -> tuple[TenancyRound, list[dict]]:
+def _round(setup: Setup, n: int, index: int) -> tuple[TenancyRound, list[dict], list[DecodeStep]]:
     replies = setup.tenants.run([_generate(setup.prompts[j], setup.plan.new_tokens) for j in range(n)])
-    steps = [r["wall_ms"][1:] for r in replies]  # decode steps: the prefill is the first
-    queue = [r["queue_ms"][1:] for r in replies]
+    steps = decode_steps(index, replies)
     return TenancyRound(n, index, sum(len(t[0]) for t in (r["tokens"] for r in replies)),
                         max(r["end"] for r in replies) - min(r["start"] for r in replies),
-                        tuple(itertools.chain(*steps)), tuple(itertools.chain(*queue))), replies
+                        tuple(s.wall_ms for s in steps), tuple(s.queue_ms for s in steps)), replies, steps
 
 
 def test_multitenant_scaling(setup, ledger, results_writer, progress):
@@ -124,11 +122,13 @@ def test_multitenant_scaling(setup, ledger, results_writer, progress):
         progress(f"N={n}: teacher-forced {verdicts[n]}")
     setup.tenants.run([_generate(setup.prompts[j], plan.new_tokens) for j in range(largest)])  # warm-up
     rounds, tokens_equal = [], {n: [] for n in plan.tenants}
+    every_step: dict[int, list[DecodeStep]] = {n: [] for n in plan.tenants}
     batching = {n: {key: 0 for key in SCHEDULED} for n in plan.tenants}  # the server's counters, per N
     for index in range(plan.rounds):
         for n in plan.tenants:
             before = _scheduled(setup)
-            measured, replies = _round(setup, n, index)
+            measured, replies, steps = _round(setup, n, index)
+            every_step[n] += steps
             after = _scheduled(setup)
             for key in SCHEDULED:
                 batching[n][key] += after[key] - before[key]
@@ -150,7 +150,8 @@ def test_multitenant_scaling(setup, ledger, results_writer, progress):
                        "queue_ms_p50": float(np.percentile(queue, 50)), "queue_ms_p99": float(np.percentile(queue, 99)),
                        "teacher_forced": verdicts[n], "teacher_forced_max_rel_diff": worst[n],
                        "greedy_tokens_equal_solo": float(np.mean(tokens_equal[n])),
-                       "scheduler": batching[n]})
+                       "scheduler": batching[n],
+                       "tail_steps": [asdict(s) for s in tail_steps(every_step[n], TAIL)]})
     ledger.record(LEDGER, "rounds", rounds)
     ledger.record(LEDGER, "verdicts", verdicts)
     data = {"experiment": "multitenant", "model": setup.model, "device": setup.device, "new_tokens": plan.new_tokens,
