@@ -45,7 +45,8 @@ SOLO_STALL_TOKENS = {"cuda": 200, "cpu": 100}
 # so a decode step beside an upload waits for about one message's handling.
 SMALL_UPLOAD_CHUNK = 4 << 20
 UPLOAD_CHUNKS = (UPLOAD_CHUNK_BYTES, SMALL_UPLOAD_CHUNK)
-SCHEDULED = ("batches", "batched_sessions", "solo_decodes", "straggler_waits", "straggler_wait_ms", "deferred")
+SCHEDULED = ("batches", "batched_sessions", "solo_decodes", "straggler_waits", "straggler_wait_ms", "prompt_waits",
+             "deferred")
 POLICY = ("max_batch", "step_token_budget", "batch_wait_ms")  # the server's limits, recorded with the run
 
 

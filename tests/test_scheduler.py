@@ -287,6 +287,42 @@ def test_a_lone_decoder_waits_for_nobody():
     assert sched.counters.straggler_waits == 0
 
 
+def test_a_prompt_waits_for_the_prompts_of_the_clients_that_just_opened_sessions():
+    # Tenants open their sessions together and send their prompts a reply apart: served alone, the
+    # first prompt's session would decode its first step behind the others' prefill.
+    engine = ScriptedEngine(whole={h: (MODEL_A, 1, 10) for h in "abc"})
+    engine.arrivals = [request(p, "open_session") for p in ("p1", "p2", "p3")]
+    sched = scheduler(engine, wait_ms=5.0)
+    sched.iterate(0)
+    reads(engine, [request("p1", "prefill", "a")], [request("p2", "prefill", "b")], [request("p3", "prefill", "c")])
+    sched.iterate(0)
+    assert engine.calls[-1] == ("prefill_batch", ["a", "b", "c"]) and sched.counters.prompt_waits == 1
+    # A client that opened and went quiet is waited for up to batch_wait_ms, and only within the window.
+    reads(engine, [request("p4", "open_session"), request("p5", "open_session")])
+    sched.iterate(0)
+    reads(engine, [request("p4", "prefill", "a")])
+    before = engine.now
+    sched.iterate(0)
+    assert 0.005 <= engine.now - before - engine.other_s <= 0.007 and engine.calls[-1] == ("serve", "prefill", "a")
+    engine.now += DECODING_WINDOW_S
+    reads(engine, [request("p1", "prefill", "b")])
+    before = engine.now
+    sched.iterate(0)
+    assert engine.now - before - 0.001 == pytest.approx(engine.other_s), "p5's open is older than the window"
+    assert sched.counters.prompt_waits == 2
+
+
+def test_a_lone_clients_prompt_waits_for_nobody():
+    engine = ScriptedEngine(whole={"a": (MODEL_A, 1, 10)})
+    sched = scheduler(engine, wait_ms=5.0)
+    engine.arrivals = [request("p1", "open_session")]
+    sched.iterate(0)
+    engine.arrivals = [request("p1", "prefill", "a")]
+    before = engine.now
+    sched.iterate(0)
+    assert engine.now - before == engine.other_s and sched.counters.straggler_waits == 0
+
+
 @pytest.mark.parametrize("args", [(0, 64, 0.0), (4, 0, 0.0), (4, 64, -1.0)])
 def test_bad_limits_are_refused(args):
     with pytest.raises(ValueError, match="batching needs"):
