@@ -56,10 +56,9 @@ DECODING_WINDOW_S = 1.0
 # within it. On a CPU a chunk of 512 prompt tokens already costs a few decode steps of a small
 # model. On a GPU 2048, vLLM's default max_num_batched_tokens for its API server on devices
 # under 70 GiB (vllm/engine/arg_utils.py, EngineArgs.get_batch_defaults): 16 tenants' 72-token
-# prompts then prefill as one forward. At 512 they took three (7 + 7 + 2) on the H200, and the
-# decode steps of the first seven tenants waiting behind the other two were the p99 (167.5 ms
-# against a p50 of 88.7, results/multitenant/20261201T171639-h200); a 2048-token forward of
-# the 7B shape costs about one eager decode step there.
+# prompts then fit one forward, where 512 holds 7 of them. Measured on the H200 (llama-2-7b,
+# results/multitenant/): at 512, N=16 gave 9.8x N=1's tokens/s with a p99 of 167.5 ms against a
+# p50 of 88.7 (20261201T171639-h200); at 2048, 11.2x (20261201T224959-h200).
 DEFAULT_STEP_TOKEN_BUDGET = {"cpu": 512, "cuda": 2048}
 
 
