@@ -62,19 +62,22 @@ class DecodeStep:
     wall_ms: float
     queue_ms: float
     compute_ms: float
+    gc_ms: float  # the server's garbage-collection pauses since the step before
 
 
 def decode_steps(round_index: int, replies: list[dict]) -> list[DecodeStep]:
     """Every decode step of a round's generate replies (their first step, the prefill, left out)."""
     return [DecodeStep(round_index, tenant, step, *times)
             for tenant, reply in enumerate(replies)
-            for step, times in enumerate(zip(reply["wall_ms"], reply["queue_ms"], reply["compute_ms"])) if step]
+            for step, times in enumerate(zip(reply["wall_ms"], reply["queue_ms"], reply["compute_ms"],
+                                             reply["gc_ms"])) if step]
 
 
 def tail_steps(steps: list[DecodeStep], percentile: float) -> list[DecodeStep]:
     """The steps whose wall time is at or above the percentile's, slowest first: which steps make a
     tail (the first after a prefill? one turn's whole batch? one tenant?) and whether the server's
-    queue, its compute or neither (the wire, the client) holds their time."""
+    queue, its compute, a garbage-collection pause of the server or none of them (the wire, the
+    client) holds their time."""
     if not steps:
         return []
     bound = float(np.percentile([s.wall_ms for s in steps], percentile))

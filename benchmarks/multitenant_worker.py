@@ -7,7 +7,8 @@ the wire, and no process holds a copy of a 7B model), says `hello`, then serves 
 from its parent (`benchmarks.multitenant.Tenants`). Each command is prepared, answered
 with `ready`, and run when the parent sends `go`, so N tenants start together:
 - `generate`: greedy full_djinn decoding of a prompt; the client's per-step wall time and
-  the server's queue and compute time of every step, the tokens, and when it ran (and, for
+  the server's queue and compute time of every step and its garbage-collection pauses since
+  the step before, the tokens, and when it ran (and, for
   a solo reference, every step's logits saved to a safetensors file);
 - `teacher_forced`: the prompt, then the given tokens fed one by one, every step's logits
   saved to a safetensors file (tensors never travel through the JSON or a pickle);
@@ -51,7 +52,7 @@ def _generate(remote, command: dict):
         steps = remote.last_stats.steps
         return {"start": started, "end": ended, "tokens": sequences[:, prompt.shape[1]:].tolist(),
                 "wall_ms": [s.wall_ms for s in steps], "queue_ms": [s.queue_ms for s in steps],
-                "compute_ms": [s.compute_ms for s in steps]}
+                "compute_ms": [s.compute_ms for s in steps], "gc_ms": [s.gc_ms for s in steps]}
     return run
 
 

@@ -30,9 +30,8 @@ def lockstep_steps(sessions: dict[str, RemoteSession], counters: dict[str, ByteC
             started = time.perf_counter()
             sessions[side].generate(1)  # one decode request
             wall_ms = (time.perf_counter() - started) * 1e3
-            server = sessions[side].last_reply.get("server", {})
-            records[side].append(StepRecord(wall_ms, counters[side].since(before), server.get("queue_ms", 0.0),
-                                            server.get("compute_ms", 0.0)))
+            records[side].append(StepRecord.of(wall_ms, counters[side].since(before),
+                                               sessions[side].last_reply.get("server", {})))
     paths = {side: session.stats()["decode_path"] for side, session in sessions.items()}
     if len(set(paths.values())) > 1:
         # Measured on the H200: the fast path's one bs-1 slot per model went to the first side, the

@@ -46,8 +46,8 @@ SOLO_STALL_TOKENS = {"cuda": 200, "cpu": 100}
 # so a decode step beside an upload waits for about one message's handling.
 SMALL_UPLOAD_CHUNK = 4 << 20
 UPLOAD_CHUNKS = (UPLOAD_CHUNK_BYTES, SMALL_UPLOAD_CHUNK)
-SCHEDULED = ("batches", "batched_sessions", "solo_decodes", "straggler_waits", "straggler_wait_ms", "prompt_waits",
-             "deferred")
+SCHEDULED = ("batches", "batched_sessions", "solo_decodes", "straggler_waits", "straggler_wait_ms",
+             "straggler_misses", "prompt_waits", "deferred")
 POLICY = ("max_batch", "step_token_budget", "batch_wait_ms")  # the server's limits, recorded with the run
 
 
@@ -93,6 +93,15 @@ def _scheduled(setup: Setup) -> dict:
     return setup.observer.stats()["scheduler"]
 
 
+def _server_counts(setup: Setup) -> dict[str, float]:
+    """The server's counters a round adds to: its scheduler's, and its garbage collections per generation."""
+    stats = setup.observer.stats()
+    counts = {key: stats["scheduler"][key] for key in SCHEDULED}
+    for g, generation in enumerate(stats["gc"]["generations"]):
+        counts.update({f"gc{g}_collections": generation["collections"], f"gc{g}_ms": generation["total_ms"]})
+    return counts
+
+
 def _round(setup: Setup, n: int, index: int) -> tuple[TenancyRound, list[dict], list[DecodeStep]]:
     replies = setup.tenants.run([_generate(setup.prompts[j], setup.plan.new_tokens) for j in range(n)])
     steps = decode_steps(index, replies)
@@ -125,15 +134,15 @@ def test_multitenant_scaling(setup, ledger, results_writer, progress):
     setup.tenants.run([_generate(setup.prompts[j], plan.new_tokens) for j in range(largest)])  # warm-up
     rounds, tokens_equal = [], {n: [] for n in plan.tenants}
     every_step: dict[int, list[DecodeStep]] = {n: [] for n in plan.tenants}
-    batching = {n: {key: 0 for key in SCHEDULED} for n in plan.tenants}  # the server's counters, per N
+    counted: dict[int, dict[str, float]] = {n: {} for n in plan.tenants}  # the server's counters, per N
     for index in range(plan.rounds):
         for n in plan.tenants:
-            before = _scheduled(setup)
+            before = _server_counts(setup)
             measured, replies, steps = _round(setup, n, index)
             every_step[n] += steps
-            after = _scheduled(setup)
-            for key in SCHEDULED:
-                batching[n][key] += after[key] - before[key]
+            after = _server_counts(setup)
+            for key, value in after.items():
+                counted[n][key] = counted[n].get(key, 0) + value - before[key]
             rounds.append(measured)
             tokens_equal[n] += [torch.equal(torch.tensor(r["tokens"]), solo_tokens[j]) for j, r in enumerate(replies)]
             progress(f"round {index} N={n}: {measured.tokens_per_s:.1f} tok/s, p99 {measured.p99_ms:.1f} ms; "
@@ -152,7 +161,8 @@ def test_multitenant_scaling(setup, ledger, results_writer, progress):
                        "queue_ms_p50": float(np.percentile(queue, 50)), "queue_ms_p99": float(np.percentile(queue, 99)),
                        "teacher_forced": verdicts[n], "teacher_forced_max_rel_diff": worst[n],
                        "greedy_tokens_equal_solo": float(np.mean(tokens_equal[n])),
-                       "scheduler": batching[n],
+                       "scheduler": {key: counted[n][key] for key in SCHEDULED},
+                       "gc": {key: value for key, value in counted[n].items() if key.startswith("gc")},
                        "tail_steps": [asdict(s) for s in tail_steps(every_step[n], TAIL)]})
     ledger.record(LEDGER, "rounds", rounds)
     ledger.record(LEDGER, "verdicts", verdicts)

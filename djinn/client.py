@@ -95,6 +95,13 @@ class StepRecord:
     bytes: ByteCounters
     queue_ms: float = 0.0
     compute_ms: float = 0.0
+    gc_ms: float = 0.0  # the server's garbage-collection pauses since its previous reply to this session
+
+    @classmethod
+    def of(cls, wall_ms: float, counted: ByteCounters, server: dict) -> "StepRecord":
+        """A request's record from its wall time, its bytes and the timings its reply carried."""
+        return cls(wall_ms, counted, server.get("queue_ms", 0.0), server.get("compute_ms", 0.0),
+                   server.get("gc_ms", 0.0))
 
 
 @dataclass(frozen=True)
@@ -357,9 +364,7 @@ class RemoteModel:
                 started = time.perf_counter()
                 step = driver.step(feed)
                 wall = (time.perf_counter() - started) * 1e3
-                server = step.server
-                steps.append(StepRecord(wall, self._counters().since(before),
-                                        server.get("queue_ms", 0.0), server.get("compute_ms", 0.0)))
+                steps.append(StepRecord.of(wall, self._counters().since(before), step.server))
                 token = step.token
                 if plan.eos is not None:  # as HF's _sample: a finished row is fed, and padded with, its padding
                     token = torch.where(unfinished[:, None], token, plan.pad_token_id)

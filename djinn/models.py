@@ -204,7 +204,32 @@ def config_from_dict(values: dict) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, **values)
 
 
-def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
-    """A model of the config's shape on `device`, its weights to be filled by the caller."""
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device,
+                   weights_device: str | torch.device | None = None) -> torch.nn.Module:
+    """A model of the config's shape on `device`, its weights uninitialised on `weights_device`
+    (default: `device`) for the caller to fill.
+
+    Every caller overwrites every weight (an upload, a seeded build, a stateless forward's shipped
+    weights), so HF's initialisation is skipped: it wrote each weight once more, and on the server,
+    whose loop it held, that stalled every decoding session (registering a gpt2 shape on the 2-core
+    CPU: a decode step of 944 ms beside it). Buffers (rotary frequencies) are computed on `device`
+    as HF computes them: inv_freq computed on the CPU differs from the GPU's in the last bits
+    (3.7e-9, measured on the H100), and so would the logits."""
+    from accelerate import init_empty_weights
+
+    with torch.device(device), init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    target = torch.device(device if weights_device is None else weights_device)
+    if target.type == "meta":
+        model.tie_weights()
+        return model.eval()
+    materialised: dict[int, torch.nn.Parameter] = {}  # tied weights stay tied
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                if id(param) not in materialised:
+                    materialised[id(param)] = torch.nn.Parameter(
+                        torch.empty(param.shape, dtype=param.dtype, device=target), requires_grad=param.requires_grad)
+                module._parameters[name] = materialised[id(param)]
+    model.tie_weights()  # accelerate's empty parameters untied them
+    return model.eval()

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from djinn.server.scheduler import DECODING_WINDOW_S, BatchPolicy, PrefillJob, Queued, Scheduler
+from djinn.server.scheduler import (DECODING_WINDOW_S, MAX_MISSED_WAITS, STRAGGLER_WAIT_FRACTION, BatchPolicy,
+                                    PrefillJob, Queued, Scheduler)
 
 MODEL_A, MODEL_B = object(), object()
 
@@ -260,6 +261,47 @@ def test_the_turn_waits_for_the_recent_decoders_stragglers_only_up_to_batch_wait
     before = engine.now
     sched.iterate(0)  # b has not decoded within the window: nobody is waited for
     assert engine.now - before - 0.001 == pytest.approx(engine.other_s) and engine.calls[-1] == ("serve", "decode", "a")
+
+
+def test_after_a_long_forward_the_wait_for_stragglers_is_a_share_of_it():
+    # A straggler that misses the batch waits its whole forward: past a forward of 100 ms the turn
+    # waits up to STRAGGLER_WAIT_FRACTION of it (10 ms), not just batch_wait_ms (5).
+    engine = ScriptedEngine(sessions={h: (MODEL_A, 1) for h in "ab"}, batch_s=0.100)
+    engine.arrivals = [request("p1", "decode", "a"), request("p2", "decode", "b")]
+    sched = scheduler(engine, wait_ms=5.0)
+    sched.iterate(0)
+    reads(engine, [request("p1", "decode", "a")], *[[]] * 6, [request("p2", "decode", "b")])  # b 8 ms later
+    sched.iterate(0)
+    assert engine.calls[-1] == ("batch", ["a", "b"]) and sched.counters.straggler_misses == 0
+    reads(engine, [request("p1", "decode", "a")])  # b does not come back
+    before = engine.now
+    sched.iterate(0)
+    waited = engine.now - before - engine.other_s
+    assert STRAGGLER_WAIT_FRACTION * engine.batch_s <= waited <= STRAGGLER_WAIT_FRACTION * engine.batch_s + 0.002
+    assert engine.calls[-1] == ("serve", "decode", "a") and sched.counters.straggler_misses == 1
+    assert sched.counters.straggler_waits == 2
+
+
+def test_sessions_stepped_in_turn_by_one_client_stop_waiting_for_each_other():
+    # The link sweep's lockstep: a's next step is sent only once b's is answered, and b's once a's is.
+    engine = ScriptedEngine(sessions={h: (MODEL_A, 1) for h in "ab"})
+    sched = scheduler(engine, wait_ms=5.0)
+    waits = []
+    for step in range(8):
+        engine.arrivals = [request("p1" if step % 2 == 0 else "p2", "decode", "ab"[step % 2])]
+        before = engine.now
+        sched.iterate(0)
+        waits.append(round((engine.now - before - engine.other_s) * 1e3))
+    assert waits == [0] + [5] * (2 * MAX_MISSED_WAITS) + [0] * (7 - 2 * MAX_MISSED_WAITS)
+    assert sched.counters.straggler_misses == 2 * MAX_MISSED_WAITS
+    # Once both decode in one batch again, each is waited for again.
+    engine.arrivals = [request("p1", "decode", "a"), request("p2", "decode", "b")]
+    sched.iterate(0)
+    assert engine.calls[-1] == ("batch", ["a", "b"])
+    engine.arrivals = [request("p1", "decode", "a")]
+    before = engine.now
+    sched.iterate(0)
+    assert engine.now - before - engine.other_s >= 0.005
 
 
 def test_two_decoders_that_fell_into_turns_meet_in_one_batch():

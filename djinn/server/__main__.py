@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
         os.execve(sys.executable, [sys.executable, "-m", "djinn.server", *argv], tuned_environment(os.environ))
     from djinn.reproducibility import use_deterministic_kernels
+    from djinn.server.gc_pauses import freeze_startup_heap
     from djinn.server.server import Server
 
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"{PROG}: cannot start: {message}", file=sys.stderr)
         return 1
+    if config.gc_freeze:
+        log.info("froze %d start-up objects out of the garbage collector's full collections", freeze_startup_heap())
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stop())
     print(READY_LINE.format(address=server.address), flush=True)

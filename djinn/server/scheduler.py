@@ -19,10 +19,12 @@ membership to keep. Order is kept per client connection (a request waits while a
 one of its peer does) and per session (one step of a session per turn).
 
 A batch of synchronous clients comes back staggered: each client reads its reply and sends
-its next step. When a decode is waiting, the loop waits up to `batch_wait_ms` for the other
-sessions that decoded within DECODING_WINDOW_S before it plans, so that one straggler does
-not split the next batch in two, and two clients that fell into turns (each sending while
-the other's step runs) meet in one batch instead of alternating for ever. Likewise, when a
+its next step. When a decode is waiting, the loop waits for the other sessions that decoded
+within DECODING_WINDOW_S before it plans (up to `batch_wait_ms`, or STRAGGLER_WAIT_FRACTION of
+the last turn's model time when that is longer), so that one straggler does not split the next
+batch in two, and two clients that fell into turns (each sending while the other's step runs)
+meet in one batch instead of alternating for ever. A straggler that misses the batch waits for
+its whole forward, unseen by its queue time, in the socket. Likewise, when a
 prompt is waiting, for the prompts of the clients that opened a session within the window and
 have sent nothing since: tenants that open their sessions together send their prompts a reply
 apart, and a prompt served alone before the others arrive would make its session's first
@@ -60,6 +62,22 @@ DECODING_WINDOW_S = 1.0
 # results/multitenant/): at 512, N=16 gave 9.8x N=1's tokens/s with a p99 of 167.5 ms against a
 # p50 of 88.7 (20261201T171639-h200); at 2048, 11.2x (20261201T224959-h200).
 DEFAULT_STEP_TOKEN_BUDGET = {"cpu": 512, "cuda": 2048}
+
+# How long the loop waits for a batch's stragglers, as a share of the last turn's model time
+# (when that is longer than `batch_wait_ms`): a straggler that misses the batch waits a whole
+# forward, the others wait at most this share of one. Measured on the H200 (llama-2-7b, a
+# batched forward of 80-130 ms, 20261202T003205-h200): with a fixed 2 ms wait, every p99 step at
+# N=2 to N=16 was one that had missed its batch, 63-136 ms past its queue plus compute time (at
+# N=16 round 0, 9 of 16 tenants at once); the clients' round trip on that 16-core host, with
+# 16 tenant processes beside the server, can outlast 2 ms. A session that is not coming back
+# (its client stopped between steps without closing) costs each turn this share of a forward
+# until DECODING_WINDOW_S passes.
+STRAGGLER_WAIT_FRACTION = 0.1
+# A session the loop waited for this many turns in a row without its decode arriving is not
+# waited for again until it decodes in a batch: one client stepping two sessions in turn (the
+# link sweep's lockstep: one sends only once the other is answered) would otherwise make every
+# step of each wait for the other in vain.
+MAX_MISSED_WAITS = 2
 
 
 def default_step_token_budget(device_type: str) -> int:
@@ -123,6 +141,7 @@ class SchedulerCounters:
     deferred: int = 0  # requests left for a later turn by the time slice or the limits
     straggler_waits: int = 0  # turns that waited for stragglers (decodes or prompts)
     straggler_wait_ms: float = 0.0
+    straggler_misses: int = 0  # of them, turns whose wait ran out with stragglers still missing
     prompt_waits: int = 0  # of them, turns that waited for the prompts of sessions just opened
 
     def as_dict(self) -> dict:
@@ -172,6 +191,8 @@ class Scheduler:
         self.counters = SchedulerCounters()
         self._decoded_at: dict[str, float] = {}  # session handle -> clock of its last decode
         self._opened_at: dict[bytes, float] = {}  # peer -> clock of its open_session, until its next request
+        self._model_s = 0.0  # the last turn's model time: its batch, prompts and prefill chunk
+        self._missed: dict[str, int] = {}  # session handle -> waits in a row that ran out without it
 
     @property
     def queue_limit(self) -> int:
@@ -221,8 +242,14 @@ class Scheduler:
             if self.engine.prefill_chunk(job, tokens):
                 self.prefills.pop(0)
         step_s = self.clock() - step_started
-        self._serve_others(others, step_s if (batch or prefills or self.prefills) else None)
+        ran_model = bool(batch or prefills or self.prefills or prefill)
+        if ran_model:
+            self._model_s = step_s
+        self._serve_others(others, step_s if ran_model else None)
         deferred = {id(q) for q in self.queue}
+        if len(batch) > 1:
+            for queued in batch:
+                self._missed.pop(queued.handle, None)
         self._note_served([*batch, *prefills, *([prefill] if prefill else []),
                            *(q for q in others if id(q) not in deferred)])
 
@@ -233,6 +260,7 @@ class Scheduler:
         self.queue, self.prefills = [], []
         self._decoded_at.clear()
         self._opened_at.clear()
+        self._missed.clear()
         return dropped
 
     def summary(self) -> dict:
@@ -246,17 +274,23 @@ class Scheduler:
             self.queue.extend(self.engine.receive(timeout_ms, room))
 
     def _wait_for_stragglers(self) -> None:
-        """While a decode waits, wait (up to `batch_wait_ms`) for the other recently decoding sessions';
-        while a prompt waits, for the prompts of the clients that just opened a session."""
+        """While a decode waits, wait for the other recently decoding sessions'; while a prompt waits,
+        for the prompts of the clients that just opened a session: up to `batch_wait_ms`, or
+        STRAGGLER_WAIT_FRACTION of the last turn's model time when that is longer."""
         if not self.policy.batch_wait_ms or not self._missing():
             return
         started = self.clock()
-        deadline = started + self.policy.batch_wait_ms / 1e3
+        deadline = started + max(self.policy.batch_wait_ms / 1e3, STRAGGLER_WAIT_FRACTION * self._model_s)
         if self._missing_prompts():
             self.counters.prompt_waits += 1
         while self._missing():
             left_ms = (deadline - self.clock()) * 1e3
-            if left_ms <= 0 or len(self.queue) >= self.queue_limit:
+            if left_ms <= 0:
+                self.counters.straggler_misses += 1
+                for handle in self._missing_decoders():
+                    self._missed[handle] = self._missed.get(handle, 0) + 1
+                break
+            if len(self.queue) >= self.queue_limit:
                 break
             self._read(left_ms)
         self.counters.straggler_waits += 1
@@ -270,7 +304,7 @@ class Scheduler:
         queued = {q.handle for q in self.queue if q.op == "decode"}
         if not queued or not self._someone_decoding():
             return set()
-        return set(self._decoded_at) - queued
+        return {h for h in self._decoded_at if h not in queued and self._missed.get(h, 0) < MAX_MISSED_WAITS}
 
     def _missing_prompts(self) -> set[bytes]:
         """Peers that opened a session within DECODING_WINDOW_S and sent nothing since, when a prompt is queued."""
@@ -294,11 +328,13 @@ class Scheduler:
                 self._decoded_at[queued.handle] = now
             else:  # a close, a new prompt, a rollback: the session is not between two decodes
                 self._decoded_at.pop(queued.handle, None)
+                self._missed.pop(queued.handle, None)
 
     def _someone_decoding(self) -> bool:
         """Whether a session decoded within DECODING_WINDOW_S (forgetting those that did not)."""
         horizon = self.clock() - DECODING_WINDOW_S
         self._decoded_at = {handle: at for handle, at in self._decoded_at.items() if at >= horizon}
+        self._missed = {handle: n for handle, n in self._missed.items() if handle in self._decoded_at}
         return bool(self._decoded_at)
 
     def _plan(self) -> "Plan":

@@ -37,9 +37,11 @@ from djinn.server.device_budget import DeviceBudget
 from djinn.server.executor import Executor
 from djinn.server.fast_decode import FastPath
 from djinn.server.fault_injection import install_from_env
+from djinn.server.gc_pauses import GcPauses
 from djinn.server.interventions import InterventionRun, TraceOptions, before_breakpoint
 from djinn.server.limits import ServerLimits, host_limits
-from djinn.server.scheduler import BatchPolicy, PrefillJob, Queued, Scheduler, default_step_token_budget
+from djinn.server.scheduler import (STRAGGLER_WAIT_FRACTION, BatchPolicy, PrefillJob, Queued, Scheduler,
+                                    default_step_token_budget)
 from djinn.server.session_store import Session, SessionStore
 from djinn.server.step_options import StepOptions, stateless_padding
 from djinn.server.weight_cache import TensorEntry, WeightCache
@@ -134,6 +136,10 @@ class ServerConfig:
                                          "bit; the default decode attention kernel of a GPU does not")
     malloc_tuning: bool = _option(True, "keep glibc's default allocator settings (large receives then page-fault "
                                         "fresh buffers: ~5x slower on a VM)", flag="--no-malloc-tuning")
+    gc_freeze: bool = _option(True, "let full garbage collections walk the start-up heap too (imports, preloaded "
+                                    "models; by default it is frozen once the server has started, so a full "
+                                    "collection, which stops every session's step, walks only what serving made)",
+                              flag="--no-gc-freeze")
     # Continuous batching (djinn.server.scheduler): 32 sessions is the multitenant experiment's largest N.
     max_batch: int = _option(32, "sessions whose decode steps run as one batched forward, at most")
     # Its default depends on the device (scheduler.default_step_token_budget).
@@ -143,7 +149,9 @@ class ServerConfig:
     # Long enough for a client process to read its reply and send its next step on a loaded
     # host; a batch waits only for the peers of the last one, and only until they are back.
     batch_wait_ms: float = _option(2.0, "how long a turn waits for the clients of the last batch to send their "
-                                        "next step before it plans the next batch, in ms")
+                                        f"next step before it plans the next batch, in ms; "
+                                        f"{STRAGGLER_WAIT_FRACTION:.0%}% of the last turn's model time when that "
+                                        f"is longer (0: never waits)")
     log_level: str = _option("INFO", "log level", choices=LOG_LEVELS)
     # Not options: set by code that builds a server in-process.
     auth_token: str | None = None  # the token itself (the CLI reads it from auth_token_file)
@@ -315,6 +323,7 @@ class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.device = resolve_device(config.device)
+        self.gc_pauses = GcPauses()
         budget = config.step_token_budget
         policy = BatchPolicy(config.max_batch, default_step_token_budget(self.device.type) if budget is None else budget,
                              config.batch_wait_ms)  # before any socket
@@ -391,6 +400,7 @@ class Server:
             self.close()
 
     def close(self) -> None:
+        self.gc_pauses.close()
         self.sessions.close_all()
         for sock in self.sockets:
             sock.close()
@@ -580,16 +590,20 @@ class Server:
         queue_ms, compute_ms = (started - incoming.received_at) * 1e3, (finished - started) * 1e3
         timings = {"queue_ms": queue_ms, "compute_ms": compute_ms, "batch": batch,
                    "request_payload_bytes": message.payload_bytes, "request_framing_bytes": message.framing_bytes}
+        session = self.sessions.sessions.get(message.args.get("session")) if message.op in STEP_OPS else None
+        if session is not None:
+            # Since its last reply, not since this request was read: a pause between two turns holds
+            # the request in the socket, where its queue time does not see it.
+            since = session.latency.answered_at
+            timings["gc_ms"] = self.gc_pauses.paused_ms(incoming.received_at if since is None else since)
         try:
             sock.reply(incoming.peer, incoming.request_id, {**reply.args, "server": timings}, reply.tensors,
                        reply.policy)
         except Exception as exc:
             self._failed(sock, incoming, exc)
             return
-        if message.op in STEP_OPS:
-            session = self.sessions.sessions.get(message.args.get("session"))
-            if session is not None:
-                session.latency.record(queue_ms, compute_ms, batch)
+        if session is not None:
+            session.latency.record(queue_ms, compute_ms, batch, answered_at=time.perf_counter())
         self.requests_served += 1
 
     def _failed(self, sock: ServerSocket, incoming: Incoming, exc: Exception) -> None:
@@ -642,6 +656,7 @@ class Server:
             "scheduler": {**self.scheduler.summary(), "stacks_reused": self.executor.stacks.reused,
                           "stacks_restacked": self.executor.stacks.restacked},
             "latency": _latency_of(self.sessions.sessions[h] for h in self.sessions.owned_handles(peer)),
+            "gc": self.gc_pauses.summary(),
             "requests_served": self.requests_served,
         }, {})
 

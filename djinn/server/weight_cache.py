@@ -338,7 +338,7 @@ class WeightCache:
         Refused before any upload when even streamed it cannot run here: its largest layer
         does not fit a given ring, or its resident parts, the ring and the KV reserve
         exceed the budget's room."""
-        model = _host_skeleton(config, dtype, self.device)
+        model = models.build_skeleton(config, dtype, self.device, weights_device="cpu")  # buffers on the device
         layers = find_decoder_layers(model)
         layer_bytes = tuple(packed_layer_bytes(layer) for layer in layers)
         fixed = weight_bytes - sum(p.numel() * p.element_size() for p in layers.parameters())
@@ -416,30 +416,6 @@ class FairShare:
 
     def forget(self, model: CachedModel) -> None:
         self._add(model, -1)
-
-
-def _host_skeleton(config, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """A model of the config's shape in host memory, its weights uninitialised.
-
-    `build_skeleton` on the CPU would run HF's initialisation over every weight (minutes
-    for a 13B shape) only for the upload to overwrite it. Buffers (rotary frequencies)
-    are computed on `device`, as a resident model's are: inv_freq computed on the CPU
-    differs from the GPU's in the last bits (3.7e-9, measured on the H100), and so would
-    the logits."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with torch.device(device), init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    materialised: dict[int, torch.nn.Parameter] = {}  # tied weights stay tied
-    for module in model.modules():
-        for name, param in module._parameters.items():
-            if param is not None and param.is_meta:
-                if id(param) not in materialised:
-                    materialised[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype),
-                                                                 requires_grad=param.requires_grad)
-                module._parameters[name] = materialised[id(param)]
-    return model.eval()
 
 
 @dataclass
