@@ -6,7 +6,8 @@ link's RTT is changed in place between points, so no weights are uploaded twice.
 
 - `test_full_djinn_latency[rtt=...]`: rounds of native_pytorch beside full_djinn over loopback and
   over the link, the two full_djinn generations driven in lockstep (`lockstep_steps`) so that their
-  decode steps pair step by step, and the link's own RTT by ICMP echo. A decode step of full_djinn
+  decode steps pair step by step, and the link's own RTT by ICMP echo after each round (the round
+  trip the goals count the growth in). A decode step of full_djinn
   is one request and its reply (one `decode` per token), so it should grow by one RTT.
 - `test_blind_throughput[rtt=...]`: semantic_blind over the link, which ships the whole model
   every step, captured at both ends of the link: each message's Ethernet bytes (as the shaper
@@ -132,11 +133,19 @@ def test_full_djinn_latency(sweep_rtt, sweep_link, sweep_client, loopback_client
     own timing is that of a whole round."""
     benchmark.group = f"link_sweep-latency-{bench_model.name}"
     sweep_link.set_rtt(sweep_rtt)
-    try:
-        ping = statistics.median(ping_rtt_s(sweep_link.server_address, PING_COUNT)) * 1e3
-    except OSError as exc:  # a raw ICMP socket needs CAP_NET_RAW; the sweep does not
-        progress(f"no ICMP echo over the link: {exc}")
-        ping = None
+    pings: list[float] = []  # the link's ICMP echoes after each round: the round trip it delivered meanwhile
+    echoing = True
+
+    def echo_over_the_link() -> None:
+        nonlocal echoing
+        if not echoing:
+            return
+        try:
+            pings.extend(ping_rtt_s(sweep_link.server_address, PING_COUNT))
+        except OSError as exc:  # a raw ICMP socket needs CAP_NET_RAW; the sweep does not
+            progress(f"no ICMP echo over the link: {exc}")
+            echoing = False
+
     native = bench_model.load("native_pytorch", None)
     clients = {"loopback": loopback_client, "link": sweep_client}
     remotes = {side: bench_model.load("full_djinn", client) for side, client in clients.items()}
@@ -151,12 +160,14 @@ def test_full_djinn_latency(sweep_rtt, sweep_link, sweep_client, loopback_client
             sessions = {side: opened.enter_context(remote.session()) for side, remote in remotes.items()}
             for side, records in lockstep_steps(sessions, counters, prompt_ids, tokens).items():
                 steps[side].extend(records)
+        echo_over_the_link()
 
     for _ in range(WARMUP_ROUNDS):
         one_round()
-    for records in steps.values():
+    for records in [*steps.values(), pings]:
         records.clear()
     benchmark.pedantic(one_round, rounds=pytestconfig.getoption("--djinn-sweep-rounds"), warmup_rounds=0, iterations=1)
+    ping = statistics.median(pings) * 1e3 if pings else None
     wall = {side: tuple(s.wall_ms for s in records) for side, records in steps.items()}
     # The step's time off the server (wall less the server's queue and compute): the same pairs
     # without the compute's jitter, to show where the growth is.
@@ -164,6 +175,7 @@ def test_full_djinn_latency(sweep_rtt, sweep_link, sweep_client, loopback_client
     point = LatencyPoint(sweep_rtt, wall["link"], wall["loopback"], wall["native"], ping,
                          off_server["link"], off_server["loopback"])
     benchmark.extra_info.update({"link": sweep_link.describe(), "rtt_s": sweep_rtt, "ping_rtt_ms": ping,
+                                 "ping_samples": len(pings),
                                  "model": bench_model.name, "tokens": tokens,
                                  **{f"{side}_step_ms": list(v) for side, v in wall.items()},
                                  **{f"{side}_off_server_ms": list(v) for side, v in off_server.items()},

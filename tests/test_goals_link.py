@@ -130,6 +130,27 @@ def test_the_acceptance_growth_is_met_only_when_its_interval_lies_within_the_tol
                          {}).check("latency_growth_shown_within_1ms").outcome is Outcome.FAILED
 
 
+def test_the_growth_is_counted_in_the_round_trips_the_link_delivered():
+    # A link set to 1 ms that delivered 1.28 (the 2-core VM's delay line, one day): steps that grew by
+    # its round trip cost one round trip each, and the link's own miss is a check of its own.
+    slow = LatencyPoint(1e-3, tuple(x + 1.28 + j for x, j in zip(LOOPBACK, JITTER)), LOOPBACK, NATIVE, 1.28,
+                        tuple(1.0 + 1.28 + j for j in JITTER), (1.0,) * 10)
+    verdict = link_criteria({1e-3: slow}, {})
+    assert verdict.check("latency_growth_shown_within_1ms").outcome is Outcome.PASSED
+    assert outcomes(verdict)["latency_growth_over_rtt_1ms"] == {Outcome.PASSED}
+    delivered = verdict.check("link_delivers_rtt_1ms")
+    assert delivered.outcome is Outcome.FAILED and "1.280 ms for its 1 ms" in delivered.message
+    # Steps that grew by 1.28 ms over a link that delivered its 1 ms: 1.28 round trips, which fails.
+    punctual = LatencyPoint(1e-3, slow.link_step_ms, LOOPBACK, NATIVE, 1.0, slow.link_off_server_ms, (1.0,) * 10)
+    verdict = link_criteria({1e-3: punctual}, {})
+    assert verdict.check("link_delivers_rtt_1ms").outcome is Outcome.PASSED
+    assert verdict.check("latency_growth_shown_within_1ms").outcome is Outcome.FAILED
+    # Without an echo the setting stands for the round trip, and the link's fidelity is not judged.
+    unechoed = link_criteria({1e-3: LatencyPoint(1e-3, slow.link_step_ms, LOOPBACK, NATIVE)}, {})
+    assert unechoed.check("link_delivers_rtt_1ms").outcome is Outcome.SKIPPED
+    assert Outcome.FAILED in outcomes(unechoed)["latency_growth_over_rtt_1ms"]
+
+
 def test_latency_steps_are_pairs():
     with pytest.raises(ValueError, match="pairs"):
         LatencyPoint(1e-3, (1.0, 2.0), (1.0,), ())
