@@ -251,8 +251,9 @@ def test_capture_skips_loopback_outgoing_copies_without_kernel_help(listener, mo
         _one_way("127.0.0.1", port, listener, 8 << 20)
     assert cap._skip_outgoing_in_reader
     assert cap.result.to_port.unique_payload_bytes == 8 << 20
-    # Counting the outgoing copies too would make every byte look resent.
-    assert cap.result.to_port.retransmitted_bytes < (8 << 20) // 100
+    # Counting the outgoing copies too would make every byte look resent (100%). Loopback TCP itself
+    # resends a little on a loaded host: 130,966 B (1.6%) in a CI run on the 2-core machine.
+    assert cap.result.to_port.retransmitted_bytes < (8 << 20) // 10
 
 
 @needs_capture
