@@ -220,16 +220,15 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, device: str | t
     with torch.device(device), init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     target = torch.device(device if weights_device is None else weights_device)
-    if target.type == "meta":
-        model.tie_weights()
-        return model.eval()
-    materialised: dict[int, torch.nn.Parameter] = {}  # tied weights stay tied
-    for module in model.modules():
-        for name, param in module._parameters.items():
-            if param is not None and param.is_meta:
-                if id(param) not in materialised:
-                    materialised[id(param)] = torch.nn.Parameter(
-                        torch.empty(param.shape, dtype=param.dtype, device=target), requires_grad=param.requires_grad)
-                module._parameters[name] = materialised[id(param)]
+    if target.type != "meta":
+        materialised: dict[int, torch.nn.Parameter] = {}  # one tensor for a parameter two modules share
+        for module in model.modules():
+            for name, param in module._parameters.items():
+                if param is not None and param.is_meta:
+                    if id(param) not in materialised:
+                        materialised[id(param)] = torch.nn.Parameter(
+                            torch.empty(param.shape, dtype=param.dtype, device=target),
+                            requires_grad=param.requires_grad)
+                    module._parameters[name] = materialised[id(param)]
     model.tie_weights()  # accelerate's empty parameters untied them
     return model.eval()

@@ -242,10 +242,9 @@ class Scheduler:
             if self.engine.prefill_chunk(job, tokens):
                 self.prefills.pop(0)
         step_s = self.clock() - step_started
-        ran_model = bool(batch or prefills or self.prefills or prefill)
-        if ran_model:
+        if batch or prefills or self.prefills or prefill:  # a whole prefill (begun and done) is model time too
             self._model_s = step_s
-        self._serve_others(others, step_s if ran_model else None)
+        self._serve_others(others, step_s if (batch or prefills or self.prefills) else None)
         deferred = {id(q) for q in self.queue}
         if len(batch) > 1:
             for queued in batch:
